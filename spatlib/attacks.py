@@ -1,0 +1,275 @@
+"""L-inf attacks on inputs in [0, 1]: FGSM, PGD, CW-inf, and SPAT.
+
+Every attack is ``attack(x, y) -> x_adv``. The call puts the model in the mode asked for
+(``bn_mode``, default eval) and restores it; randomness comes from an optional
+``torch.Generator`` and the global RNG is never reseeded. Attack arithmetic (gradient sign,
+step, projection) is float32 even when the model runs under autocast.
+
+There is one step rule, ``delta <- clip(delta + alpha * w * sign(grad), -eps, eps)``, in
+:class:`PGD`. Plain PGD has ``w = 1``; :class:`SPAT` supplies shared-pixel weights ``w`` from
+:mod:`spatlib.semantics`. FGSM and CW are PGD with other settings, not copies.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ATTACK_LOSSES, BN_MODES, AttackConfig
+from .semantics import shared_pixel_weights
+
+
+class ThreatModelError(RuntimeError):
+    """An adversarial example left the threat model (|x_adv - x| > eps, outside [0, 1], NaN)."""
+
+
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """CW margin per example, max_{k != y} z_k - z_y (positive when misclassified). (N,)"""
+    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    other = logits.scatter(1, y.view(-1, 1), float("-inf")).amax(1)
+    return other - true
+
+
+def per_example_loss(logits: Tensor, y: Tensor, loss: str, clean_prob: Tensor | None = None) -> Tensor:
+    """The loss an attack ascends, per example (N,). ``kl`` needs the clean probabilities."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if loss == "margin":
+        return margin_loss(logits, y)
+    if loss == "kl":
+        # TRADES: KL(f(x) || f(x_adv)) with f(x) fixed
+        return F.kl_div(F.log_softmax(logits, 1), clean_prob, reduction="none").sum(1)
+    raise ValueError(f"loss: expected one of {', '.join(ATTACK_LOSSES)}, got {loss!r}")
+
+
+def check_threat_model(x: Tensor, x_adv: Tensor, eps: float) -> dict:
+    """The threat-model check AutoAttack prints: max |x_adv - x|, NaNs, pixel range."""
+    diff = (x_adv.float() - x.float()).abs()
+    report = {
+        "max_linf": float(diff.max()) if diff.numel() else 0.0,
+        "n_nan": int(torch.isnan(x_adv).sum()),
+        "min_pixel": float(x_adv.min()) if x_adv.numel() else 0.0,
+        "max_pixel": float(x_adv.max()) if x_adv.numel() else 0.0,
+        "eps": float(eps),
+    }
+    report["ok"] = (report["max_linf"] <= eps + 1e-6 and report["n_nan"] == 0
+                    and report["min_pixel"] >= 0.0 and report["max_pixel"] <= 1.0)
+    return report
+
+
+class Attack:
+    """Base: holds the model, eps, BatchNorm mode and generator; ``__call__`` manages the mode."""
+
+    def __init__(self, model: nn.Module, *, eps: float, bn_mode: str = "eval",
+                 generator: torch.Generator | None = None):
+        if not (isinstance(eps, (int, float)) and 0.0 <= eps <= 1.0):
+            raise ValueError(f"eps: expected a number in [0, 1] (pixel units, e.g. 8/255), got {eps!r}")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode: expected one of {', '.join(BN_MODES)}, got {bn_mode!r}")
+        self.model = model
+        self.eps = float(eps)
+        self.bn_mode = bn_mode
+        self.generator = generator
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        """x: (N, C, H, W) in [0, 1]; y: (N,) long. Returns x_adv (N, C, H, W) float32."""
+        was_training = self.model.training
+        self.model.train(self.bn_mode == "train")
+        try:
+            x_adv = self.forward(x.detach().float(), y.detach())
+        finally:
+            self.model.train(was_training)
+        return x_adv.detach()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items()
+                           if k not in ("model", "generator") and not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class PGD(Attack):
+    """L-inf projected gradient ascent (Madry et al.) with restarts keeping the worst case.
+
+    ``random_start``: True (uniform in the eps-ball), False, or ``"normal"`` (TRADES' start,
+    0.001 * N(0, 1)). ``loss``: ``ce``, ``margin`` (CW) or ``kl`` (TRADES: KL(f(x) || f(x_adv))).
+    With several restarts each example keeps the restart that misclassifies it, else the one of
+    highest loss.
+    """
+
+    def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int,
+                 random_start: bool | str = True, restarts: int = 1, loss: str = "ce",
+                 bn_mode: str = "eval", generator: torch.Generator | None = None):
+        super().__init__(model, eps=eps, bn_mode=bn_mode, generator=generator)
+        if not (alpha > 0):
+            raise ValueError(f"alpha: expected a step size > 0, got {alpha!r}")
+        if steps < 0 or restarts < 1:
+            raise ValueError(f"steps >= 0 and restarts >= 1 expected, got steps={steps}, restarts={restarts}")
+        if loss not in ATTACK_LOSSES:
+            raise ValueError(f"loss: expected one of {', '.join(ATTACK_LOSSES)}, got {loss!r}")
+        if random_start not in (True, False, "normal"):
+            raise ValueError(f"random_start: expected true, false or 'normal', got {random_start!r}")
+        self.alpha = float(alpha)
+        self.steps = int(steps)
+        self.random_start = random_start
+        self.restarts = int(restarts)
+        self.loss = loss
+
+    # -- hooks for SPAT ------------------------------------------------------------------
+    def step_weights(self, x: Tensor, x_adv: Tensor, y: Tensor, step: int,
+                     previous: Tensor | None) -> Tensor | None:
+        """Per-element weights of the step at ``step`` (None: plain PGD, w = 1)."""
+        return None
+
+    # -- the one step rule ---------------------------------------------------------------
+    def _start(self, x: Tensor) -> Tensor:
+        if self.random_start is True:
+            noise = torch.rand(x.shape, generator=self.generator, device=self._rng_device(x))
+            delta = (2 * noise.to(x.device) - 1) * self.eps
+        elif self.random_start == "normal":
+            noise = torch.randn(x.shape, generator=self.generator, device=self._rng_device(x))
+            delta = (0.001 * noise.to(x.device)).clamp(-self.eps, self.eps)
+        else:
+            delta = torch.zeros_like(x)
+        return (x + delta).clamp(0, 1) - x
+
+    def _rng_device(self, x: Tensor) -> torch.device:
+        return self.generator.device if self.generator is not None else x.device
+
+    def _objective(self, x_adv: Tensor, y: Tensor, clean_prob: Tensor | None) -> Tensor:
+        logits = self.model(x_adv).float()
+        return per_example_loss(logits, y, self.loss, clean_prob)
+
+    def perturb(self, x: Tensor, y: Tensor, clean_prob: Tensor | None = None) -> Tensor:
+        """One restart: ``steps`` weighted sign-gradient steps from the start. Returns x_adv."""
+        delta = self._start(x)
+        weights = None
+        for step in range(self.steps):
+            weights = self.step_weights(x, x + delta, y, step, weights)
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                loss = self._objective(x + delta, y, clean_prob).sum()
+                (grad,) = torch.autograd.grad(loss, delta)
+            step_size = self.alpha if weights is None else self.alpha * weights
+            delta = (delta.detach() + step_size * grad.float().sign()).clamp(-self.eps, self.eps)
+            delta = (x + delta).clamp(0, 1) - x
+        return x + delta
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        clean_prob = None
+        if self.loss == "kl":
+            with torch.no_grad():
+                clean_prob = F.softmax(self.model(x).float(), 1)
+        best = self.perturb(x, y, clean_prob)
+        if self.restarts == 1:
+            return best
+        best_fooled, best_loss = self._score(best, y, clean_prob)
+        for _ in range(self.restarts - 1):
+            cand = self.perturb(x, y, clean_prob)
+            fooled, loss = self._score(cand, y, clean_prob)
+            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+            best = torch.where(better.view(-1, 1, 1, 1), cand, best)
+            best_fooled = best_fooled | fooled
+            best_loss = torch.where(better, loss, best_loss)
+        return best
+
+    @torch.no_grad()
+    def _score(self, x_adv: Tensor, y: Tensor, clean_prob: Tensor | None) -> tuple[Tensor, Tensor]:
+        logits = self.model(x_adv).float()
+        return logits.argmax(1) != y, per_example_loss(logits, y, self.loss, clean_prob)
+
+
+class FGSM(PGD):
+    """One step of size eps from x (Goodfellow et al.): x + eps * sign(grad)."""
+
+    def __init__(self, model: nn.Module, *, eps: float, loss: str = "ce", bn_mode: str = "eval",
+                 generator: torch.Generator | None = None):
+        super().__init__(model, eps=eps, alpha=max(eps, 1e-12), steps=1, random_start=False,
+                         loss=loss, bn_mode=bn_mode, generator=generator)
+
+
+class CW(PGD):
+    """CW-inf: L-inf PGD on the Carlini-Wagner margin loss (30 steps of eps/4 by default)."""
+
+    def __init__(self, model: nn.Module, *, eps: float, alpha: float | None = None, steps: int = 30,
+                 random_start: bool | str = True, restarts: int = 1, bn_mode: str = "eval",
+                 generator: torch.Generator | None = None):
+        super().__init__(model, eps=eps, alpha=alpha if alpha is not None else max(eps / 4, 1e-12),
+                         steps=steps, random_start=random_start, restarts=restarts, loss="margin",
+                         bn_mode=bn_mode, generator=generator)
+
+
+class SPAT(PGD):
+    """Semantics-preserving PGD: the PGD step weighted toward pixels shared by all classes.
+
+    Weights from :func:`spatlib.semantics.shared_pixel_weights` (mean 1 per image, at most
+    eps/alpha), computed at the clean x, or at the current x_adv every ``refresh`` steps.
+    ``rule="none"`` is PGD exactly.
+    """
+
+    def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int,
+                 rule: str = "intersection", saliency: str = "input_grad", gamma: float = 1.0,
+                 classes: str = "all", class_chunk: int = 16, refresh: int = 0,
+                 random_start: bool | str = True, restarts: int = 1, loss: str = "ce",
+                 bn_mode: str = "eval", generator: torch.Generator | None = None):
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
+                         restarts=restarts, loss=loss, bn_mode=bn_mode, generator=generator)
+        if refresh < 0:
+            raise ValueError(f"refresh: expected an integer >= 0, got {refresh}")
+        self.rule, self.saliency, self.gamma = rule, saliency, float(gamma)
+        self.classes, self.class_chunk, self.refresh = classes, int(class_chunk), int(refresh)
+        self._clean_weights: Tensor | None = None
+
+    def weights(self, x: Tensor, y: Tensor) -> Tensor:
+        """The step weights at x, (N, 1 | C, H, W)."""
+        return shared_pixel_weights(self.model, x, y, self.rule, self.saliency, self.gamma,
+                                    self.classes, self.eps, self.alpha, self.class_chunk,
+                                    self.generator)
+
+    def step_weights(self, x, x_adv, y, step, previous):
+        if self.rule == "none":
+            return None
+        if step == 0:
+            return self._clean_weights
+        if self.refresh and step % self.refresh == 0:
+            return self.weights(x_adv.detach(), y)
+        return previous
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        # the clean-input weights are the same for every restart: compute them once per call
+        self._clean_weights = None if self.rule == "none" else self.weights(x, y)
+        try:
+            return super().forward(x, y)
+        finally:
+            self._clean_weights = None
+
+
+def attack_from_config(model: nn.Module, cfg: AttackConfig, *, spat: bool = False, loss: str = "ce",
+                       eps: float | None = None, alpha: float | None = None, steps: int | None = None,
+                       random_start: bool | str | None = None,
+                       generator: torch.Generator | None = None) -> PGD:
+    """The training attack of a config: SPAT when ``spat`` else PGD; keyword overrides win
+    (eps warm-up passes a smaller eps with alpha scaled alike)."""
+    kwargs = dict(eps=cfg.eps if eps is None else eps, alpha=cfg.alpha if alpha is None else alpha,
+                  steps=cfg.steps if steps is None else steps,
+                  random_start=cfg.random_start if random_start is None else random_start,
+                  loss=loss, bn_mode=cfg.bn_mode, generator=generator)
+    if spat:
+        return SPAT(model, rule=cfg.rule, saliency=cfg.saliency, gamma=cfg.gamma, classes=cfg.classes,
+                    class_chunk=cfg.class_chunk, refresh=cfg.refresh, **kwargs)
+    return PGD(model, **kwargs)
+
+
+def assert_threat_model(x: Tensor, x_adv: Tensor, eps: float) -> None:
+    """Cheap runtime check; raises ThreatModelError naming the violated bound."""
+    r = check_threat_model(x, x_adv, eps)
+    if not r["ok"]:
+        raise ThreatModelError(f"adversarial examples leave the threat model: max |x_adv - x| = "
+                               f"{r['max_linf']:.3g} (eps {eps:.3g}), NaNs {r['n_nan']}, pixel range "
+                               f"[{r['min_pixel']:.3g}, {r['max_pixel']:.3g}]")
+
+
+__all__ = ["Attack", "PGD", "FGSM", "CW", "SPAT", "attack_from_config", "check_threat_model",
+           "assert_threat_model", "margin_loss", "per_example_loss", "ThreatModelError"]

@@ -1,0 +1,416 @@
+"""Datasets as uint8 tensors, and a loader that keeps a split on the device.
+
+Every dataset is returned as a :class:`Dataset` of CPU tensors: images uint8 ``(N, C, H, W)``,
+labels int64 ``(N,)``, plus class names and the per-channel mean/std (in [0, 1] pixel units) that
+the model's ``Normalize`` layer uses. Names (see ``config.DATASETS``):
+
+- ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``: torchvision's files, downloaded on first
+  use into ``root`` / ``$SPATLIB_DATA`` / ``~/.cache/spatlib``; offline with no files a
+  :class:`DataError` says which files to put where.
+- ``digits``: scikit-learn's bundled 8x8 digits (no download), a fixed stratified split.
+- ``npz``: bring your own ``.npz`` (``x_train, y_train, x_test, y_test``; uint8 NHWC or NHW).
+- ``synthetic``: seeded, learnable, any shape; for tests and benchmarks.
+
+:class:`DeviceLoader` holds a split on the device as uint8 and does the shuffling, pad-crop and
+flip there, batched, from a generator seeded by (seed, epoch) so a resumed run sees the same
+batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DATASETS, DataConfig
+
+# --------------------------------------------------------------------------------------------
+# Per-dataset facts. mean/std: published per-channel constants of the full train split, in [0,1]
+# units (None: computed from the train split at load time). pad/flip: the standard training
+# augmentation (pad-and-random-crop in pixels, random horizontal flip).
+_TORONTO = "https://www.cs.toronto.edu/~kriz/"
+DATASET_FACTS: dict[str, dict] = {
+    "cifar10": dict(tv="CIFAR10", pad=4, flip=True,
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
+                    files="cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)",
+                    get="download " + _TORONTO + "cifar-10-python.tar.gz and extract it"),
+    "cifar100": dict(tv="CIFAR100", pad=4, flip=True,
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+                     files="cifar-100-python/ (train, test, meta)",
+                     get="download " + _TORONTO + "cifar-100-python.tar.gz and extract it"),
+    # digits and MNIST strokes are not mirror-symmetric; clothes are (a mirrored shoe is a shoe)
+    "mnist": dict(tv="MNIST", pad=2, flip=False, mean=(0.1307,), std=(0.3081,),
+                  files="MNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; gunzipped)",
+                  get="download the four *-ubyte.gz files from "
+                      "https://ossci-datasets.s3.amazonaws.com/mnist/ and gunzip them"),
+    "fashion_mnist": dict(tv="FashionMNIST", pad=2, flip=True, mean=(0.2860,), std=(0.3530,),
+                          files="FashionMNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                                "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; gunzipped)",
+                          get="download the four *-ubyte.gz files from http://fashion-mnist."
+                              "s3-website.eu-central-1.amazonaws.com/ and gunzip them"),
+    "digits": dict(pad=1, flip=False, mean=None, std=None),   # 1 px of 8 is CIFAR's 4 of 32
+    "npz": dict(pad=None, flip=None, mean=None, std=None),    # decided from the image shape
+    "synthetic": dict(pad=0, flip=False, mean=None, std=None),
+}
+DIGITS_TEST_SIZE = 0.25        # fraction of the 1,797 digits held out for test (450 images)
+DIGITS_SPLIT_SEED = 0          # fixed: every user sees the same digits split
+MIN_STD = 1 / 255              # floor for computed std: a constant channel must not divide by 0
+
+
+class DataError(ValueError):
+    """A dataset cannot be loaded: missing files (and where to put them) or a malformed npz."""
+
+
+@dataclass(repr=False)
+class Dataset:
+    """Train and test splits as CPU tensors: images uint8 (N, C, H, W), labels int64 (N,)."""
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    class_names: list[str]
+    num_classes: int
+    mean: tuple[float, ...]     # per channel, [0,1] pixel units
+    std: tuple[float, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.x_train.shape[2:])
+
+    def __repr__(self) -> str:  # the default would print every pixel
+        c, h, w = self.x_train.shape[1:]
+        return (f"Dataset({self.name!r}, train={len(self.x_train)}, test={len(self.x_test)}, "
+                f"image={c}x{h}x{w}, classes={self.num_classes})")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+def _derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (same on every platform and Python run)."""
+    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _nchw(x) -> torch.Tensor:
+    """uint8 (N,H,W) or (N,H,W,C) numpy/tensor -> contiguous uint8 tensor (N,C,H,W)."""
+    x = torch.as_tensor(x)
+    x = x.unsqueeze(-1) if x.ndim == 3 else x
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N,C,H,W), in [0,1] units.
+
+    Exact, from a 256-bin histogram per channel, so a large split is never copied to float;
+    rounded to 4 places like the published constants (they are written into run configs).
+    """
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
+        m = (counts * values).sum() / counts.sum()
+        v = (counts * (values - m) ** 2).sum() / counts.sum()
+        mean.append(round(m.item(), 4))
+        std.append(round(max(v.sqrt().item(), MIN_STD), 4))
+    return tuple(mean), tuple(std)
+
+
+def _check_limit(limit: int | None, key: str) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise DataError(f"{key}: expected None or an integer >= 0, got {limit!r}")
+
+
+def _finish(name, x_train, y_train, x_test, y_test, class_names, num_classes,
+            train_limit, test_limit) -> Dataset:
+    """Convert raw splits to the Dataset layout; stats come from the full train split."""
+    x_train, x_test = _nchw(x_train), _nchw(x_test)
+    y_train = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
+    y_test = torch.from_numpy(np.asarray(y_test, dtype=np.int64))
+    facts = DATASET_FACTS[name]
+    mean, std = (facts["mean"], facts["std"]) if facts["mean"] else channel_stats(x_train)
+    # clone the prefix so a small limit does not keep the whole split alive
+    if train_limit is not None and train_limit < len(x_train):
+        x_train, y_train = x_train[:train_limit].clone(), y_train[:train_limit].clone()
+    if test_limit is not None and test_limit < len(x_test):
+        x_test, y_test = x_test[:test_limit].clone(), y_test[:test_limit].clone()
+    return Dataset(name, x_train, y_train, x_test, y_test, list(class_names), int(num_classes),
+                   tuple(mean), tuple(std))
+
+
+def default_root() -> Path:
+    """$SPATLIB_DATA, else ~/.cache/spatlib."""
+    return Path(os.environ.get("SPATLIB_DATA") or "~/.cache/spatlib").expanduser()
+
+
+# --------------------------------------------------------------------------------------------
+# the sources
+def _load_torchvision(name: str, root: str | None, download: bool):
+    import torchvision  # lazy: importing it is slow and most runs use digits
+
+    facts = DATASET_FACTS[name]
+    root = Path(root).expanduser() if root else default_root()
+    cls = getattr(torchvision.datasets, facts["tv"])
+    try:
+        train, test = (cls(str(root), train=t, download=download) for t in (True, False))
+    except (RuntimeError, OSError) as e:  # not found / corrupted, or no network for the download
+        why = "download failed" if download else "files not found and download=False"
+        raise DataError(
+            f"{name}: {why} ({str(e).strip()}). Expected the files in {root / facts['files']}: "
+            f"{facts['get']} so that they land there (or point root= / $SPATLIB_DATA at the "
+            f"folder that holds them). Offline without them, use the 'npz' dataset with your "
+            f"own x_train, y_train, x_test, y_test arrays.") from e
+    # .data/.targets are whole arrays: no per-image PIL conversion
+    return (train.data, np.asarray(train.targets), test.data, np.asarray(test.targets),
+            [str(c) for c in train.classes], len(train.classes))
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # sklearn's digits are 0..16 intensities; rescale to the 0..255 of every other dataset
+    x = np.round(bunch.images * (255 / 16)).astype(np.uint8)
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=DIGITS_TEST_SIZE,
+                                              random_state=DIGITS_SPLIT_SEED, stratify=y)
+    return x_tr, y_tr, x_te, y_te, [str(k) for k in range(10)], 10
+
+
+def _load_npz(path: str | None):
+    if not path:
+        raise DataError("npz: a path is required (data.path: a .npz with x_train, y_train, "
+                        "x_test, y_test)")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"npz: file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # not a zip, object arrays (pickles are refused), truncated file
+        raise DataError(f"npz: cannot read {path}: {e}") from e
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise DataError(f"npz: {path} is missing key(s) {', '.join(missing)}; expected "
+                        f"x_train, y_train, x_test, y_test (found: {', '.join(arrays) or 'none'})")
+    shapes = set()
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8:
+            raise DataError(f"npz: x_{split} has dtype {x.dtype}; images must be uint8 (0..255)")
+        if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+            raise DataError(f"npz: x_{split} has shape {x.shape}; expected (N, H, W) or "
+                            f"(N, H, W, C) with C 1 or 3 (NHWC)")
+        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) and y.dtype != np.bool_):
+            raise DataError(f"npz: y_{split} has shape {y.shape} and dtype {y.dtype}; labels "
+                            f"must be a 1-D integer array")
+        if len(x) != len(y):
+            raise DataError(f"npz: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+        if len(y) and y.min() < 0:
+            raise DataError(f"npz: y_{split} has negative labels (min {y.min()}); labels must be "
+                            f"0..K-1")
+        shapes.add(x.shape[1:] if x.ndim == 4 else x.shape[1:] + (1,))
+    if len(shapes) != 1:
+        raise DataError(f"npz: train and test images differ in shape (H, W, C): {sorted(shapes)}")
+    if len(arrays["x_train"]) == 0:
+        raise DataError("npz: x_train is empty")
+    top = max(int(arrays[k].max()) for k in ("y_train", "y_test") if len(arrays[k]))
+    # CIFAR-100 files name their classes fine_label_names
+    key = next((k for k in ("class_names", "fine_label_names") if k in arrays), None)
+    if key:
+        names = [str(s) for s in arrays[key].reshape(-1).tolist()]
+        if top >= len(names):
+            raise DataError(f"npz: labels out of range: max label {top} but {key} lists "
+                            f"{len(names)} classes")
+    else:
+        names = [str(k) for k in range(top + 1)]
+    return (arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+            names, len(names))
+
+
+def _load_synthetic(num_classes: int, shape, n_train: int, n_test: int, seed: int):
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise DataError(f"synthetic: shape must be (C, H, W) of positive ints, got {shape}")
+    if num_classes < 1 or n_train < 1 or n_test < 0:
+        raise DataError(f"synthetic: need num_classes >= 1, n_train >= 1, n_test >= 0; got "
+                        f"{num_classes}, {n_train}, {n_test}")
+    # one random pattern per class (its "object") + per-image noise: learnable, not trivial.
+    # Each part has its own generator so n_train does not change the test images.
+    protos = torch.rand((num_classes, *shape), generator=torch.Generator().manual_seed(
+        _derive_seed(seed, 0)))
+
+    def draw(n: int, part: int):
+        g = torch.Generator().manual_seed(_derive_seed(seed, part))
+        y = torch.arange(n) % num_classes             # balanced classes
+        y = y[torch.randperm(n, generator=g)]
+        x = 0.2 + 0.6 * protos[y] + 0.15 * torch.randn((n, *shape), generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1), y
+
+    x_tr, y_tr = draw(n_train, 1)
+    x_te, y_te = draw(n_test, 2)
+    return x_tr, y_tr, x_te, y_te, [str(k) for k in range(num_classes)], num_classes
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = True, *,
+                 path: str | None = None, train_limit: int | None = None,
+                 test_limit: int | None = None, num_classes: int = 10,
+                 shape: tuple[int, int, int] = (1, 8, 8), n_train: int = 512, n_test: int = 256,
+                 seed: int = 0) -> Dataset:
+    """Load a dataset by name as uint8 (N, C, H, W) / int64 (N,) CPU tensors.
+
+    ``root``/``download``: torchvision datasets only; ``path``: npz only; ``num_classes``,
+    ``shape`` (C, H, W), ``n_train``, ``n_test``, ``seed``: synthetic only. ``train_limit`` /
+    ``test_limit`` keep the first N images of each split (deterministic) for every dataset;
+    mean/std are always those of the full train split.
+    """
+    _check_limit(train_limit, "train_limit")
+    _check_limit(test_limit, "test_limit")
+    if name in ("cifar10", "cifar100", "mnist", "fashion_mnist"):
+        raw = _load_torchvision(name, root, download)
+    elif name == "digits":
+        raw = _load_digits()
+    elif name == "npz":
+        raw = _load_npz(path)
+    elif name == "synthetic":
+        raw = _load_synthetic(num_classes, shape, n_train, n_test, seed)
+    else:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    return _finish(name, *raw, train_limit, test_limit)
+
+
+def dataset_from_config(cfg: DataConfig) -> Dataset:
+    """:func:`load_dataset` from a :class:`DataConfig` (val_size/augment are the trainer's)."""
+    return load_dataset(cfg.name, cfg.root, cfg.download, path=cfg.path,
+                        train_limit=cfg.train_limit, test_limit=cfg.test_limit,
+                        num_classes=cfg.synthetic_classes, shape=tuple(cfg.synthetic_shape),
+                        n_train=cfg.synthetic_train, n_test=cfg.synthetic_test, seed=0)
+
+
+def augmentation_defaults(name: str, image_shape: tuple[int, ...] | None = None) -> dict:
+    """``{"pad": int, "flip": bool}``: the standard training augmentation of a dataset.
+
+    For ``npz`` pass ``image_shape`` (C, H, W): 3x32x32 gets CIFAR's pad 4 + flip, anything
+    else (or no shape) pad 2 and no flip, since unknown classes may not be mirror-symmetric.
+    """
+    if name not in DATASET_FACTS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if name == "npz":
+        cifar_like = image_shape is not None and tuple(image_shape)[-3:] == (3, 32, 32)
+        return augmentation_defaults("cifar10") if cifar_like else {"pad": 2, "flip": False}
+    return {"pad": DATASET_FACTS[name]["pad"], "flip": DATASET_FACTS[name]["flip"]}
+
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int):
+    """Hold out ``val_size`` examples, stratified by label, chosen by ``seed`` alone.
+
+    Each class gives its share of ``val_size`` (largest remainders break ties, lower label
+    first). Both parts keep the original order. Returns ``(x_train, y_train, x_val, y_val)``;
+    ``val_size=0`` gives empty val tensors.
+    """
+    n = len(y)
+    if not 0 <= val_size < n:
+        raise DataError(f"val_size: expected 0 <= val_size < {n} (the training images), "
+                        f"got {val_size}")
+    g = torch.Generator().manual_seed(_derive_seed(seed, 1))
+    perm = torch.randperm(n, generator=g)
+    labels = y.cpu()[perm]
+    order = torch.argsort(labels, stable=True)        # grouped by class, random within a class
+    grouped = labels[order]
+    counts = torch.bincount(grouped)
+    share = counts.double() * val_size / n
+    quota = share.floor().long()
+    extra = torch.argsort(-(share - quota), stable=True)[: val_size - int(quota.sum())]
+    quota[extra] += 1
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - start[grouped]            # position within its class
+    val_idx = perm[order[rank < quota[grouped]]]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[val_idx] = True
+    mask = mask.to(y.device)
+    return x[~mask], y[~mask], x[mask], y[mask]
+
+
+# --------------------------------------------------------------------------------------------
+# the device loader
+def pad_crop_flip(x: torch.Tensor, pad: int, offsets: torch.Tensor | None = None,
+                  flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero-pad by ``pad``, crop back to (H, W) at per-image ``offsets``, mirror where ``flips``.
+
+    x: (B, C, H, W) any dtype; offsets: (B, 2) long (row, col) in [0, 2*pad], the crop's corner
+    in the padded image (``(pad, pad)`` is the identity, as torchvision's RandomCrop(padding=));
+    flips: (B,) bool. One gather for the whole batch, no loop over images.
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    if offsets is None:
+        offsets = torch.full((b, 2), pad, dtype=torch.long, device=dev)
+    rows = offsets[:, :1] + torch.arange(h, device=dev)          # (B, H) in padded coordinates
+    cols = offsets[:, 1:] + torch.arange(w, device=dev)          # (B, W)
+    if flips is not None:
+        cols = torch.where(flips[:, None], cols.flip(1), cols)  # mirror = read columns backwards
+    xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    return xp[torch.arange(b, device=dev)[:, None, None, None],
+              torch.arange(c, device=dev)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class DeviceLoader:
+    """Batches of a uint8 split kept on ``device``; shuffle and augmentation on the device.
+
+    Call :meth:`set_epoch` before each epoch (like DistributedSampler): the order and the
+    augmentation of epoch e depend only on (seed, e), so a resumed run repeats them exactly.
+    Yields ``(x float32 (B, C, H, W) in [0, 1], y int64 (B,))`` on ``device``.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, device="cpu",
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, pad: int = 0,
+                 flip: bool = False, channels_last: bool = False):
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise DataError(f"DeviceLoader: x must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        if len(x) != len(y):
+            raise DataError(f"DeviceLoader: {len(x)} images but {len(y)} labels")
+        if batch_size < 1 or pad < 0:
+            raise DataError(f"DeviceLoader: need batch_size >= 1 and pad >= 0, got {batch_size}, {pad}")
+        self.device = torch.device(device)
+        self.x = x.to(self.device)          # uint8 on the device: 4x less memory than float
+        self.y = y.to(self.device, torch.int64)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.pad, self.flip, self.channels_last = pad, flip, channels_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n, dev = len(self.y), self.device
+        g = torch.Generator(device=dev).manual_seed(_derive_seed(self.seed, self.epoch))
+        order = (torch.randperm(n, generator=g, device=dev) if self.shuffle
+                 else torch.arange(n, device=dev))
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            xb, yb = self.x[idx], self.y[idx]
+            if self.pad or self.flip:     # crop/flip the uint8 batch: 4x less memory traffic
+                b = len(idx)
+                offsets = torch.randint(0, 2 * self.pad + 1, (b, 2), generator=g, device=dev)
+                flips = (torch.rand(b, generator=g, device=dev) < 0.5) if self.flip else None
+                xb = pad_crop_flip(xb, self.pad, offsets, flips)
+            xb = xb.float().div_(255)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, yb

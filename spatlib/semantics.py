@@ -1,0 +1,260 @@
+"""Which pixels carry class-specific evidence, and which are shared by all classes.
+
+DESIGN.md, "The SPAT attack", steps 1-3:
+
+1. class evidence maps ``A_k`` for every class k of a class set S (``class_evidence``);
+2. a shared-pixel score ``s`` in [0, 1] by a ``rule`` (``shared_pixel_score``);
+3. budget-preserving step weights ``w = s**gamma / mean(s**gamma)``, capped at ``eps/alpha``
+   by water-filling (``shared_pixel_weights``, ``budget_preserving_weights``).
+
+A new SPAT rule is a change to this module alone: add a function to ``_SCORE_RULES``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import RULES, SALIENCIES
+
+_TINY = 1e-12
+
+
+@dataclass
+class Evidence:
+    """Class evidence of a batch.
+
+    maps:    (N, S, H, W) non-negative evidence A_k per class slot
+    classes: (N, S) long, the class index of each slot
+    grads:   (N, S, C, H, W) d z_k / d x (input_grad saliency only, else None)
+    logits:  (N, K) logits at x (detached)
+    """
+    maps: Tensor
+    classes: Tensor
+    grads: Tensor | None
+    logits: Tensor
+
+
+def resolve_classes(logits: Tensor, y: Tensor, spec: str | Tensor = "all") -> Tensor:
+    """The class set S per example, (N, S) long.
+
+    ``"all"``: every class 0..K-1. ``"topk:N"``: the true class first, then the N-1 highest
+    other logits (cheap evidence for many-class data). A tensor is returned as given.
+    """
+    if isinstance(spec, Tensor):
+        return spec.to(device=logits.device, dtype=torch.long)
+    n, k = logits.shape
+    if spec == "all":
+        return torch.arange(k, device=logits.device).expand(n, k)
+    m = re.fullmatch(r"topk:(\d+)", str(spec))
+    if not m:
+        raise ValueError(f"classes: expected 'all' or 'topk:N', got {spec!r}")
+    top = min(int(m.group(1)), k)
+    others = logits.detach().float().scatter(1, y.view(-1, 1), float("-inf"))
+    rest = others.topk(top - 1, dim=1).indices if top > 1 else logits.new_empty(n, 0, dtype=torch.long)
+    return torch.cat([y.view(-1, 1), rest], dim=1)
+
+
+def _input_gradients(z: Tensor, x: Tensor, class_chunk: int) -> Tensor:
+    """All S vector-Jacobian products d z[:, j] / d x in batched backwards.
+
+    z: (N, S) selected logits of a graph from x (N, C, H, W). Returns (N, S, C, H, W).
+    ``is_grads_batched`` vmaps the backward over one-hot grad_outputs: one batched backward per
+    chunk of ``class_chunk`` classes instead of S sequential ones; the chunk bounds memory.
+    """
+    n, s = z.shape
+    eye = torch.eye(s, device=z.device, dtype=z.dtype)
+    out = []
+    for start in range(0, s, class_chunk):
+        stop = min(start + class_chunk, s)
+        # (chunk, N, S): slot j selects z[:, j] of every example at once
+        cotangents = eye[start:stop].unsqueeze(1).expand(stop - start, n, s)
+        (g,) = torch.autograd.grad(z, x, grad_outputs=cotangents, is_grads_batched=True,
+                                   retain_graph=stop < s)
+        out.append(g)
+    return torch.cat(out, dim=0).transpose(0, 1)
+
+
+def _cam_maps(model: nn.Module, x: Tensor, y: Tensor, spec, class_chunk: int) -> Evidence:
+    """Class activation maps of the last convolutional block, upsampled to the input size.
+
+    GAP + linear heads: exact CAM ``relu(sum_c W_kc F_c)``, no backward at all. Other heads
+    (SmallCNN's MLP): gradient x activation at the feature map, ``relu(sum_c dz_k/dF_c * F_c)``,
+    which equals the CAM up to a constant for GAP + linear heads; its backward runs through the
+    small head only, never through the convolutions.
+    """
+    with torch.no_grad():
+        feats = model.features(x).float()
+    if getattr(model, "gap_linear", False):
+        with torch.no_grad():
+            logits = model.head(feats).float()
+            classes = resolve_classes(logits, y, spec)
+            weight = model.classifier.weight.float()[classes]          # (N, S, Cf)
+            cam = torch.einsum("nsc,nchw->nshw", weight, feats)
+    else:
+        with torch.enable_grad():
+            f = feats.detach().requires_grad_(True)
+            logits = model.head(f).float()
+            classes = resolve_classes(logits, y, spec)
+            g = _input_gradients(logits.gather(1, classes), f, class_chunk)   # (N, S, Cf, h, w)
+        cam = (g * feats.unsqueeze(1)).sum(2)
+        logits = logits.detach()
+    cam = F.interpolate(cam.clamp_min(0), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return Evidence(maps=cam.clamp_min(0), classes=classes, grads=None, logits=logits)
+
+
+def class_evidence(model: nn.Module, x: Tensor, y: Tensor, classes: str | Tensor = "all",
+                   saliency: str = "input_grad", class_chunk: int = 16) -> Evidence:
+    """Class evidence maps A_k (N, S, H, W) for the class set S (DESIGN.md step 1).
+
+    ``input_grad`` (exact): ``A_k = sum_c |d z_k / d x|``, all classes in batched backwards.
+    ``cam`` (fast): class activation maps of the last conv block (see ``_cam_maps``).
+    The model's train/eval mode is left as the caller set it.
+    """
+    if saliency not in SALIENCIES:
+        raise ValueError(f"saliency: expected one of {', '.join(SALIENCIES)}, got {saliency!r}")
+    if class_chunk < 1:
+        raise ValueError(f"class_chunk: expected an integer >= 1, got {class_chunk}")
+    if saliency == "cam":
+        return _cam_maps(model, x, y, classes, class_chunk)
+    with torch.enable_grad():
+        xg = x.detach().float().requires_grad_(True)
+        logits = model(xg).float()
+        cls = resolve_classes(logits, y, classes)
+        grads = _input_gradients(logits.gather(1, cls), xg, class_chunk)
+    return Evidence(maps=grads.abs().sum(2), classes=cls, grads=grads, logits=logits.detach())
+
+
+def normalize_maps(maps: Tensor) -> Tensor:
+    """P_k = A_k / sum_pixels A_k, (N, S, H, W). An all-zero map becomes uniform."""
+    total = maps.sum((-2, -1), keepdim=True)
+    uniform = torch.full_like(maps, 1.0 / (maps.shape[-1] * maps.shape[-2]))
+    return torch.where(total > _TINY, maps / total.clamp_min(_TINY), uniform)
+
+
+# --------------------------------------------------------------------------------------------
+# shared-pixel rules: Evidence (+ y, generator) -> score in [0, 1], (N, 1, H, W) or (N, C, H, W)
+def _per_image_max_scale(s: Tensor) -> Tensor:
+    peak = s.flatten(1).amax(1).view(-1, *([1] * (s.dim() - 1)))
+    return s / peak.clamp_min(_TINY)
+
+
+def _intersection(ev: Evidence, y: Tensor, generator) -> Tensor:
+    """min_k P_k scaled by its per-image max: pixels that every class relies on."""
+    return _per_image_max_scale(normalize_maps(ev.maps).amin(1, keepdim=True))
+
+
+def _equality(ev: Evidence, y: Tensor, generator) -> Tensor:
+    """Geometric over arithmetic mean of P_k across classes (<= 1 by AM-GM): equal reliance."""
+    p = normalize_maps(ev.maps)
+    geo = p.clamp_min(_TINY).log().mean(1, keepdim=True).exp()
+    geo = torch.where((p > 0).all(1, keepdim=True), geo, torch.zeros_like(geo))
+    return (geo / p.mean(1, keepdim=True).clamp_min(_TINY)).clamp(0, 1)
+
+
+def _agreement(ev: Evidence, y: Tensor, generator) -> Tensor:
+    """Per element, the fraction of other classes k whose sign(dz_k/dx - dz_y/dx) agrees with
+    the majority: where moving toward every other class is the same move, the step adds no
+    single class's features. Shape (N, C, H, W), values in [1/2, 1] (1 where all agree)."""
+    if ev.grads is None:
+        raise ValueError("rule 'agreement' needs saliency 'input_grad' (it uses the input gradients)")
+    is_true = ev.classes == y.view(-1, 1)                                   # (N, S)
+    if not bool(is_true.any(1).all()):
+        raise ValueError("rule 'agreement' needs the true class in the class set")
+    g_true = (ev.grads * is_true[..., None, None, None]).sum(1, keepdim=True)
+    signs = torch.sign(ev.grads - g_true) * (~is_true)[..., None, None, None]
+    n_other = (~is_true).sum(1).view(-1, 1, 1, 1).clamp_min(1)
+    pos = (signs > 0).sum(1)
+    neg = (signs < 0).sum(1)
+    return torch.maximum(pos, neg).float() / n_other
+
+
+def shuffle_pixels(s: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Permute the pixels of each image independently (channels move together)."""
+    n, c, h, w = s.shape
+    noise = torch.rand(n, h * w, generator=generator, device=s.device if generator is None
+                       else generator.device).to(s.device)
+    perm = noise.argsort(1)
+    flat = s.flatten(2)
+    return flat.gather(2, perm.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
+
+
+def _random(ev: Evidence, y: Tensor, generator) -> Tensor:
+    """The control: the intersection score with its pixels shuffled within each image. Same
+    histogram of weights, no relation to semantics."""
+    return shuffle_pixels(_intersection(ev, y, generator), generator)
+
+
+_SCORE_RULES = {"intersection": _intersection, "equality": _equality, "agreement": _agreement,
+                "random": _random}
+assert set(_SCORE_RULES) | {"none"} == set(RULES)
+
+
+def shared_pixel_score(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
+                       saliency: str = "input_grad", classes: str | Tensor = "all",
+                       class_chunk: int = 16, generator: torch.Generator | None = None) -> Tensor:
+    """Shared-pixel score s in [0, 1] (DESIGN.md step 2).
+
+    Returns (N, 1, H, W) for the pixel rules, (N, C, H, W) for ``agreement``; all ones for
+    ``none`` (plain PGD).
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
+    if rule == "none":
+        return torch.ones_like(x[:, :1], dtype=torch.float32)
+    if rule == "agreement" and saliency != "input_grad":
+        raise ValueError("rule 'agreement' needs saliency 'input_grad'")
+    ev = class_evidence(model, x, y, classes, saliency, class_chunk)
+    return _SCORE_RULES[rule](ev, y, generator)
+
+
+def budget_preserving_weights(score: Tensor, gamma: float = 1.0, cap: float | None = None,
+                              passes: int = 32) -> Tensor:
+    """w = s**gamma / mean(s**gamma) per image, capped at ``cap`` (DESIGN.md step 3).
+
+    Capped weights are set to the cap and the uncapped ones rescaled so the per-image mean is 1
+    again; a few water-filling passes settle it. An image whose score is all zero gets w = 1.
+    A cap below 1 cannot keep the mean at 1 and is treated as 1 (alpha >= eps: PGD itself).
+    """
+    s = score.float().clamp_min(0) ** gamma
+    dims = tuple(range(1, s.dim()))
+    mean = s.mean(dims, keepdim=True)
+    w = torch.where(mean > _TINY, s / mean.clamp_min(_TINY), torch.ones_like(s))
+    if cap is None:
+        return w
+    cap = max(float(cap), 1.0)
+    count = w[0].numel()
+    for _ in range(passes):
+        if not bool((w > cap * (1 + 1e-6)).any()):
+            break
+        w = w.clamp_max(cap)
+        capped = w >= cap
+        n_capped = capped.sum(dims, keepdim=True)
+        free_mass = (w * ~capped).sum(dims, keepdim=True)
+        need = count - cap * n_capped                       # mass the uncapped pixels must hold
+        # usually a rescale of the uncapped weights; when they hold no mass at all (a score
+        # whose support is under 1/cap of the pixels) the rest is spread evenly instead
+        has_mass = free_mass > _TINY
+        scale = torch.where(has_mass, need / free_mass.clamp_min(_TINY), torch.zeros_like(need, dtype=w.dtype))
+        level = torch.where(has_mass, torch.zeros_like(scale),
+                            need / (count - n_capped).clamp_min(1))
+        w = torch.where(capped, torch.full_like(w, cap), w * scale + level)
+    return w.clamp_max(cap)
+
+
+def shared_pixel_weights(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
+                         saliency: str = "input_grad", gamma: float = 1.0,
+                         classes: str | Tensor = "all", eps: float | None = None,
+                         alpha: float | None = None, class_chunk: int = 16,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """SPAT step weights: mean 1 per image, at most eps/alpha (DESIGN.md steps 1-3).
+
+    x: (N, C, H, W) in [0, 1]; y: (N,). Returns (N, 1, H, W) (or (N, C, H, W) for
+    ``agreement``), float32, to multiply the PGD step ``alpha * sign(grad)``.
+    """
+    score = shared_pixel_score(model, x, y, rule, saliency, classes, class_chunk, generator)
+    cap = eps / alpha if (eps is not None and alpha) else None
+    return budget_preserving_weights(score, gamma, cap)

@@ -1,0 +1,88 @@
+"""Strict params: typos, wrong types and out-of-range values fail naming the key."""
+import pytest
+import yaml
+
+from spatlib.config import (ConfigError, RunConfig, format_eps, from_dict, load_config,
+                            load_experiment, parse_eps)
+
+
+def test_defaults_round_trip_through_yaml():
+    cfg = RunConfig()
+    again = from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_eps_fraction_strings_are_parsed_and_formatted_back():
+    cfg = from_dict({"attack": {"eps": "8/255", "alpha": "2/255"}})
+    assert cfg.attack.eps == pytest.approx(8 / 255)
+    assert format_eps(cfg.attack.eps) == "8/255"
+    assert format_eps(0.3) == "0.3"
+    assert parse_eps(0.1) == 0.1
+
+
+def test_misspelt_key_in_params_file_names_the_key(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  method: pgd_at\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "train.learning_rate" in msg and "lr" in msg and str(p) in msg
+
+
+@pytest.mark.parametrize("data, key, allowed", [
+    ({"attack": {"eps": 1.5}}, "attack.eps", "[0, 1]"),
+    ({"attack": {"eps": -0.1}}, "attack.eps", "[0, 1]"),
+    ({"attack": {"steps": -1}}, "attack.steps", ">= 0"),
+    ({"train": {"method": "pgd"}}, "train.method", "spat_at"),
+    ({"model": {"name": "resnet50"}}, "model.name", "preact_resnet18"),
+    ({"train": {"batch_size": 0}}, "train.batch_size", ">= 1"),
+    ({"train": {"epochs": "ten"}}, "train.epochs", "integer"),
+    ({"train": {"compile": "yes"}}, "train.compile", "true or false"),
+    ({"attack": {"rule": "union"}}, "attack.rule", "intersection"),
+    ({"attack": {"classes": "top10"}}, "attack.classes", "topk:N"),
+    ({"eval": {"suite": ["pgd20", "apgd"]}}, "eval.suite", "autoattack"),
+    ({"data": {"name": "npz"}}, "data.path", "npz"),
+    ({"attack": {"rule": "agreement", "saliency": "cam"}}, "attack.rule", "input_grad"),
+])
+def test_bad_values_name_key_and_allowed_values(data, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    assert key in str(e.value) and allowed in str(e.value)
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    cfg = load_config(None, ["train.lr=0.05", "attack.eps=16/255", "data.name=synthetic"])
+    assert cfg.train.lr == 0.05 and format_eps(cfg.attack.eps) == "16/255"
+    with pytest.raises(ConfigError, match="train.lrr"):
+        load_config(None, ["train.lrr=0.05"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.lr"])
+
+
+def test_experiment_expands_variants_datasets_and_seeds(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump({
+        "experiment": "demo",
+        "base": {"train": {"epochs": 2}, "attack": {"eps": "0.1"}},
+        "variants": {"pgd_at": {"train": {"method": "pgd_at"}},
+                     "spat_random": {"train": {"method": "spat_at"}, "attack": {"rule": "random"}}},
+        "seeds": [0, 1],
+        "datasets": ["digits", "synthetic"],
+        "hypothesis": {"eps_list": [0.1]},
+    }))
+    exp = load_experiment(p, ["train.epochs=3", "hypothesis.n_examples=50"])
+    assert exp.name == "demo" and len(exp.runs) == 8
+    run = exp.runs["spat_random-synthetic-s1"]
+    assert (run.seed, run.data.name, run.attack.rule, run.train.epochs) == (1, "synthetic", "random", 3)
+    assert exp.hypothesis == {"eps_list": [0.1], "n_examples": 50}
+
+
+def test_experiment_typo_in_a_variant_names_run_and_key(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("variants:\n  a: {train: {methd: pgd_at}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_experiment(p)
+    assert "train.methd" in str(e.value) and "run 'a-digits-s0'" in str(e.value)
+    p.write_text("variant:\n  a: {}\n")
+    with pytest.raises(ConfigError, match="did you mean 'variants'"):
+        load_experiment(p)
