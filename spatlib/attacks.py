@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ATTACK_LOSSES, BN_MODES, AttackConfig
-from .semantics import shared_pixel_weights
+from .semantics import check_spat_settings, shared_pixel_weights
 
 
 class ThreatModelError(RuntimeError):
@@ -57,13 +57,17 @@ def check_threat_model(x: Tensor, x_adv: Tensor, eps: float) -> dict:
     return report
 
 
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0.0 <= eps <= 1.0):
+        raise ValueError(f"eps: expected a number in [0, 1] (pixel units, e.g. 8/255), got {eps!r}")
+
+
 class Attack:
     """Base: holds the model, eps, BatchNorm mode and generator; ``__call__`` manages the mode."""
 
     def __init__(self, model: nn.Module, *, eps: float, bn_mode: str = "eval",
                  generator: torch.Generator | None = None):
-        if not (isinstance(eps, (int, float)) and 0.0 <= eps <= 1.0):
-            raise ValueError(f"eps: expected a number in [0, 1] (pixel units, e.g. 8/255), got {eps!r}")
+        _check_eps(eps)
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode: expected one of {', '.join(BN_MODES)}, got {bn_mode!r}")
         self.model = model
@@ -76,12 +80,14 @@ class Attack:
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         """x: (N, C, H, W) in [0, 1]; y: (N,) long. Returns x_adv (N, C, H, W) float32."""
-        was_training = self.model.training
+        # every submodule's own flag: a model in train mode with frozen BatchNorm stays so
+        modes = {m: m.training for m in self.model.modules()}
         self.model.train(self.bn_mode == "train")
         try:
             x_adv = self.forward(x.detach().float(), y.detach())
         finally:
-            self.model.train(was_training)
+            for m, training in modes.items():
+                m.training = training
         return x_adv.detach()
 
     def __repr__(self) -> str:
@@ -186,6 +192,7 @@ class FGSM(PGD):
 
     def __init__(self, model: nn.Module, *, eps: float, loss: str = "ce", bn_mode: str = "eval",
                  generator: torch.Generator | None = None):
+        _check_eps(eps)
         super().__init__(model, eps=eps, alpha=max(eps, 1e-12), steps=1, random_start=False,
                          loss=loss, bn_mode=bn_mode, generator=generator)
 
@@ -196,6 +203,7 @@ class CW(PGD):
     def __init__(self, model: nn.Module, *, eps: float, alpha: float | None = None, steps: int = 30,
                  random_start: bool | str = True, restarts: int = 1, bn_mode: str = "eval",
                  generator: torch.Generator | None = None):
+        _check_eps(eps)
         super().__init__(model, eps=eps, alpha=alpha if alpha is not None else max(eps / 4, 1e-12),
                          steps=steps, random_start=random_start, restarts=restarts, loss="margin",
                          bn_mode=bn_mode, generator=generator)
@@ -218,6 +226,7 @@ class SPAT(PGD):
                          restarts=restarts, loss=loss, bn_mode=bn_mode, generator=generator)
         if refresh < 0:
             raise ValueError(f"refresh: expected an integer >= 0, got {refresh}")
+        check_spat_settings(rule, saliency, gamma, classes)
         self.rule, self.saliency, self.gamma = rule, saliency, float(gamma)
         self.classes, self.class_chunk, self.refresh = classes, int(class_chunk), int(refresh)
         self._clean_weights: Tensor | None = None

@@ -156,8 +156,6 @@ def robustness(model: nn.Module, x: Tensor, y: Tensor, suite: list[str] | tuple 
     device = _device_of(model)
     x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
     n = len(x)
-    if num_classes is None:
-        num_classes = int(y.max().item()) + 1 if n else 1
     order = [a for a in SUITE_ATTACKS if a in suite]
     was_training = model.training
     model.eval()
@@ -171,8 +169,12 @@ def robustness(model: nn.Module, x: Tensor, y: Tensor, suite: list[str] | tuple 
     bar = tqdm(total=len(order), desc=f"robustness eps {format_eps(eps)}", disable=not progress, leave=False)
     try:
         with torch.no_grad():
-            clean = torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu()
-                               for i in range(0, n, batch_size)]) == y.cpu() if n else torch.zeros(0, dtype=torch.bool)
+            logits = [model(x[i:i + batch_size].to(device)) for i in range(0, n, batch_size)]
+        clean = (torch.cat([l.argmax(1).cpu() for l in logits]) == y.cpu() if n
+                 else torch.zeros(0, dtype=torch.bool))
+        if num_classes is None:      # the model's output width, not the labels that occur
+            num_classes = logits[0].shape[1] if n else 1
+        del logits
         robust = clean.clone()
         for name in order:
             t0 = time.perf_counter()

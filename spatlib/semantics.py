@@ -38,6 +38,22 @@ class Evidence:
     logits: Tensor
 
 
+def check_spat_settings(rule: str, saliency: str, gamma: float = 1.0, classes: str | Tensor = "all") -> None:
+    """Raise ValueError naming the setting and its allowed values (checked before any work)."""
+    if rule not in RULES:
+        raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
+    if saliency not in SALIENCIES:
+        raise ValueError(f"saliency: expected one of {', '.join(SALIENCIES)}, got {saliency!r}")
+    if rule == "agreement" and saliency != "input_grad":
+        raise ValueError("rule 'agreement' needs saliency 'input_grad' (it uses the input gradients)")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
+        raise ValueError(f"gamma: expected a number >= 0, got {gamma!r}")
+    if not isinstance(classes, Tensor):
+        m = re.fullmatch(r"topk:(\d+)", str(classes))
+        if classes != "all" and not (m and int(m.group(1)) >= 1):
+            raise ValueError(f"classes: expected 'all' or 'topk:N' with N >= 1, got {classes!r}")
+
+
 def resolve_classes(logits: Tensor, y: Tensor, spec: str | Tensor = "all") -> Tensor:
     """The class set S per example, (N, S) long.
 
@@ -50,7 +66,7 @@ def resolve_classes(logits: Tensor, y: Tensor, spec: str | Tensor = "all") -> Te
     if spec == "all":
         return torch.arange(k, device=logits.device).expand(n, k)
     m = re.fullmatch(r"topk:(\d+)", str(spec))
-    if not m:
+    if not m or int(m.group(1)) < 1:
         raise ValueError(f"classes: expected 'all' or 'topk:N', got {spec!r}")
     top = min(int(m.group(1)), k)
     others = logits.detach().float().scatter(1, y.view(-1, 1), float("-inf"))
@@ -201,48 +217,46 @@ def shared_pixel_score(model: nn.Module, x: Tensor, y: Tensor, rule: str = "inte
     Returns (N, 1, H, W) for the pixel rules, (N, C, H, W) for ``agreement``; all ones for
     ``none`` (plain PGD).
     """
-    if rule not in RULES:
-        raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
+    check_spat_settings(rule, saliency, 1.0, classes)
     if rule == "none":
         return torch.ones_like(x[:, :1], dtype=torch.float32)
-    if rule == "agreement" and saliency != "input_grad":
-        raise ValueError("rule 'agreement' needs saliency 'input_grad'")
     ev = class_evidence(model, x, y, classes, saliency, class_chunk)
     return _SCORE_RULES[rule](ev, y, generator)
 
 
-def budget_preserving_weights(score: Tensor, gamma: float = 1.0, cap: float | None = None,
-                              passes: int = 32) -> Tensor:
+def budget_preserving_weights(score: Tensor, gamma: float = 1.0, cap: float | None = None) -> Tensor:
     """w = s**gamma / mean(s**gamma) per image, capped at ``cap`` (DESIGN.md step 3).
 
-    Capped weights are set to the cap and the uncapped ones rescaled so the per-image mean is 1
-    again; a few water-filling passes settle it. An image whose score is all zero gets w = 1.
-    A cap below 1 cannot keep the mean at 1 and is treated as 1 (alpha >= eps: PGD itself).
+    Water-filling, solved exactly: the m largest weights sit at the cap and the others are
+    ``c * s`` with c chosen so the per-image mean is 1. With the scores sorted in descending
+    order, m is the first count for which the largest uncapped weight stays under the cap (one
+    sort and a cumulative sum, no iteration). When the uncapped pixels hold no score at all (the
+    support is under 1/cap of the pixels) their share is spread evenly. An all-zero score gives
+    w = 1. A cap below 1 cannot keep the mean at 1 and is treated as 1 (alpha >= eps: PGD).
     """
-    s = score.float().clamp_min(0) ** gamma
-    dims = tuple(range(1, s.dim()))
-    mean = s.mean(dims, keepdim=True)
-    w = torch.where(mean > _TINY, s / mean.clamp_min(_TINY), torch.ones_like(s))
+    if gamma < 0:
+        raise ValueError(f"gamma: expected a number >= 0, got {gamma}")
+    s = score.double().clamp_min(0) ** gamma  # float64: sharp scores span many decades
+    flat = s.flatten(1)                         # (N, D)
+    n_pix = flat.shape[1]
+    mean = flat.mean(1, keepdim=True)
     if cap is None:
-        return w
+        w = torch.where(mean > 0, flat / mean.clamp_min(1e-300), torch.ones_like(flat))
+        return w.float().view_as(s)
     cap = max(float(cap), 1.0)
-    count = w[0].numel()
-    for _ in range(passes):
-        if not bool((w > cap * (1 + 1e-6)).any()):
-            break
-        w = w.clamp_max(cap)
-        capped = w >= cap
-        n_capped = capped.sum(dims, keepdim=True)
-        free_mass = (w * ~capped).sum(dims, keepdim=True)
-        need = count - cap * n_capped                       # mass the uncapped pixels must hold
-        # usually a rescale of the uncapped weights; when they hold no mass at all (a score
-        # whose support is under 1/cap of the pixels) the rest is spread evenly instead
-        has_mass = free_mass > _TINY
-        scale = torch.where(has_mass, need / free_mass.clamp_min(_TINY), torch.zeros_like(need, dtype=w.dtype))
-        level = torch.where(has_mass, torch.zeros_like(scale),
-                            need / (count - n_capped).clamp_min(1))
-        w = torch.where(capped, torch.full_like(w, cap), w * scale + level)
-    return w.clamp_max(cap)
+    v, order = flat.sort(1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_pix, device=flat.device).expand_as(order))
+    m = torch.arange(n_pix, device=flat.device, dtype=flat.dtype)   # candidate number capped
+    rest = v.flip(1).cumsum(1).flip(1)                               # score left uncapped: sum v[m:]
+    budget = n_pix - m * cap                                         # mass the uncapped must hold
+    scale = budget / rest.clamp_min(1e-300)
+    valid = (rest <= 0) | (scale * v <= cap * (1 + 1e-9))
+    first = valid.float().argmax(1, keepdim=True)                    # always exists (m = D-1)
+    scale_m, rest_m = scale.gather(1, first), rest.gather(1, first)
+    level = budget.expand_as(v).gather(1, first) / (n_pix - first).to(flat.dtype)
+    uncapped = torch.where(rest_m > 0, scale_m * flat, level.expand_as(flat))
+    w = torch.where(rank < first, torch.full_like(flat, cap), uncapped.clamp_max(cap))
+    return w.float().view_as(s)
 
 
 def shared_pixel_weights(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
