@@ -117,6 +117,10 @@ class PGD(Attack):
             raise ValueError(f"loss: expected one of {', '.join(ATTACK_LOSSES)}, got {loss!r}")
         if random_start not in (True, False, "normal"):
             raise ValueError(f"random_start: expected true, false or 'normal', got {random_start!r}")
+        if loss == "kl" and random_start is False and steps > 0:
+            # KL(f(x) || f(x)) has a zero gradient at x: every sign step would be 0
+            raise ValueError("loss 'kl' needs a random start (random_start true or 'normal'): "
+                             "its gradient at x_adv = x is exactly zero")
         self.alpha = float(alpha)
         self.steps = int(steps)
         self.random_start = random_start

@@ -390,3 +390,10 @@ def test_pgd_bad_settings_raise(linear_model):
         PGD(model, eps=0.1, alpha=0.01, steps=1, random_start="uniform")
     with pytest.raises(ValueError, match="refresh"):
         SPAT(model, eps=0.1, alpha=0.01, steps=1, refresh=-1)
+
+
+def test_kl_loss_without_random_start_is_refused():
+    # KL(f(x) || f(x_adv)) has zero gradient at x_adv = x: such an attack would never move
+    model = _model("wrn").eval()
+    with pytest.raises(ValueError, match="random start"):
+        PGD(model, eps=EPS, alpha=ALPHA, steps=3, loss="kl", random_start=False)
