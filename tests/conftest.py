@@ -61,10 +61,11 @@ def gap_linear_model():
     return lambda weight, bias=None: _GapLinearModel(weight.float(), bias).eval()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def single_thread():
-    """One intra-op thread for tiny models: on a busy 2-core machine two OpenMP threads wait on
-    each other for time slices and a 10 ms attack can take seconds. Restored afterwards."""
+    """One intra-op thread for the whole suite: the models here are tiny, and on a 2-core
+    machine two OpenMP threads wait on each other for time slices (a 10 ms attack can take
+    seconds). Restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

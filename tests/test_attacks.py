@@ -20,7 +20,6 @@ ALPHA = EPS / 4
 STEPS = 5
 N = 8
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -21,14 +21,6 @@ from spatlib.hypothesis import (AttackOutcome, EnsembleOracle, KNNOracle, build_
 from spatlib.models import build_model
 from spatlib.semantics import shared_pixel_score
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """8x8 images are far too small for intra-op threads to pay off; on a shared 2-core machine
-    extra threads only contend with other processes (about 5x slower wall time here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------

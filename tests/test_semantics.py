@@ -18,7 +18,6 @@ RULES_BY_SALIENCY = [("intersection", "input_grad"), ("intersection", "cam"),
                      ("equality", "input_grad"), ("equality", "cam"),
                      ("agreement", "input_grad"), ("random", "input_grad"), ("random", "cam")]
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -29,14 +29,6 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RUN_FILES = ("config.yaml", "history.csv", "checkpoint_last.pt", "checkpoint_best.pt", "metrics.json")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The runs here are tiny: on a shared 2-core machine one intra-op thread is many times
-    faster than two competing with other processes. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def digits_config(**sections) -> dict:
@@ -64,7 +56,7 @@ def leftover_temps(run_dir: Path) -> list[str]:
 
 
 def subprocess_env() -> dict:
-    """One thread per process (see one_thread); spatlib importable without installing it."""
+    """One thread per process (see conftest.single_thread); spatlib importable without installing it."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
