@@ -64,9 +64,12 @@ def parse_eps(value: Any, key: str = "eps") -> float:
 
 
 def format_eps(eps: float) -> str:
-    """``8/255`` when eps is a whole number of 255ths (to 1e-6), else the decimal ``0.3``."""
+    """A short decimal when eps has one (``0.3``, ``0.15``, ``0.2``), else ``8/255`` when eps
+    is a whole number of 255ths (to 1e-6), else the decimal."""
+    if abs(eps - round(eps, 3)) < 1e-9:
+        return f"{round(eps, 3):g}"
     n = eps * 255.0
-    if abs(n - round(n)) < 1e-6 and round(n) != 0:
+    if abs(n - round(n)) < 1e-6:
         return f"{int(round(n))}/255"
     return f"{eps:g}"
 

@@ -65,7 +65,10 @@ VAL_FALLBACK = 512        # test images used for validation when data.val_size i
 SYNC_EVERY = 50           # batches between host syncs (progress postfix + NaN check)
 TEST_STEPS = 20           # final PGD-20 with alpha = eps / 4
 # keys that do not change what a run computes: a resume may differ in them
-COSMETIC_KEYS = ("name", "train.progress", "train.device", "data.root", "data.download")
+# keys that do not change what is trained: a run resumes (or is reused) across them. "eval."
+# covers the whole section: evaluation settings (03 re-evaluates with its own cache key) never
+# change the weights
+COSMETIC_KEYS = ("name", "train.progress", "train.device", "data.root", "data.download", "eval.")
 HISTORY_COLUMNS = ["epoch", "lr", "eps", "train_loss", "train_clean_acc", "train_adv_acc",
                    "val_clean_acc", "val_robust_acc", "ema_val_clean_acc", "ema_val_robust_acc",
                    "val_source", "epoch_time_s", "images_per_s", "wall_time_s"]
@@ -191,7 +194,9 @@ def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = COSMETIC_KEYS) -
     """Dotted keys whose values differ between two config dicts, as ``key: old -> new``."""
     a, b = _flatten(old or {}), _flatten(new or {})
     return [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
-            for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b))
+            if not any(k == i or (i.endswith(".") and k.startswith(i)) for i in ignore)
+            and a.get(k) != b.get(k)]
 
 
 def _check_same_run(saved: dict, requested: dict, path: Path) -> None:

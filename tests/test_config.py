@@ -17,6 +17,8 @@ def test_eps_fraction_strings_are_parsed_and_formatted_back():
     assert cfg.attack.eps == pytest.approx(8 / 255)
     assert format_eps(cfg.attack.eps) == "8/255"
     assert format_eps(0.3) == "0.3"
+    assert format_eps(0.2) == "0.2"            # 51/255 exactly, but 0.2 is how it was written
+    assert format_eps(2.5 / 255) == "2.5/255" or format_eps(2.5 / 255) == f"{2.5 / 255:g}"
     assert parse_eps(0.1) == 0.1
 
 

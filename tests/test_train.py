@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import spatlib.train as T
-from spatlib.config import ConfigError, deep_merge, from_dict
+from spatlib.config import ConfigError, RunConfig, deep_merge, from_dict
 from spatlib.models import build_model
 from spatlib.train import (METHODS, CheckpointError, TrainingDivergedError, eps_at,
                            load_checkpoint, load_run_model, lr_at, mart_loss, train, trades_loss)
@@ -439,3 +439,15 @@ def test_pgd_at_on_cifar10_prefix_learns(tmp_path):
     assert metrics["eps"] == "8/255"
     assert metrics["test_clean_acc"] > 0.25, metrics
     assert metrics["test_pgd20_acc"] > 0.15, metrics
+
+
+def test_evaluation_settings_do_not_make_a_different_run():
+    # eval.* never changes the weights: a finished run is reused, an unfinished one resumes
+    from spatlib.train import config_diff
+    a = RunConfig().to_dict()
+    b = RunConfig().to_dict()
+    b["eval"]["n_examples"] = 100
+    b["eval"]["suite"] = ["clean", "pgd20"]
+    assert config_diff(a, b) == []
+    b["train"]["lr"] = 0.05
+    assert config_diff(a, b) == ["train.lr: 0.1 -> 0.05"]

@@ -1,0 +1,218 @@
+"""spatlib.report: tidy tables, mean ± std over seeds, markdown, references, the eval cache.
+
+Most tests build run folders by hand with known numbers (a config.yaml, a metrics.json and an
+eval_<eps>.json cache whose key matches the checkpoint), so the expected means, standard
+deviations and table cells are computed here, not read back from the code under test.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from spatlib import report
+from spatlib.config import ConfigError, from_dict
+
+ATTACKS = ["clean", "fgsm", "pgd20", "pgd100", "cw", "autoattack"]
+
+
+def _fake_run(root: Path, variant: str, seed: int, acc: dict, *, dataset="digits", eps=0.15,
+              n=4, per_class=None, curve=None) -> Path:
+    """A finished run folder whose eval cache says ``acc`` (attack -> accuracy fraction)."""
+    name = f"{variant}-{dataset}-s{seed}"
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    cfg = from_dict({"name": name, "seed": seed, "data": {"name": "digits"},
+                     "attack": {"eps": eps, "alpha": eps / 4},
+                     "train": {"method": "pgd_at" if variant != "standard" else "standard"},
+                     "eval": {"suite": list(acc), "n_examples": n, "eps_curve": [0.0, eps]}})
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / "checkpoint_best.pt").write_bytes(f"weights of {name}".encode())
+    (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": 3, "epochs_trained": 4}))
+    key = report.eval_cache_key(run_dir, cfg, cfg.eval)
+    flags = {a: [1] * round(v * n) + [0] * (n - round(v * n)) for a, v in acc.items()}
+    worst = flags[list(acc)[-1]]
+    result = {"eps": eps, "eps_str": report.format_eps(eps), "n": n, "cascade": True,
+              "accuracy": dict(acc), "robust": worst, "correct": flags,
+              "threat_model": {a: {"max_linf": eps, "n_nan": 0, "min_pixel": 0.0, "max_pixel": 1.0,
+                                   "eps": eps, "ok": True} for a in acc if a != "clean"},
+              "seconds": {a: 0.0 for a in acc}, "per_class": per_class or {},
+              "robust_accuracy": sum(worst) / n}
+    curve = curve or [{"eps": 0.0, "eps_str": "0", "accuracy": acc["clean"]},
+                      {"eps": eps, "eps_str": report.format_eps(eps), "accuracy": acc.get("pgd20", 0.0)}]
+    doc = {"key": key, "run": name, "class_names": ["zero", "one"], "seconds": 1.5,
+           "result": result, "curve": curve}
+    report.eval_cache_path(run_dir, eps).write_text(json.dumps(doc))
+    return run_dir
+
+
+@pytest.fixture
+def three_seeds(tmp_path):
+    """pgd_at with 3 seeds and standard with 1, known accuracies (fractions of 4 images)."""
+    runs = tmp_path / "runs"
+    pgd = [{"clean": 1.0, "pgd20": 0.5, "autoattack": 0.25},
+           {"clean": 0.75, "pgd20": 0.5, "autoattack": 0.5},
+           {"clean": 0.5, "pgd20": 0.25, "autoattack": 0.25}]
+    dirs = [_fake_run(runs, "pgd_at", s, a, per_class={"clean": [1.0, 0.5], "autoattack": [0.5, 0.0]})
+            for s, a in enumerate(pgd)]
+    dirs.append(_fake_run(runs, "standard", 0, {"clean": 1.0, "pgd20": 0.0, "autoattack": 0.0},
+                          per_class={"clean": [1.0, 1.0], "autoattack": [0.0, 0.0]}))
+    return dirs
+
+
+def test_collect_reads_the_cache_and_aggregates_mean_and_sample_std(three_seeds):
+    collected = report.collect_results(three_seeds)
+    runs = collected.runs
+    assert list(runs["run"]) == ["pgd_at-digits-s0", "pgd_at-digits-s1", "pgd_at-digits-s2",
+                                 "standard-digits-s0"]
+    assert runs["eval_cached"].all()                      # nothing was attacked: the cache answered
+    assert math.isnan(runs.loc[0, "fgsm"])                # not in the suite
+    agg = report.aggregate(runs)
+    pgd = agg[agg["method"] == "pgd_at"].iloc[0]
+    assert pgd["n_seeds"] == 3 and pgd["seeds"] == "0, 1, 2"
+    clean = np.array([100.0, 75.0, 50.0])
+    assert pgd["clean_mean"] == pytest.approx(clean.mean())
+    assert pgd["clean_std"] == pytest.approx(clean.std(ddof=1))           # 25.0
+    assert pgd["autoattack_mean"] == pytest.approx(100 / 3)
+    assert pgd["autoattack_std"] == pytest.approx(np.std([25, 50, 25], ddof=1))
+    std = agg[agg["method"] == "standard"].iloc[0]
+    assert std["n_seeds"] == 1 and math.isnan(std["clean_std"])          # one seed: no spread
+
+
+def test_results_table_formats_mean_pm_std_and_leaves_out_unmeasured_attacks(three_seeds):
+    agg = report.aggregate(report.collect_results(three_seeds).runs)
+    table = report.results_table(agg)
+    assert list(table.columns) == ["Method", "Dataset", "Model", "eps", "Clean", "PGD-20", "AutoAttack",
+                                   "Seeds", "Source"]
+    row = table.iloc[0]
+    assert row["Clean"] == "75.00 ± 25.00"
+    assert row["PGD-20"] == f"{np.mean([50, 50, 25]):.2f} ± {np.std([50, 50, 25], ddof=1):.2f}"
+    assert table.iloc[1]["Clean"] == "100.00"                               # one seed: mean only
+    md = report.to_markdown(table)
+    lines = md.splitlines()
+    assert lines[0] == "| Method | Dataset | Model | eps | Clean | PGD-20 | AutoAttack | Seeds | Source |"
+    assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 | measured |"
+
+
+def test_published_rows_join_only_their_dataset_and_eps_and_are_marked():
+    agg = pd.DataFrame([{"method": "spat_at", "dataset": "cifar10", "model": "WRN-34-10",
+                         "eps_str": "8/255", "n_seeds": 1, "clean_mean": 80.0, "clean_std": np.nan,
+                         "autoattack_mean": 50.0, "autoattack_std": np.nan}])
+    refs = report.load_references()
+    table = report.results_table(agg, refs)
+    published = table[table["Source"] != "measured"]
+    expected = refs[(refs["dataset"] == "cifar10") & (refs["robust_attack"] == "AutoAttack")]
+    assert len(published) == len(expected) >= 4
+    assert all(m.endswith("(published)") for m in published["Method"])
+    madry = published[published["Method"].str.startswith("PGD-AT (Madry")].iloc[0]
+    assert (madry["Clean"], madry["AutoAttack"]) == ("87.14", "44.04")
+    # digits has no published counterpart; MNIST rows need eps 0.3
+    assert report.matching_references(refs, agg.assign(dataset="digits")).empty
+    assert report.matching_references(refs, agg.assign(dataset="mnist", eps_str="0.1")).empty
+
+
+def test_reference_csv_has_sources_for_every_row_and_the_issue_numbers():
+    refs = report.load_references()
+    assert refs["source"].str.len().min() > 20                 # every number names where it is from
+    assert refs["robust"].notna().all()
+    given = {("cifar10", "PGD-AT (Madry et al. 2018)"): (87.14, 44.04),
+             ("cifar10", "TRADES (Zhang et al. 2019)"): (84.92, 53.08),
+             ("cifar10", "AT-AWP (Wu et al. 2020)"): (85.36, 53.97),
+             ("cifar10", "TRADES-AWP (Wu et al. 2020)"): (85.36, 56.17),
+             ("cifar100", "AT-AWP (Wu et al. 2020)"): (60.38, 28.86)}
+    aa = refs[(refs["robust_attack"] == "AutoAttack") & (refs["model"] == "WRN-34-10")]
+    for (ds, method), (clean, robust) in given.items():
+        row = aa[(aa["dataset"] == ds) & (aa["method"] == method)]
+        assert len(row) == 1 and (row["clean"].item(), row["robust"].item()) == (clean, robust)
+    assert set(refs[refs["dataset"] == "mnist"]["eps"]) == {"0.3"}
+
+
+def test_save_results_writes_csv_markdown_and_figures(three_seeds, tmp_path):
+    collected = report.collect_results(three_seeds)
+    agg = report.aggregate(collected.runs)
+    refs = report.load_references()
+    table = report.results_table(agg, refs)
+    figs = {"accuracy_vs_eps": report.plot_accuracy_vs_eps(collected.curves),
+            "per_class_accuracy": report.plot_per_class_heatmap(collected.per_class)}
+    out = tmp_path / "out"
+    paths = report.save_results(out, collected, agg, table, refs, figs, experiment="toy")
+    csv = pd.read_csv(paths["results.csv"])
+    assert list(csv["method"]) == ["pgd_at", "standard"]      # no published digits rows
+    assert csv.loc[0, "clean_mean"] == pytest.approx(75.0)
+    md = paths["results.md"].read_text()
+    assert md.startswith("# Results: toy")
+    assert "| pgd_at | digits | SmallCNN | 0.15 | 75.00 ± 25.00 |" in md
+    assert "## Published reference numbers" in md and "RobustBench" in md
+    for name in figs:
+        png = out / "figures" / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_class_matrix_is_the_worst_case_mean_over_seeds(three_seeds):
+    collected = report.collect_results(three_seeds)
+    mat = report.per_class_matrix(collected.per_class)
+    assert mat.attrs["attack"] == "autoattack"                 # the last attack of the cascade
+    assert list(mat.columns) == ["zero", "one"]
+    assert mat.loc["pgd_at", "zero"] == pytest.approx(50.0)
+    assert mat.loc["standard", "one"] == pytest.approx(0.0)
+
+
+def test_split_run_name_uses_known_variants_for_names_with_dashes():
+    assert report.split_run_name("spat_at-digits-s2") == {"variant": "spat_at", "dataset": "digits", "seed": 2}
+    assert report.split_run_name("spat-at-v2-cifar10-s0", ["spat-at-v2"]) == {
+        "variant": "spat-at-v2", "dataset": "cifar10", "seed": 0}
+
+
+def test_learning_curves_long_converts_history_to_percent():
+    h = pd.DataFrame({"epoch": [1, 2], "lr": [0.1, 0.05], "eps": [0.1, 0.2], "train_loss": [2.0, 1.0],
+                      "train_clean_acc": [0.5, 0.75], "train_adv_acc": [0.25, 0.5],
+                      "val_clean_acc": [0.4, 0.8], "val_robust_acc": [float("nan"), 0.3]})
+    long = report.learning_curves_long(h)
+    assert len(long) == 7                                      # the NaN epoch is dropped
+    row = long[(long["kind"] == "robust") & (long["split"] == "validation")]
+    assert row["accuracy (%)"].tolist() == [30.0]
+    assert report.plot_learning_curves(h) is not None
+
+
+def test_resolve_eval_rejects_a_typo_naming_the_key(three_seeds):
+    cfg = report.read_run_config(three_seeds[0])
+    assert report.resolve_eval(cfg, {"n_examples": 2}).n_examples == 2
+    with pytest.raises(ConfigError, match="n_exmples"):
+        report.resolve_eval(cfg, {"n_exmples": 2})
+
+
+def test_evaluate_run_computes_once_then_reads_the_cache(tmp_path):
+    """A real (tiny) run: the second call attacks nothing and returns the same numbers; new
+    eval settings or new weights invalidate the cache."""
+    from spatlib.train import train
+    cfg = {"name": "tiny", "seed": 0,
+           "data": {"name": "synthetic", "synthetic_train": 64, "synthetic_test": 16},
+           "attack": {"eps": 0.1, "alpha": 0.05, "steps": 1},
+           "train": {"method": "standard", "epochs": 1, "batch_size": 32, "val_steps": 1, "progress": False},
+           "eval": {"suite": ["clean", "fgsm", "pgd20"], "n_examples": 16, "eps_curve": [0.0, 0.1]}}
+    run_dir = tmp_path / "tiny"
+    train(cfg, run_dir)
+    first = report.evaluate_run(run_dir, device="cpu")
+    assert not first.cached and first.path.name == "eval_0.1.json"
+    assert first.result.n == 16 and len(first.curve) == 2
+    second = report.evaluate_run(run_dir, device="cpu")
+    assert second.cached
+    assert second.result.accuracy == first.result.accuracy
+    assert torch.equal(second.result.robust, first.result.robust)
+    assert not report.evaluate_run(run_dir, {"n_examples": 8}, device="cpu").cached
+    ckpt = run_dir / "checkpoint_best.pt"
+    ckpt.write_bytes(ckpt.read_bytes() + b"\0")               # other weights: other numbers
+    key = report.eval_cache_key(run_dir, report.read_run_config(run_dir),
+                                report.read_run_config(run_dir).eval)
+    assert key["checkpoint_sha256"] != json.loads(first.path.read_text())["key"]["checkpoint_sha256"]
+
+
+def test_comparison_names_pick_spat_against_pgd_with_the_random_control():
+    assert report.comparison_names(["pgd", "spat_equality", "spat_intersection", "spat_random"]) == (
+        "spat_intersection", "pgd", "spat_random")
+    assert report.comparison_names(["pgd", "spat_equality"]) == ("spat_equality", "pgd", None)
+    with pytest.raises(ValueError, match="pgd"):
+        report.comparison_names(["spat_intersection"])
