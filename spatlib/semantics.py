@@ -74,24 +74,42 @@ def resolve_classes(logits: Tensor, y: Tensor, spec: str | Tensor = "all") -> Te
     return torch.cat([y.view(-1, 1), rest], dim=1)
 
 
-def _input_gradients(z: Tensor, x: Tensor, class_chunk: int) -> Tensor:
-    """All S vector-Jacobian products d z[:, j] / d x in batched backwards.
+def _class_vjps(z: Tensor, x: Tensor, class_chunk: int, batched: bool | None = None):
+    """The S vector-Jacobian products d z[:, j] / d x, chunk by chunk.
 
-    z: (N, S) selected logits of a graph from x (N, C, H, W). Returns (N, S, C, H, W).
-    ``is_grads_batched`` vmaps the backward over one-hot grad_outputs: one batched backward per
-    chunk of ``class_chunk`` classes instead of S sequential ones; the chunk bounds memory.
+    z: (N, S) selected logits of a graph from x (N, C, H, W). Yields ``(start, g)`` with
+    g (chunk, N, C, H, W) the gradients of classes ``start .. start + chunk - 1``.
+    Batched (``is_grads_batched``, the default off the CPU): the backward is vmapped over
+    one-hot grad_outputs, one backward per chunk of ``class_chunk`` classes; the chunk bounds
+    memory (it holds chunk x the activation gradients). On the CPU (``batched=None`` there) one
+    plain backward per class: oneDNN's kernels already use every core, and the vmapped backward
+    measured 1.3-1.45x slower there (its convolution rule materializes the saved inputs once
+    per class) with chunk x the memory (bench/README.md).
     """
     n, s = z.shape
-    eye = torch.eye(s, device=z.device, dtype=z.dtype)
-    out = []
-    for start in range(0, s, class_chunk):
-        stop = min(start + class_chunk, s)
-        # (chunk, N, S): slot j selects z[:, j] of every example at once
-        cotangents = eye[start:stop].unsqueeze(1).expand(stop - start, n, s)
-        (g,) = torch.autograd.grad(z, x, grad_outputs=cotangents, is_grads_batched=True,
-                                   retain_graph=stop < s)
-        out.append(g)
-    return torch.cat(out, dim=0).transpose(0, 1)
+    if batched is None:
+        batched = z.device.type != "cpu"
+    chunk = class_chunk if batched else 1
+    eye = torch.eye(s, device=z.device, dtype=z.dtype) if batched else None
+    for start in range(0, s, chunk):
+        stop = min(start + chunk, s)
+        if batched:
+            # (chunk, N, S): slot j selects z[:, j] of every example at once
+            cotangents = eye[start:stop].unsqueeze(1).expand(stop - start, n, s)
+            (g,) = torch.autograd.grad(z, x, grad_outputs=cotangents, is_grads_batched=True,
+                                       retain_graph=stop < s)
+        else:
+            (g,) = torch.autograd.grad(z[:, start].sum(), x, retain_graph=stop < s)
+            g = g.unsqueeze(0)
+        yield start, g
+
+
+def _input_gradients(z: Tensor, x: Tensor, class_chunk: int, batched: bool | None = None) -> Tensor:
+    """All S vector-Jacobian products d z[:, j] / d x, (N, S, C, H, W) (see ``_class_vjps``)."""
+    out = x.new_empty((z.shape[1], *x.shape))
+    for start, g in _class_vjps(z, x, class_chunk, batched):
+        out[start:start + len(g)] = g
+    return out.transpose(0, 1)
 
 
 def _cam_maps(model: nn.Module, x: Tensor, y: Tensor, spec, class_chunk: int) -> Evidence:
@@ -123,10 +141,14 @@ def _cam_maps(model: nn.Module, x: Tensor, y: Tensor, spec, class_chunk: int) ->
 
 
 def class_evidence(model: nn.Module, x: Tensor, y: Tensor, classes: str | Tensor = "all",
-                   saliency: str = "input_grad", class_chunk: int = 16) -> Evidence:
+                   saliency: str = "input_grad", class_chunk: int = 16, *,
+                   keep_grads: bool = True) -> Evidence:
     """Class evidence maps A_k (N, S, H, W) for the class set S (DESIGN.md step 1).
 
-    ``input_grad`` (exact): ``A_k = sum_c |d z_k / d x|``, all classes in batched backwards.
+    ``input_grad`` (exact): ``A_k = sum_c |d z_k / d x|``, one backward per class (batched in
+    chunks of ``class_chunk`` off the CPU, see ``_class_vjps``). ``keep_grads=False`` keeps
+    only the maps, not the (N, S, C, H, W) gradients (``Evidence.grads`` is then None): C x
+    less memory, for every rule but ``agreement``.
     ``cam`` (fast): class activation maps of the last conv block (see ``_cam_maps``).
     The model's train/eval mode is left as the caller set it.
     """
@@ -140,8 +162,18 @@ def class_evidence(model: nn.Module, x: Tensor, y: Tensor, classes: str | Tensor
         xg = x.detach().float().requires_grad_(True)
         logits = model(xg).float()
         cls = resolve_classes(logits, y, classes)
-        grads = _input_gradients(logits.gather(1, cls), xg, class_chunk)
-    return Evidence(maps=grads.abs().sum(2), classes=cls, grads=grads, logits=logits.detach())
+        z = logits.gather(1, cls)
+        if keep_grads:
+            grads = _input_gradients(z, xg, class_chunk)
+            maps = grads.abs().sum(2)
+        else:
+            grads = None
+            n, _, h, w = xg.shape
+            maps = xg.new_empty((cls.shape[1], n, h, w))
+            for start, g in _class_vjps(z, xg, class_chunk):
+                maps[start:start + len(g)] = g.abs().sum(2)
+            maps = maps.transpose(0, 1)
+    return Evidence(maps=maps, classes=cls, grads=grads, logits=logits.detach())
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
@@ -220,7 +252,8 @@ def shared_pixel_score(model: nn.Module, x: Tensor, y: Tensor, rule: str = "inte
     check_spat_settings(rule, saliency, 1.0, classes)
     if rule == "none":
         return torch.ones_like(x[:, :1], dtype=torch.float32)
-    ev = class_evidence(model, x, y, classes, saliency, class_chunk)
+    # only agreement reads the gradients themselves; the other rules need the maps alone
+    ev = class_evidence(model, x, y, classes, saliency, class_chunk, keep_grads=rule == "agreement")
     return _SCORE_RULES[rule](ev, y, generator)
 
 

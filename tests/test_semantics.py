@@ -356,3 +356,18 @@ def test_agreement_needs_input_gradients_and_the_true_class(linear_model):
         shared_pixel_weights(model, x, y, rule="agreement", saliency="cam")
     with pytest.raises(ValueError, match="true class"):
         shared_pixel_score(model, x, y, rule="agreement", classes=torch.tensor([[1, 2]]))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("class_chunk", [1, 3, 16])
+def test_both_vjp_paths_equal_the_per_class_loop(batched, class_chunk):
+    # the vmapped backward (default on GPUs) and the per-class backward (default on CPUs) must
+    # agree with a plain loop wherever they run
+    from spatlib.semantics import _input_gradients
+    model = build_model("small_cnn", 10, 1, image_size=8, seed=0).eval()
+    x = _images(3, 1, 8, 8).requires_grad_(True)
+    z = model(x)
+    classes = torch.arange(10).expand(3, 10)
+    got = _input_gradients(z.gather(1, classes), x, class_chunk, batched=batched)
+    ref = _loop_input_grads(model, x.detach(), classes)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,823 @@
+"""Benchmarks (``spat bench``, ``bench/throughput.py``): figures printed side by side, never timed tests.
+
+One run measures, on the current device:
+
+* **throughput**: images/s of one training epoch-slice (``--batches`` batches) for each method x
+  model, through the trainer's own code (``spatlib.train._Trainer.train_epoch``: DeviceLoader,
+  attack, update), after warm-up, the median of ``--repeats`` slices;
+* a **reference loop** on the same model, data and attack settings, written the way public
+  adversarial-training code usually is (a torchvision-style Dataset of uint8 images -> PIL ->
+  RandomCrop/RandomHorizontalFlip/ToTensor in a DataLoader, float32, NCHW, the PGD loop of
+  Rice et al.'s ``attack_pgd`` written out, no compile), so trainer / reference is one run's ratio;
+* the **SPAT overhead**: spat_at step time / pgd_at step time at equal steps, for 10 classes
+  (cam and input_grad) and for a 100-class model (input_grad, classes all and topk:10);
+* **peak memory** of every configuration.
+
+Every configuration runs once per round, rounds alternate the order (ABBA), so drift on a shared
+machine hits all of them alike; the spread of the slices and of the per-round ratios is reported.
+
+Peak memory is the working memory of training, above what was allocated before the slice:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` during a timed slice minus ``memory_allocated``
+  before it (model, optimizer state and data excluded; they exist after the warm-up);
+* CPU: a fresh process per configuration builds it, resets the kernel's peak-RSS mark
+  (``/proc/self/clear_refs``) and runs one batch; the figure is peak RSS minus RSS before the
+  batch (the optimizer's momentum buffers, created at that first step, are included). A fresh
+  process, because an allocator keeps freed pages: in one process an earlier configuration's
+  peak would hide a later one's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MODELS, AttackConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .data import Dataset, load_dataset
+from .models import build_model
+
+__all__ = ["Case", "BenchSettings", "run_benchmark", "markdown_report", "reference_pgd",
+           "cli_main", "BENCH_METHODS", "TARGETS"]
+
+# --------------------------------------------------------------------------------------------
+# settings (units in comments); --flags override the per-device defaults
+EPS, ALPHA = 8 / 255, 2 / 255        # L-inf budget and PGD step, pixel units (CIFAR's)
+IMAGE_SHAPE = (3, 32, 32)            # CIFAR-shaped synthetic data (C, H, W)
+CLASSES = 10                         # classes of the main table
+MANY_CLASSES = 100                   # the many-class SPAT overhead case (CIFAR-100-like)
+TOPK = "topk:10"                     # its cheap class set
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4   # SGD of both loops (the trainer's defaults)
+DEFAULTS = {
+    # CPU: minutes in total on 2 cores; PreAct-18 at batch 32 keeps one PGD-10 batch ~ 5 s
+    "cpu": dict(batch_size={"small_cnn": 128, "preact_resnet18": 32, "wide_resnet": 8},
+                steps=10, batches=2, warmup=1, repeats=3,
+                models=["small_cnn", "preact_resnet18"], overhead_models=["small_cnn"]),
+    "cuda": dict(batch_size={"small_cnn": 512, "preact_resnet18": 512, "wide_resnet": 256},
+                 steps=10, batches=20, warmup=3, repeats=5,
+                 models=["small_cnn", "preact_resnet18", "wide_resnet"],
+                 overhead_models=["preact_resnet18"]),
+}
+# benchmark method -> (train.method, attack.saliency)
+BENCH_METHODS = {
+    "standard": ("standard", None),
+    "pgd_at": ("pgd_at", None),
+    "trades": ("trades", None),
+    "spat_at:cam": ("spat_at", "cam"),
+    "spat_at:input_grad": ("spat_at", "input_grad"),
+}
+REFERENCE = "reference"              # the reference loop's "method" (PGD-AT)
+# the issue's targets: (ratio name, comparison, threshold, where it applies)
+TARGETS = [
+    ("spat_overhead:cam", "<=", 1.15, "10 classes"),
+    ("spat_overhead:input_grad", "<=", 1.6, "10 classes"),
+    (f"spat_overhead:input_grad:{TOPK}", "<=", 1.6, f"{MANY_CLASSES} classes"),
+    ("memory:spat_at:input_grad/pgd_at", "<=", 1.5, "10 classes"),
+    ("trainer/reference", ">=", 1.5, "CPU (small_cnn, preact_resnet18)"),
+    ("trainer/reference", ">=", 3.0, "GPU"),
+    ("images_per_s:pgd_at:preact_resnet18", ">=", 8000.0, "H100, PGD-10"),
+    ("images_per_s:pgd_at:wide_resnet", ">=", 1200.0, "H100, PGD-10, WRN-34-10"),
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration: a model trained by a method (or the reference loop) at given sizes."""
+    model: str
+    method: str                 # a key of BENCH_METHODS, or "reference"
+    batch_size: int
+    steps: int                  # PGD steps of the training attack
+    batches: int                # batches per timed slice
+    num_classes: int = CLASSES
+    classes: str = "all"        # SPAT class set
+    class_chunk: int | None = None   # None: the config default
+
+    @property
+    def key(self) -> str:
+        parts = [self.model, self.method, f"k{self.num_classes}"]
+        if self.method.startswith("spat"):
+            parts.append(self.classes)
+        return "/".join(parts)
+
+    @property
+    def label(self) -> str:
+        """The method as the table shows it, e.g. ``spat_at (input_grad, topk:10)``."""
+        if self.method == REFERENCE:
+            return "reference PGD-AT"
+        name, saliency = BENCH_METHODS[self.method]
+        if saliency is None:
+            return name
+        return f"{name} ({saliency})" if self.classes == "all" else f"{name} ({saliency}, {self.classes})"
+
+
+@dataclass
+class BenchSettings:
+    """Everything one benchmark run needs; ``resolve_settings`` fills the device defaults."""
+    device: str = "auto"
+    models: list[str] | None = None
+    methods: list[str] | None = None
+    batch_size: int | None = None     # None: per model, DEFAULTS[device]["batch_size"]
+    steps: int | None = None
+    batches: int | None = None
+    warmup: int | None = None         # warm-up batches per configuration (not timed)
+    repeats: int | None = None
+    reference: bool = True
+    overhead: bool = True
+    overhead_models: list[str] | None = None
+    memory: bool = True
+    class_chunk: int | None = None
+    threads: int | None = None        # torch intra-op threads; None: every core
+    workers: int | None = None        # reference DataLoader workers; None: 0 on CPU, 4 on CUDA
+    max_other_load: float | None = None   # redo slices beside other jobs; None: 0.1 on CPU, off on CUDA
+    retries: int = 3                  # redone slices per timed slice at most
+    max_wait: float = 1800.0          # seconds spent waiting for a quiet machine, in all
+    precision: str = "auto"           # the trainer's train.precision
+    compile: bool = False             # the trainer's train.compile
+    out: str | None = None            # JSON path; None: bench/results/<device>.json
+
+
+# --------------------------------------------------------------------------------------------
+# machine and provenance
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, threads: int) -> dict:
+    """Where and with what the figures were taken."""
+    from . import __version__
+    from .train import _git_commit  # provenance helper shared with run folders
+    info = {
+        "device": str(device), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "torch_threads": threads, "torch": str(torch.__version__), "python": platform.python_version(),
+        "platform": platform.platform(), "spatlib": __version__, "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with contextlib.suppress(ImportError):
+        import torchvision
+        info["torchvision"] = torchvision.__version__
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def device_tag(device: torch.device, info: dict) -> str:
+    """File-name tag of the machine: ``cpu-2core`` or the GPU's name, e.g. ``nvidia-h100-80gb-hbm3``."""
+    if device.type == "cuda":
+        name = info.get("gpu", "cuda")
+    else:
+        name = f"{device.type}-{info['cpu_count']}core"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+# --------------------------------------------------------------------------------------------
+# data: synthetic CIFAR-shaped uint8 images in an npz, so the trainer augments them as CIFAR
+# (npz of 3x32x32 gets pad 4 + flip) and the reference loop reads the same images
+def write_data(folder: Path, num_classes: int, n_train: int, n_test: int = 16) -> tuple[Path, Dataset]:
+    """Write ``synthetic-k{num_classes}.npz`` (NHWC uint8) and return its path and Dataset."""
+    ds = load_dataset("synthetic", num_classes=num_classes, shape=IMAGE_SHAPE, n_train=n_train,
+                      n_test=n_test, seed=0)
+    path = folder / f"synthetic-k{num_classes}.npz"
+    np.savez(path, x_train=ds.x_train.permute(0, 2, 3, 1).numpy(), y_train=ds.y_train.numpy(),
+             x_test=ds.x_test.permute(0, 2, 3, 1).numpy(), y_test=ds.y_test.numpy(),
+             class_names=np.array(ds.class_names))
+    return path, load_dataset("npz", path=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer's step
+class TrainerSlice:
+    """A configuration run through the trainer's own code: a ``_Trainer`` built from a RunConfig
+    (the constructor writes nothing), a slice is ``train_epoch`` over ``batches`` batches."""
+
+    def __init__(self, case: Case, data_path: Path, device: torch.device, *, precision: str = "auto",
+                 compile: bool = False, epochs: int = 100):
+        from . import train  # train imports attacks; the benchmark sits outside both
+        method, saliency = BENCH_METHODS[case.method]
+        attack = AttackConfig(eps=EPS, alpha=ALPHA, steps=case.steps, saliency=saliency or "input_grad",
+                              classes=case.classes)
+        if case.class_chunk is not None:
+            attack.class_chunk = case.class_chunk
+        self.config = RunConfig(
+            name=f"bench-{case.key}", seed=0,
+            data=DataConfig(name="npz", path=str(data_path), download=False, val_size=0, augment=True),
+            model=ModelConfig(name=case.model, depth=34, width=10),
+            attack=attack,
+            # epochs: the lr schedule spans every slice the benchmark runs (no decay to ~0)
+            train=TrainConfig(method=method, epochs=epochs, batch_size=case.batch_size,
+                              lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                              max_batches=case.batches, device=str(device), precision=precision,
+                              compile=compile, progress=False))
+        self.trainer = train._Trainer(train._as_config(self.config), Path(tempfile.gettempdir()) /
+                                      "spat-bench-unused", device, train._Dist(), False)
+        self._bar = train._progress_factory(False)
+        self.precision = self.trainer.precision
+
+    def run(self, epoch: int, batches: int) -> None:
+        # train_epoch runs self.n_batches batches; setting it is the hook the trainer lacks
+        self.trainer.n_batches = batches
+        self.trainer.train_epoch(epoch, self._bar)
+
+
+# --------------------------------------------------------------------------------------------
+# the reference loop: how public adversarial-training code is usually written
+class _PILImages(torch.utils.data.Dataset):
+    """Like ``torchvision.datasets.CIFAR10``: uint8 HWC numpy images -> PIL -> transform."""
+
+    def __init__(self, x_hwc: np.ndarray, y: np.ndarray, transform: Callable):
+        self.x, self.y, self.transform = x_hwc, y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def reference_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int) -> Tensor:
+    """The PGD of Rice et al.'s ``attack_pgd`` (``loss.backward()`` on the model, ``delta.grad``),
+    without early stopping. x (N, C, H, W) in [0, 1] -> delta (N, C, H, W)."""
+    delta = torch.zeros_like(x).uniform_(-eps, eps)
+    delta = torch.clamp(delta, -x, 1 - x)
+    delta.requires_grad = True
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x + delta), y)
+        loss.backward()
+        grad = delta.grad.detach()
+        d = torch.clamp(delta + alpha * torch.sign(grad), -eps, eps)
+        delta.data = torch.clamp(d, -x, 1 - x)
+        delta.grad.zero_()
+    return delta.detach()
+
+
+class ReferenceSlice:
+    """PGD-AT as public code writes it: DataLoader with PIL transforms, float32 NCHW, the PGD loop
+    of :func:`reference_pgd` (BatchNorm in eval mode while attacking, as the trainer's
+    ``bn_mode: eval``), a ``.item()`` per batch for the running loss and accuracy, no compile."""
+
+    def __init__(self, case: Case, data_path: Path, dataset: Dataset, device: torch.device,
+                 workers: int = 0):
+        from torchvision import transforms
+        with np.load(data_path) as f:
+            x_hwc, y = f["x_train"], f["y_train"].astype(np.int64)
+        self.case, self.device = case, device
+        self.model = build_model(case.model, dataset.num_classes, dataset.in_channels, dataset.mean,
+                                 dataset.std, image_size=dataset.image_size, seed=0).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM,
+                                   weight_decay=WEIGHT_DECAY)
+        transform = transforms.Compose([transforms.RandomCrop(IMAGE_SHAPE[1], padding=4),
+                                        transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+        # persistent workers: their start-up is paid once in the warm-up, as a real run pays it
+        # once per epoch of hundreds of batches, not once per short slice
+        self.loader = torch.utils.data.DataLoader(
+            _PILImages(x_hwc, y, transform), batch_size=case.batch_size, shuffle=True,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        self.precision = "fp32"
+
+    def run(self, epoch: int, batches: int) -> None:
+        model, dev = self.model, self.device
+        train_loss = train_acc = n = 0.0
+        for i, (x, y) in enumerate(self.loader):
+            if i >= batches:
+                break
+            x, y = x.to(dev), y.to(dev)
+            model.eval()
+            delta = reference_pgd(model, x, y, EPS, ALPHA, self.case.steps)
+            model.train()
+            out = model(torch.clamp(x + delta, 0, 1))
+            loss = F.cross_entropy(out, y)
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            train_loss += loss.item() * y.size(0)
+            train_acc += (out.max(1)[1] == y).sum().item()
+            n += y.size(0)
+
+
+def build_runner(case: Case, data_path: Path, dataset: Dataset, device: torch.device, *,
+                 precision: str = "auto", compile: bool = False, workers: int = 0):
+    if case.method == REFERENCE:
+        return ReferenceSlice(case, data_path, dataset, device, workers)
+    return TrainerSlice(case, data_path, device, precision=precision, compile=compile)
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+class OtherLoad:
+    """How much of the machine other processes used since the last ``mark()``, as a fraction
+    of all cores: busy CPU time of the whole machine (/proc/stat, steal included) minus this
+    process's own. On a shared machine a slice that ran beside another job is not a figure of
+    the code: the benchmark waits for a quiet machine and repeats such slices (Linux only;
+    elsewhere ``fraction`` is 0 and nothing is waited for)."""
+
+    def __init__(self):
+        self.available = self._busy() is not None
+        self.mark()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except (OSError, IndexError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def mark(self) -> None:
+        t = os.times()
+        self._t = (time.perf_counter(), self._busy() or 0.0, t.user + t.system)
+
+    def fraction(self) -> float:
+        if not self.available:
+            return 0.0
+        wall0, busy0, own0 = self._t
+        t = os.times()
+        wall = time.perf_counter() - wall0
+        others = (self._busy() or 0.0) - busy0 - (t.user + t.system - own0)
+        return max(0.0, others / max(wall * (os.cpu_count() or 1), 1e-9))
+
+    def wait_quiet(self, threshold: float, timeout: float, window: float = 1.0) -> float:
+        """Block until others used under ``threshold`` of the machine for ``window`` seconds,
+        or ``timeout`` seconds passed. Returns the seconds waited."""
+        t0 = time.perf_counter()
+        while self.available and time.perf_counter() - t0 < timeout:
+            self.mark()
+            time.sleep(window)
+            if self.fraction() < threshold:
+                break
+        return time.perf_counter() - t0
+
+
+def _rss_kb(field: str) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe_cpu_memory(spec: dict) -> dict:
+    """In a fresh process: build ``spec["case"]``, run one batch, return the peak RSS increase."""
+    torch.set_num_threads(spec["threads"])
+    case = Case(**spec["case"])
+    path = Path(spec["data"])
+    runner = build_runner(case, path, load_dataset("npz", path=str(path)), torch.device("cpu"),
+                          precision=spec["precision"], compile=spec["compile"])
+    exact = _reset_peak_rss() and _rss_kb("VmHWM") is not None
+    before = _rss_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    runner.run(0, 1)
+    peak = _rss_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mem_mb": (peak - before) / 1024, "rss_before_mb": before / 1024,
+            "memory_method": "cpu: peak RSS - RSS before one batch, fresh process"
+                             + ("" if exact else " (ru_maxrss: a lower bound)")}
+
+
+def _cpu_memory_subprocess(case: Case, data_path: Path, threads: int, precision: str,
+                           compile: bool) -> dict:
+    spec = {"case": asdict(case), "data": str(data_path), "threads": threads,
+            "precision": precision, "compile": compile}
+    out = subprocess.run([sys.executable, "-m", "spatlib.benchmark", "--probe", json.dumps(spec)],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+        return {"peak_mem_mb": float("nan"), "memory_error": tail}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(v: list[float]) -> float:
+    return statistics.median(v) if v else float("nan")
+
+
+def _ratio_stats(num: list[float], den: list[float]) -> dict:
+    """Median-over-median ratio (the figure), fastest-over-fastest (``best``: noise on a shared
+    machine only ever slows a slice down) and the range of the per-round (paired) ratios."""
+    nan = float("nan")
+    paired = [a / b for a, b in zip(num, den) if b > 0]
+    ok = bool(num and den and min(den) > 0)
+    return {"ratio": _median(num) / _median(den) if ok else nan,
+            "best": min(num) / min(den) if ok else nan,
+            "round_min": min(paired) if paired else nan,
+            "round_max": max(paired) if paired else nan}
+
+
+def resolve_settings(s: BenchSettings) -> tuple[BenchSettings, torch.device]:
+    """The settings with every None filled from the device's defaults."""
+    spec = s.device
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {s.device}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {s.device}: CUDA is not available here")
+    if device.type not in DEFAULTS:
+        raise ValueError(f"--device {s.device}: expected cpu or cuda[:N]")
+    d = DEFAULTS[device.type]
+    s = replace(s, device=str(device),
+                models=list(s.models or d["models"]),
+                methods=list(s.methods or BENCH_METHODS),
+                steps=d["steps"] if s.steps is None else s.steps,
+                batches=d["batches"] if s.batches is None else s.batches,
+                warmup=d["warmup"] if s.warmup is None else s.warmup,
+                repeats=d["repeats"] if s.repeats is None else s.repeats,
+                overhead_models=list(s.overhead_models or d["overhead_models"]),
+                threads=s.threads or os.cpu_count() or 1,
+                max_other_load=(0.1 if device.type == "cpu" else 1.0)
+                if s.max_other_load is None else s.max_other_load,
+                workers=(0 if device.type == "cpu" else min(4, os.cpu_count() or 1))
+                if s.workers is None else s.workers)
+    for m in s.models + s.overhead_models:
+        if m not in MODELS:
+            raise ValueError(f"--models: unknown model {m!r}; allowed: {', '.join(MODELS)}")
+    for m in s.methods:
+        if m not in BENCH_METHODS:
+            raise ValueError(f"--methods: unknown method {m!r}; allowed: {', '.join(BENCH_METHODS)}")
+    if min(s.steps, s.batches, s.repeats) < 1 or s.warmup < 0:
+        raise ValueError("--steps, --batches, --repeats must be >= 1 and --warmup >= 0")
+    return s, device
+
+
+def plan_cases(s: BenchSettings, device: torch.device) -> list[Case]:
+    """The configurations of a run: method x model (+ reference), then the overhead cases."""
+    def batch(model: str) -> int:
+        return s.batch_size or DEFAULTS[device.type]["batch_size"][model]
+
+    cases = []
+    for model in s.models:
+        common = dict(model=model, batch_size=batch(model), steps=s.steps, batches=s.batches,
+                      class_chunk=s.class_chunk)
+        cases += [Case(method=m, **common) for m in s.methods]
+        if s.reference:
+            cases.append(Case(method=REFERENCE, **common))
+    if s.overhead:
+        for model in s.overhead_models:
+            common = dict(model=model, batch_size=batch(model), steps=s.steps, batches=s.batches,
+                          num_classes=MANY_CLASSES, class_chunk=s.class_chunk)
+            cases += [Case(method="pgd_at", **common),
+                      Case(method="spat_at:input_grad", classes="all", **common),
+                      Case(method="spat_at:input_grad", classes=TOPK, **common)]
+    return cases
+
+
+def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
+    """Measure every case of ``settings`` and return the result dict (see ``markdown_report``)."""
+    s, device = resolve_settings(settings)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    try:
+        return _run(s, device, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(s: BenchSettings, device: torch.device, log: Callable[[str], None]) -> dict:
+    cases = plan_cases(s, device)
+    info = machine_info(device, s.threads)
+    from .train import _backend_flags  # cuDNN autotuning on CUDA, as a training run has it
+
+    with tempfile.TemporaryDirectory(prefix="spat-bench-") as tmp, _backend_flags(False, device):
+        data = {}
+        for k in sorted({c.num_classes for c in cases}):
+            n = max(c.batch_size * max(c.batches, s.warmup, 1) for c in cases if c.num_classes == k)
+            data[k] = write_data(Path(tmp), k, n)
+        runners = {}
+        for c in cases:
+            log(f"building {c.key}")
+            path, ds = data[c.num_classes]
+            runners[c.key] = build_runner(c, path, ds, device, precision=s.precision,
+                                          compile=s.compile, workers=s.workers)
+        precision = {k: r.precision for k, r in runners.items()}
+        timing = _time_cases(cases, runners, s, device, log)
+        runners.clear()
+        memory = {k: t.pop("memory") for k, t in timing.items() if "memory" in t}
+        if s.memory and device.type == "cpu":
+            for c in cases:
+                log(f"memory {c.key}")
+                memory[c.key] = _cpu_memory_subprocess(c, data[c.num_classes][0], s.threads,
+                                                       s.precision, s.compile)
+
+    rows = []
+    for c in cases:
+        t = timing[c.key]["times_s"]
+        med = _median(t)
+        rows.append({**asdict(c), "key": c.key, "label": c.label,
+                     "impl": "reference" if c.method == REFERENCE else "trainer",
+                     "precision": precision[c.key], **timing[c.key],
+                     "images_per_s": c.batch_size * c.batches / med,
+                     "best_images_per_s": c.batch_size * c.batches / min(t),
+                     "step_ms": 1000 * med / c.batches,
+                     "spread": (max(t) - min(t)) / med if med > 0 else float("nan"),
+                     **memory.get(c.key, {})})
+    result = {"machine": info, "settings": {**asdict(s), "eps": EPS, "alpha": ALPHA,
+                                            "image_shape": list(IMAGE_SHAPE)},
+              "rows": rows}
+    result["ratios"] = compute_ratios(rows)
+    result["targets"] = check_targets(result)
+    return result
+
+
+def _time_cases(cases: list[Case], runners: dict, s: BenchSettings, device: torch.device,
+                log: Callable[[str], None]) -> dict[str, dict]:
+    """Warm every case up, then ``s.repeats`` rounds that run each case once, in alternating
+    order (ABBA: no case always first). A slice during which other processes used more than
+    ``s.max_other_load`` of the machine is redone (at most ``s.retries`` times), after waiting
+    for a quiet machine (at most ``s.max_wait`` seconds over the run). On CUDA the first kept
+    slice also gives the peak memory."""
+    for c in cases:
+        if s.warmup:
+            log(f"warm-up {c.key}")
+            runners[c.key].run(0, s.warmup)
+    out = {c.key: {"times_s": [], "other_load": [], "redone": 0} for c in cases}
+    load, wait_left = OtherLoad(), float(s.max_wait)
+    for r in range(s.repeats):
+        for c in (cases if r % 2 == 0 else cases[::-1]):
+            rec = out[c.key]
+            for attempt in range(s.retries + 1):
+                if s.max_other_load < 1 and wait_left > 0:
+                    waited = load.wait_quiet(s.max_other_load, wait_left)
+                    wait_left -= waited
+                    if waited > 5:
+                        log(f"waited {waited:.0f} s for a quiet machine ({wait_left:.0f} s of "
+                            f"--max-wait left)")
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                load.mark()
+                t = _timed(lambda: runners[c.key].run(r + 1, c.batches), device)
+                other = load.fraction()
+                if other < s.max_other_load or attempt == s.retries:
+                    break
+                rec["redone"] += 1
+                log(f"round {r + 1}/{s.repeats} {c.key}: {t:.2f} s beside other jobs "
+                    f"({100 * other:.0f}% of the machine): redone")
+            rec["times_s"].append(t)
+            rec["other_load"].append(other)
+            if device.type == "cuda" and "memory" not in rec:
+                peak = torch.cuda.max_memory_allocated(device)
+                rec["memory"] = {"peak_mem_mb": (peak - base) / 2**20, "peak_allocated_mb": peak / 2**20,
+                                 "memory_method": "cuda: max_memory_allocated during a slice - "
+                                                  "memory_allocated before it"}
+            log(f"round {r + 1}/{s.repeats} {c.key}: {t:.2f} s")
+    return out
+
+
+def compute_ratios(rows: list[dict]) -> list[dict]:
+    """trainer / reference (pgd_at), SPAT overhead and memory ratios, per model."""
+    by_key = {r["key"]: r for r in rows}
+    out = []
+
+    def add(name: str, model: str, k: int, num: dict, den: dict, times: bool = True) -> None:
+        if times:
+            st = _ratio_stats(num["times_s"], den["times_s"])
+        else:
+            v = num.get("peak_mem_mb", float("nan")) / den.get("peak_mem_mb", float("nan"))
+            st = {"ratio": v, "best": float("nan"), "round_min": float("nan"), "round_max": float("nan")}
+        out.append({"name": name, "model": model, "num_classes": k, **st})
+
+    for r in rows:
+        model, k = r["model"], r["num_classes"]
+        pgd = by_key.get(f"{model}/pgd_at/k{k}")
+        if pgd is None or r is pgd:
+            continue
+        if r["method"] == REFERENCE:
+            # speed-up: reference time over trainer time
+            add("trainer/reference", model, k, r, pgd)
+        elif r["method"].startswith("spat"):
+            saliency = BENCH_METHODS[r["method"]][1]
+            suffix = "" if r["classes"] == "all" else f":{r['classes']}"
+            add(f"spat_overhead:{saliency}{suffix}", model, k, r, pgd)
+            if saliency == "input_grad" and r["classes"] == "all" and "peak_mem_mb" in r:
+                add("memory:spat_at:input_grad/pgd_at", model, k, r, pgd, times=False)
+    return out
+
+
+def check_targets(result: dict) -> list[dict]:
+    """Each target of the issue with the measured figure(s) and whether it is met."""
+    device, gpu = result["settings"]["device"], result["machine"].get("gpu", "")
+    cuda = device.startswith("cuda")
+    out = []
+    for name, op, threshold, where in TARGETS:
+        if name == "trainer/reference" and (where == "GPU") != cuda:
+            continue
+        if name.startswith("images_per_s"):
+            if not (cuda and "H100" in gpu):
+                out.append({"target": name, "where": where, "threshold": f"{op} {threshold:g}",
+                            "measured": None, "met": None,
+                            "note": "not measured: needs an H100" if not cuda else f"not an H100 ({gpu})"})
+                continue
+            _, method, model = name.split(":")
+            rows = [r for r in result["rows"] if r["model"] == model and r["method"] == method
+                    and r["num_classes"] == CLASSES and r["steps"] == 10]
+            values = [(model, r["images_per_s"]) for r in rows]
+        else:
+            many = where.startswith(str(MANY_CLASSES))
+            values = [(r["model"], r["ratio"]) for r in result["ratios"]
+                      if r["name"] == name and (r["num_classes"] == MANY_CLASSES) == many
+                      and not (name == "trainer/reference" and not cuda
+                               and r["model"] not in ("small_cnn", "preact_resnet18"))]
+        for model, v in values:
+            met = None if v is None or math.isnan(v) else (v <= threshold if op == "<=" else v >= threshold)
+            out.append({"target": name, "where": where, "model": model, "threshold": f"{op} {threshold:g}",
+                        "measured": v, "met": met})
+        if not values:
+            out.append({"target": name, "where": where, "threshold": f"{op} {threshold:g}",
+                        "measured": None, "met": None, "note": "not measured in this run"})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# report
+def _f(v, fmt: str = ".2f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, fmt)
+
+
+def markdown_report(result: dict) -> str:
+    """The throughput table, the ratios with their targets, and the machine, as markdown."""
+    m, s = result["machine"], result["settings"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cpu_count']} cores"
+    lines = [f"### spat bench: {where}",
+             "",
+             f"torch {m['torch']}, device {m['device']}, {m['torch_threads']} threads, "
+             f"eps {EPS * 255:.0f}/255, alpha {ALPHA * 255:.0f}/255, CIFAR-shaped synthetic data "
+             f"{IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]}, median of {s['repeats']} slices of "
+             f"{s['batches']} batches after {s['warmup']} warm-up batches, reference DataLoader "
+             f"workers {s['workers']}.",
+             "",
+             "| model | method | classes | batch | PGD steps | precision | images/s | step ms | spread "
+             "| others | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        classes = str(r["num_classes"]) if r["classes"] == "all" else f"{r['num_classes']} ({r['classes']})"
+        steps = r["steps"] if r["method"] != "standard" else "-"
+        others = f"{100 * max(r['other_load']):.0f}%" + (f" ({r['redone']} redone)" if r["redone"] else "")
+        lines.append(f"| {r['model']} | {r['label']} | {classes} | {r['batch_size']} | {steps} | "
+                     f"{r['precision']} | {_f(r['images_per_s'], '.1f')} | {_f(r['step_ms'], '.0f')} | "
+                     f"{_f(100 * r['spread'], '.0f')}% | {others} | {_f(r.get('peak_mem_mb'), '.0f')} |")
+    lines += ["", "spread: (slowest - fastest) / median slice. others: the most of the machine that "
+              "other processes used during a kept slice (slices beside other jobs are redone).", "",
+              "| ratio | model | classes | median | fastest slices | per-round range |",
+              "|---|---|---|---|---|---|"]
+    for q in result["ratios"]:
+        rng = ("-" if math.isnan(q["round_min"]) else f"{q['round_min']:.2f} - {q['round_max']:.2f}")
+        lines.append(f"| {q['name']} | {q['model']} | {q['num_classes']} | {_f(q['ratio'])} | "
+                     f"{_f(q['best'])} | {rng} |")
+    lines += ["", "| target | where | model | threshold | measured | met |", "|---|---|---|---|---|---|"]
+    for t in result["targets"]:
+        met = {True: "yes", False: "**no**", None: t.get("note", "-")}[t["met"]]
+        lines.append(f"| {t['target']} | {t['where']} | {t.get('model', '-')} | {t['threshold']} | "
+                     f"{_f(t['measured'])} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _methods(text: str) -> list[str]:
+    out = []
+    for t in _list(text):
+        out += ["spat_at:cam", "spat_at:input_grad"] if t == "spat_at" else [t]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spat bench",
+        description="Trainer throughput (images/s, peak memory) per method x model, the same PGD-AT "
+                    "in a reference loop written like public adversarial-training code, and the SPAT "
+                    "overhead (spat_at / pgd_at step time at equal steps), on CIFAR-shaped synthetic "
+                    "data. Prints a markdown table and writes JSON (+ .md beside it).",
+        epilog="Defaults (CPU): small_cnn batch 128 and preact_resnet18 batch 32, PGD-10, slices of 2 "
+               "batches, 1 warm-up batch, median of 3; wide_resnet (34-10) only with --models. "
+               "Defaults (CUDA): all three models, batch 512 (WRN 256), PGD-10, 20 batches, 3 warm-up, "
+               "median of 5. Timings are figures, never assertions.")
+    p.add_argument("--models", type=_list, default=None,
+                   help=f"comma list of {', '.join(MODELS)} (default: small_cnn,preact_resnet18 on "
+                        "CPU; all three on CUDA)")
+    p.add_argument("--methods", type=_methods, default=None,
+                   help=f"comma list of {', '.join(BENCH_METHODS)}; spat_at means both saliencies "
+                        "(default: all)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size for every model "
+                   "(default: per model and device, see below)")
+    p.add_argument("--steps", type=int, default=None, help="PGD steps of every attack (default 10)")
+    p.add_argument("--batches", type=int, default=None,
+                   help="batches per timed slice (default: 2 on CPU, 20 on CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed slices per configuration; the "
+                   "median is reported (default: 3 on CPU, 5 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed warm-up batches per configuration (default: 1 on CPU, 3 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--out", default=None, help="JSON output path (default: "
+                   "bench/results/<device>.json, e.g. cpu-2core.json); a .md copy of the table is "
+                   "written beside it")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the reference loop")
+    p.add_argument("--no-overhead", dest="overhead", action="store_false",
+                   help=f"skip the {MANY_CLASSES}-class SPAT overhead cases")
+    p.add_argument("--overhead-models", type=_list, default=None,
+                   help=f"models of the {MANY_CLASSES}-class overhead cases (default: small_cnn on "
+                        "CPU, preact_resnet18 on CUDA)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip peak memory (on CPU it costs one fresh process per configuration)")
+    p.add_argument("--class-chunk", type=int, default=None,
+                   help="SPAT attack.class_chunk (default: the config default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: every core)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="reference DataLoader workers (default: 0 on CPU, where workers would take "
+                        "the cores the training needs; 4 on CUDA)")
+    p.add_argument("--max-other-load", type=float, default=None,
+                   help="a timed slice during which other processes used more than this fraction "
+                        "of the machine is redone, after waiting for a quiet machine (default: 0.1 "
+                        "on CPU; 1 = off, the default on CUDA)")
+    p.add_argument("--retries", type=int, default=3, help="times a slice is redone at most (default 3)")
+    p.add_argument("--max-wait", type=float, default=1800.0,
+                   help="seconds to wait for a quiet machine over the whole run; then slices run "
+                        "as they come, their other_load recorded (default 1800)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the trainer's train.precision (auto: bf16 on CUDA, fp32 on CPU); the "
+                        "reference loop is always float32")
+    p.add_argument("--compile", action="store_true", help="the trainer's train.compile (the training "
+                   "forward/backward; the attack stays eager)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: CPU memory probe
+    return p
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``spat bench``: run the benchmark, print the markdown report, write JSON and markdown."""
+    args = build_parser().parse_args(argv)
+    if args.probe is not None:
+        print(json.dumps(probe_cpu_memory(json.loads(args.probe))))
+        return 0
+    settings = BenchSettings(**{k: v for k, v in vars(args).items() if k not in ("quiet", "probe")})
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        result = run_benchmark(settings, log)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = markdown_report(result)
+    print(report)
+    dev = torch.device(result["settings"]["device"])
+    out = Path(args.out) if args.out else Path("bench/results") / f"{device_tag(dev, result['machine'])}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(report)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

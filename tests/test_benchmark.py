@@ -1,0 +1,85 @@
+"""spat bench at minimal sizes: it runs end to end and reports finite figures.
+
+Speed is never asserted here (bench/throughput.py prints it); these tests check that the
+benchmark measures what it says: every configuration, the ratios, the targets, a memory figure,
+and a reference PGD that stays in the threat model.
+"""
+import json
+import math
+import subprocess
+import sys
+
+import torch
+
+from spatlib import benchmark
+from spatlib.benchmark import Case
+from spatlib.models import build_model
+
+TINY = ["--device", "cpu", "--models", "small_cnn", "--batch-size", "4", "--steps", "1",
+        "--batches", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
+        "--max-other-load", "1", "--quiet"]
+
+
+def test_bench_reports_finite_throughput_ratios_and_targets(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = benchmark.cli_main(TINY + ["--methods", "pgd_at,spat_at", "--no-memory", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    keys = {r["key"] for r in result["rows"]}
+    assert keys == {"small_cnn/pgd_at/k10", "small_cnn/spat_at:cam/k10/all",
+                    "small_cnn/spat_at:input_grad/k10/all", "small_cnn/reference/k10",
+                    "small_cnn/pgd_at/k100", "small_cnn/spat_at:input_grad/k100/all",
+                    "small_cnn/spat_at:input_grad/k100/topk:10"}
+    for r in result["rows"]:
+        assert len(r["times_s"]) == 1 and math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
+    ratios = {(q["name"], q["num_classes"]) for q in result["ratios"]}
+    assert ratios == {("trainer/reference", 10), ("spat_overhead:cam", 10),
+                      ("spat_overhead:input_grad", 10), ("spat_overhead:input_grad", 100),
+                      ("spat_overhead:input_grad:topk:10", 100)}
+    assert all(math.isfinite(q["ratio"]) and q["ratio"] > 0 for q in result["ratios"])
+    measured = [t for t in result["targets"] if t["measured"] is not None]
+    assert {t["target"] for t in measured} >= {"spat_overhead:cam", "trainer/reference"}
+    assert all(t["met"] in (True, False) for t in measured)
+    assert result["machine"]["torch"] == torch.__version__
+    printed = capsys.readouterr().out
+    assert "| small_cnn | spat_at (input_grad, topk:10) | 100 (topk:10) |" in printed
+    assert out.with_suffix(".md").read_text() in printed
+    assert torch.get_num_threads() == 1      # the benchmark gives the thread count back
+
+
+def test_cpu_memory_probe_measures_a_fresh_process(tmp_path):
+    path, _ = benchmark.write_data(tmp_path, 10, 8)
+    case = Case(model="small_cnn", method="spat_at:input_grad", batch_size=8, steps=1, batches=1)
+    mem = benchmark._cpu_memory_subprocess(case, path, threads=1, precision="auto", compile=False)
+    assert "memory_error" not in mem, mem
+    assert math.isfinite(mem["peak_mem_mb"]) and mem["peak_mem_mb"] >= 0
+    assert mem["rss_before_mb"] > 0
+
+
+def test_reference_pgd_stays_in_the_threat_model():
+    model = build_model("small_cnn", 10, 3, image_size=32, seed=0).eval()
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[:, :, :4] = 0.0   # pixels at the box edges: the projection must keep x + delta in [0, 1]
+    y = torch.arange(6) % 10
+    eps = 8 / 255
+    delta = benchmark.reference_pgd(model, x, y, eps, 2 / 255, steps=3)
+    assert delta.abs().max() <= eps + 1e-6
+    assert (x + delta).min() >= 0 and (x + delta).max() <= 1
+    assert not delta.requires_grad and delta.abs().sum() > 0
+
+
+def test_bench_help_documents_the_options():
+    out = subprocess.run([sys.executable, "-m", "spatlib.cli", "bench", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for option in ("--models", "--methods", "--batch-size", "--steps", "--batches", "--repeats",
+                   "--device", "--out", "--no-reference", "--no-memory"):
+        assert option in out.stdout
+    assert "--probe" not in out.stdout
+
+
+def test_unknown_model_or_method_is_an_error_naming_the_allowed_ones(capsys):
+    assert benchmark.cli_main(TINY + ["--models", "resnet50"]) == 2
+    assert "small_cnn" in capsys.readouterr().err
+    assert benchmark.cli_main(TINY + ["--methods", "mart"]) == 2
+    assert "spat_at:cam" in capsys.readouterr().err
