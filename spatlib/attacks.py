@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import ATTACK_LOSSES, BN_MODES, AttackConfig
 from .models import SpatModel
-from .semantics import check_spat_settings, shared_pixel_weights
+from .semantics import check_spat_settings, shared_pixel_weights, shared_pixel_weights_and_logits
 
 
 class ThreatModelError(RuntimeError):
@@ -241,6 +241,10 @@ class SPAT(PGD):
     Weights from :func:`spatlib.semantics.shared_pixel_weights` (mean 1 per image, at most
     eps/alpha), computed at the clean x, or at the current x_adv every ``refresh`` steps.
     ``rule="none"`` is PGD exactly.
+
+    After a call, ``clean_logits`` holds f(x) (N, K), detached, float32, from the forward the
+    class evidence ran at the clean x, in the attack's BatchNorm mode (None for ``none``): the
+    trainer reads its clean training accuracy there instead of running another forward.
     """
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int,
@@ -256,6 +260,7 @@ class SPAT(PGD):
         self.rule, self.saliency, self.gamma = rule, saliency, float(gamma)
         self.classes, self.class_chunk, self.refresh = classes, int(class_chunk), int(refresh)
         self._clean_weights: Tensor | None = None
+        self.clean_logits: Tensor | None = None
 
     def weights(self, x: Tensor, y: Tensor) -> Tensor:
         """The step weights at x, (N, 1 | C, H, W)."""
@@ -274,7 +279,11 @@ class SPAT(PGD):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         # the clean-input weights are the same for every restart: compute them once per call
-        self._clean_weights = None if self.rule == "none" else self.weights(x, y)
+        self._clean_weights = self.clean_logits = None
+        if self.rule != "none":
+            self._clean_weights, self.clean_logits = shared_pixel_weights_and_logits(
+                self.model, x, y, self.rule, self.saliency, self.gamma, self.classes, self.eps,
+                self.alpha, self.class_chunk, self.generator)
         try:
             return super().forward(x, y)
         finally:

@@ -176,6 +176,15 @@ def machine_info(device: torch.device, threads: int) -> dict:
     with contextlib.suppress(ImportError):
         import torchvision
         info["torchvision"] = torchvision.__version__
+    # the allocator matters on CPU (freed activations go back to the OS and fault in again)
+    info["allocator_env"] = {k: v for k, v in os.environ.items()
+                             if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "OMP_NUM_THREADS")}
+    if device.type == "cpu":
+        from . import allocator
+        kept = allocator.keep_freed_memory()   # what the trainer does on CPU (spatlib.allocator)
+        info["cpu_allocator"] = (("trainer: malloc keeps freed memory (spatlib.allocator)" if kept
+                                  else "trainer: malloc defaults") +
+                                 "; reference: malloc defaults, in a process of its own")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
@@ -317,9 +326,89 @@ class ReferenceSlice:
             n += y.size(0)
 
 
+class ReferenceProcess:
+    """The reference loop in a child process of its own (CPU).
+
+    The trainer keeps freed memory in its process on CPU (:mod:`spatlib.allocator`), a
+    process-wide malloc setting; public code runs under glibc's defaults, so the reference must
+    not inherit the trainer's setting. The child builds a :class:`ReferenceSlice` and runs a
+    slice per request (JSON lines on its stdin/stdout); ``child_cpu_s`` is the CPU time of its
+    last slice, which :class:`OtherLoad` counts as the benchmark's own.
+    """
+
+    def __init__(self, case: Case, data_path: Path, threads: int, workers: int = 0):
+        spec = {"case": asdict(case), "data": str(data_path), "threads": threads, "workers": workers}
+        self.proc = subprocess.Popen([sys.executable, "-m", "spatlib.benchmark", "--reference-worker",
+                                      json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.precision = "fp32"
+        self.child_cpu_s = 0.0
+        self._reply()          # "ready" once the model and the DataLoader exist
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise RuntimeError(f"reference worker exited (code {code}) before replying; "
+                               f"its traceback is above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"reference worker: {reply['error']}")
+        return reply
+
+    def run(self, epoch: int, batches: int) -> None:
+        self.proc.stdin.write(json.dumps({"epoch": epoch, "batches": batches}) + "\n")
+        self.child_cpu_s = float(self._reply()["cpu_s"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def reference_worker(spec: dict) -> int:
+    """The child of :class:`ReferenceProcess`: serve slices until stdin closes."""
+    torch.set_num_threads(spec["threads"])
+    case, path = Case(**spec["case"]), Path(spec["data"])
+    out = sys.stdout
+    sys.stdout = sys.stderr    # the protocol owns stdout; anything printed goes to stderr
+    try:
+        runner = ReferenceSlice(case, path, load_dataset("npz", path=str(path)), torch.device("cpu"),
+                                spec["workers"])
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        out.flush()
+        return 1
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        t0 = os.times()
+        try:
+            runner.run(int(req["epoch"]), int(req["batches"]))
+        except Exception as e:  # noqa: BLE001
+            out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+            out.flush()
+            return 1
+        t1 = os.times()
+        out.write(json.dumps({"cpu_s": (t1.user + t1.system) - (t0.user + t0.system)}) + "\n")
+        out.flush()
+    return 0
+
+
 def build_runner(case: Case, data_path: Path, dataset: Dataset, device: torch.device, *,
-                 precision: str = "auto", compile: bool = False, workers: int = 0):
+                 precision: str = "auto", compile: bool = False, workers: int = 0,
+                 threads: int | None = None):
+    """A runner for ``case``. On CPU with ``threads`` given, the reference loop runs in a
+    :class:`ReferenceProcess` (glibc's default malloc, as public code runs); else in process."""
     if case.method == REFERENCE:
+        if device.type == "cpu" and threads is not None:
+            return ReferenceProcess(case, data_path, threads, workers)
         return ReferenceSlice(case, data_path, dataset, device, workers)
     return TrainerSlice(case, data_path, device, precision=precision, compile=compile)
 
@@ -363,13 +452,15 @@ class OtherLoad:
         t = os.times()
         self._t = (time.perf_counter(), self._busy() or 0.0, t.user + t.system)
 
-    def fraction(self) -> float:
+    def fraction(self, own_children_s: float = 0.0) -> float:
+        """``own_children_s``: CPU seconds that the benchmark's own child processes (the
+        reference worker) used since the mark; they are not others' load."""
         if not self.available:
             return 0.0
         wall0, busy0, own0 = self._t
         t = os.times()
         wall = time.perf_counter() - wall0
-        others = (self._busy() or 0.0) - busy0 - (t.user + t.system - own0)
+        others = (self._busy() or 0.0) - busy0 - (t.user + t.system - own0) - own_children_s
         return max(0.0, others / max(wall * (os.cpu_count() or 1), 1e-9))
 
     def wait_quiet(self, threshold: float, timeout: float, window: float = 1.0) -> float:
@@ -532,9 +623,14 @@ def _run(s: BenchSettings, device: torch.device, log: Callable[[str], None]) -> 
             log(f"building {c.key}")
             path, ds = data[c.num_classes]
             runners[c.key] = build_runner(c, path, ds, device, precision=s.precision,
-                                          compile=s.compile, workers=s.workers)
+                                          compile=s.compile, workers=s.workers, threads=s.threads)
         precision = {k: r.precision for k, r in runners.items()}
-        timing = _time_cases(cases, runners, s, device, log)
+        try:
+            timing = _time_cases(cases, runners, s, device, log)
+        finally:
+            for r in runners.values():
+                if isinstance(r, ReferenceProcess):
+                    r.close()
         runners.clear()
         memory = {k: t.pop("memory") for k, t in timing.items() if "memory" in t}
         if s.memory and device.type == "cpu":
@@ -591,7 +687,7 @@ def _time_cases(cases: list[Case], runners: dict, s: BenchSettings, device: torc
                     base = torch.cuda.memory_allocated(device)
                 load.mark()
                 t = _timed(lambda: runners[c.key].run(r + 1, c.batches), device)
-                other = load.fraction()
+                other = load.fraction(getattr(runners[c.key], "child_cpu_s", 0.0))
                 if other < s.max_other_load or attempt == s.retries:
                     break
                 rec["redone"] += 1
@@ -690,7 +786,8 @@ def markdown_report(result: dict) -> str:
              f"eps {EPS * 255:.0f}/255, alpha {ALPHA * 255:.0f}/255, CIFAR-shaped synthetic data "
              f"{IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]}, median of {s['repeats']} slices of "
              f"{s['batches']} batches after {s['warmup']} warm-up batches, reference DataLoader "
-             f"workers {s['workers']}.",
+             f"workers {s['workers']}." + (f" CPU allocator: {m['cpu_allocator']}."
+                                            if m.get("cpu_allocator") else ""),
              "",
              "| model | method | classes | batch | PGD steps | precision | images/s | step ms | spread "
              "| others | peak MB |",
@@ -792,6 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "forward/backward; the attack stays eager)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: CPU memory probe
+    p.add_argument("--reference-worker", default=None, help=argparse.SUPPRESS)  # internal
     return p
 
 
@@ -801,7 +899,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     if args.probe is not None:
         print(json.dumps(probe_cpu_memory(json.loads(args.probe))))
         return 0
-    settings = BenchSettings(**{k: v for k, v in vars(args).items() if k not in ("quiet", "probe")})
+    if args.reference_worker is not None:
+        return reference_worker(json.loads(args.reference_worker))
+    settings = BenchSettings(**{k: v for k, v in vars(args).items()
+                                if k not in ("quiet", "probe", "reference_worker")})
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         result = run_benchmark(settings, log)

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from . import allocator
 from .attacks import CW, FGSM, PGD, check_threat_model
 from .config import SUITE_ATTACKS, format_eps
 
@@ -154,6 +155,8 @@ def robustness(model: nn.Module, x: Tensor, y: Tensor, suite: list[str] | tuple 
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size}")
     device = _device_of(model)
+    if device.type == "cpu":
+        allocator.keep_freed_memory()   # attack steps reuse their pages (spatlib.allocator)
     x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
     n = len(x)
     order = [a for a in SUITE_ATTACKS if a in suite]

@@ -79,16 +79,16 @@ def _class_vjps(z: Tensor, x: Tensor, class_chunk: int, batched: bool | None = N
 
     z: (N, S) selected logits of a graph from x (N, C, H, W). Yields ``(start, g)`` with
     g (chunk, N, C, H, W) the gradients of classes ``start .. start + chunk - 1``.
-    Batched (``is_grads_batched``, the default off the CPU): the backward is vmapped over
-    one-hot grad_outputs, one backward per chunk of ``class_chunk`` classes; the chunk bounds
-    memory (it holds chunk x the activation gradients). On the CPU (``batched=None`` there) one
-    plain backward per class: oneDNN's kernels already use every core, and the vmapped backward
-    measured 1.3-1.45x slower there (its convolution rule materializes the saved inputs once
-    per class) with chunk x the memory (bench/README.md).
+    Batched (``is_grads_batched``; by default off the CPU when ``class_chunk`` > 1): the
+    backward is vmapped over one-hot grad_outputs, one backward per chunk of ``class_chunk``
+    classes; the chunk bounds memory, which grows with it (chunk x the activation gradients).
+    Else one plain backward per class: on the CPU always, where oneDNN's kernels already use
+    every core and the vmapped backward measured 1.3-1.45x slower, its extra time in copies of
+    per-class tensors (``aten::cat`` in the profile), with 3-4x the peak memory (bench/README.md).
     """
     n, s = z.shape
     if batched is None:
-        batched = z.device.type != "cpu"
+        batched = z.device.type != "cpu" and class_chunk > 1
     chunk = class_chunk if batched else 1
     eye = torch.eye(s, device=z.device, dtype=z.dtype) if batched else None
     for start in range(0, s, chunk):
@@ -249,12 +249,20 @@ def shared_pixel_score(model: nn.Module, x: Tensor, y: Tensor, rule: str = "inte
     Returns (N, 1, H, W) for the pixel rules, (N, C, H, W) for ``agreement``; all ones for
     ``none`` (plain PGD).
     """
+    return _score_and_logits(model, x, y, rule, saliency, classes, class_chunk, generator)[0]
+
+
+def _score_and_logits(model: nn.Module, x: Tensor, y: Tensor, rule: str, saliency: str,
+                      classes: str | Tensor, class_chunk: int,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+    """The shared-pixel score and the logits of x that the class evidence computed on the way
+    (None for ``none``): a caller that needs f(x) too reuses them instead of another forward."""
     check_spat_settings(rule, saliency, 1.0, classes)
     if rule == "none":
-        return torch.ones_like(x[:, :1], dtype=torch.float32)
+        return torch.ones_like(x[:, :1], dtype=torch.float32), None
     # only agreement reads the gradients themselves; the other rules need the maps alone
     ev = class_evidence(model, x, y, classes, saliency, class_chunk, keep_grads=rule == "agreement")
-    return _SCORE_RULES[rule](ev, y, generator)
+    return _SCORE_RULES[rule](ev, y, generator), ev.logits
 
 
 def budget_preserving_weights(score: Tensor, gamma: float = 1.0, cap: float | None = None) -> Tensor:
@@ -302,6 +310,18 @@ def shared_pixel_weights(model: nn.Module, x: Tensor, y: Tensor, rule: str = "in
     x: (N, C, H, W) in [0, 1]; y: (N,). Returns (N, 1, H, W) (or (N, C, H, W) for
     ``agreement``), float32, to multiply the PGD step ``alpha * sign(grad)``.
     """
-    score = shared_pixel_score(model, x, y, rule, saliency, classes, class_chunk, generator)
+    return shared_pixel_weights_and_logits(model, x, y, rule, saliency, gamma, classes, eps, alpha,
+                                           class_chunk, generator)[0]
+
+
+def shared_pixel_weights_and_logits(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
+                                    saliency: str = "input_grad", gamma: float = 1.0,
+                                    classes: str | Tensor = "all", eps: float | None = None,
+                                    alpha: float | None = None, class_chunk: int = 16,
+                                    generator: torch.Generator | None = None
+                                    ) -> tuple[Tensor, Tensor | None]:
+    """:func:`shared_pixel_weights` and the logits f(x) (N, K), detached, float32, of the
+    forward the class evidence ran (model in the caller's mode; None for rule ``none``)."""
+    score, logits = _score_and_logits(model, x, y, rule, saliency, classes, class_chunk, generator)
     cap = eps / alpha if (eps is not None and alpha) else None
-    return budget_preserving_weights(score, gamma, cap)
+    return budget_preserving_weights(score, gamma, cap), logits

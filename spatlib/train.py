@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from . import attacks
+from . import allocator, attacks
 from .config import ConfigError, RunConfig, TrainConfig, format_eps, from_dict, load_config, to_dict
 from .data import (DataError, Dataset, DeviceLoader, augmentation_defaults, dataset_from_config,
                    split_validation)
@@ -514,6 +514,8 @@ class _Trainer:
         if len(self.y_val) == 0:
             raise ConfigError("data.val_size: 0 and the test split is empty: nothing to validate on")
         self.channels_last = tc.channels_last and device.type == "cuda"
+        if device.type == "cpu":
+            allocator.keep_freed_memory()   # attack steps reuse their pages (spatlib.allocator)
         aug = (augmentation_defaults(cfg.data.name, tuple(ds.x_train.shape[1:])) if cfg.data.augment
                else {"pad": 0, "flip": False})
         self.loader = DeviceLoader(x_tr, y_tr, tc.batch_size, device=device, shuffle=True,
@@ -687,13 +689,20 @@ class _Trainer:
             x_adv = clean_logits = None
             if self.method.attack is not None:
                 eps = eps_at(self.cfg.attack.eps, tc.eps_warmup_epochs, step, self.n_batches)
-                if not self.method.needs_clean:   # accuracy on clean x, BN in eval mode, no grad
+                attack = self._attack(eps)
+                # SPAT's class evidence runs f(x) with BN in eval mode: its logits give the
+                # clean accuracy at no cost; else one more forward, BN in eval mode, no grad
+                reuse = (isinstance(attack, attacks.SPAT) and attack.rule != "none"
+                         and attack.bn_mode == "eval")
+                if not self.method.needs_clean and not reuse:
                     model.eval()
                     with torch.no_grad(), self.amp():
                         clean_logits = model(x)
                     model.train()
                 with self.amp():
-                    x_adv = self._attack(eps)(x, y)
+                    x_adv = attack(x, y)
+                if not self.method.needs_clean and reuse:
+                    clean_logits = attack.clean_logits
             self.opt.zero_grad(set_to_none=True)
             with self.amp():
                 if self.method.needs_clean:

@@ -307,6 +307,25 @@ def test_spat_rule_none_is_pgd_exactly():
         assert torch.equal(pgd, spat)
 
 
+@pytest.mark.parametrize("model_name,saliency", [("wrn", "input_grad"), ("wrn", "cam"),
+                                                  ("small_cnn", "cam"), ("small_cnn", "input_grad")])
+def test_spat_clean_logits_are_the_eval_mode_logits_of_x(model_name, saliency):
+    # the trainer reads its clean training accuracy from these instead of another forward
+    model = _model(model_name).train()
+    x, y = _batch(model)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    model.train()
+    attack = SPAT(model, eps=EPS, alpha=ALPHA, steps=2, saliency=saliency, generator=_gen(1))
+    attack(x, y)
+    assert attack.clean_logits is not None and not attack.clean_logits.requires_grad
+    torch.testing.assert_close(attack.clean_logits, expected, rtol=1e-5, atol=1e-5)
+    assert model.training                      # and the caller's mode is back
+    none = SPAT(model, eps=EPS, alpha=ALPHA, steps=2, rule="none", generator=_gen(1))
+    none(x, y)
+    assert none.clean_logits is None
+
+
 def test_restarts_keep_the_worst_case_per_example():
     # the first restart draws the same start as a single run: per example the result of three
     # restarts fools the model whenever the single run does, and otherwise has no lower loss

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from spatlib import benchmark
@@ -54,6 +55,28 @@ def test_cpu_memory_probe_measures_a_fresh_process(tmp_path):
     assert "memory_error" not in mem, mem
     assert math.isfinite(mem["peak_mem_mb"]) and mem["peak_mem_mb"] >= 0
     assert mem["rss_before_mb"] > 0
+
+
+def test_cpu_reference_runs_in_a_process_of_its_own(tmp_path):
+    # the trainer's malloc setting is process-wide; the reference must run without it
+    path, ds = benchmark.write_data(tmp_path, 10, 8)
+    case = Case(model="small_cnn", method="reference", batch_size=4, steps=1, batches=1)
+    runner = benchmark.build_runner(case, path, ds, torch.device("cpu"), threads=1)
+    assert isinstance(runner, benchmark.ReferenceProcess)
+    try:
+        runner.run(1, 2)
+        assert runner.child_cpu_s > 0          # counted as the benchmark's own load
+        assert runner.proc.poll() is None      # the worker serves the next slice
+        runner.run(2, 1)
+    finally:
+        runner.close()
+    assert runner.proc.returncode == 0
+
+
+def test_reference_worker_failure_is_reported(tmp_path):
+    case = Case(model="small_cnn", method="reference", batch_size=4, steps=1, batches=1)
+    with pytest.raises(RuntimeError, match="reference worker.*missing.npz"):
+        benchmark.ReferenceProcess(case, tmp_path / "missing.npz", threads=1)
 
 
 def test_reference_pgd_stays_in_the_threat_model():
