@@ -3,11 +3,11 @@
 glibc's malloc serves a large block (an activation or gradient tensor: megabytes) with
 ``mmap`` and gives it back to the kernel when it is freed; a block freed at the top of the heap
 is trimmed back as well. An attack step allocates and frees the same activations every step, so
-every step pays page faults to touch fresh pages again (in the profiler, the first op to write
-a fresh buffer, e.g. ``threshold_backward``, runs 5x slower than on reused memory). Raising the mmap threshold to its
-maximum (32 MiB on 64-bit) and the trim threshold out of reach keeps those pages in the process
-for the next step. Measured on the 2-core development CPU: a PGD step of PreActResNet-18 (batch
-32) 1.8x faster, the class evidence of SmallCNN 1.2x (bench/README.md).
+every step pays page faults to touch fresh pages again. Raising the mmap threshold to its
+maximum (32 MiB on 64-bit) and the trim threshold to 2 GiB keeps those pages in the process
+for the next step. Measured on the 2-core development CPU (2 threads, two processes each way):
+a PGD step 1.11x faster on PreActResNet-18 (batch 32) and 1.15x on SmallCNN (batch 128), the
+10-class ``input_grad`` class evidence of SmallCNN 1.35x (bench/README.md).
 
 The price: the process keeps its peak working memory after it is freed, as a CUDA process
 keeps its cached blocks. :func:`keep_freed_memory` is process-wide and lasts until the process

@@ -155,6 +155,29 @@ def test_each_method_trains_and_loss_decreases(method, tmp_path):
     assert from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())).train.method == method
 
 
+@pytest.mark.parametrize("method", ["pgd_at", "spat_at"])
+def test_clean_training_accuracy_is_measured_without_touching_the_training(method, tmp_path,
+                                                                           monkeypatch):
+    # pgd_at samples its clean accuracy (every CLEAN_ACC_EVERY-th batch), spat_at reads SPAT's
+    # clean logits; a forward on every batch must give the same weights and the same accuracy
+    # where both measured it
+    import spatlib.train as train_mod
+    cfg = digits_config(train={"method": method, "epochs": 2})
+    sampled = train(cfg, tmp_path / "sampled")
+    monkeypatch.setattr(train_mod, "CLEAN_ACC_EVERY", 1)
+    monkeypatch.setattr(train_mod, "_logits_of_clean_x", lambda attack: False)
+    every = train(cfg, tmp_path / "every")
+    a = torch.load(tmp_path / "sampled" / "checkpoint_last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "every" / "checkpoint_last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sampled["test_pgd20_acc"] == every["test_pgd20_acc"]
+    rows_s, rows_e = read_history(tmp_path / "sampled"), read_history(tmp_path / "every")
+    for rs, re_ in zip(rows_s, rows_e):
+        assert 0 <= rs["train_clean_acc"] <= 1 and rs["train_loss"] == re_["train_loss"]
+        if method == "spat_at":   # every batch in both: SPAT's logits are f(x) in eval mode
+            assert rs["train_clean_acc"] == pytest.approx(re_["train_clean_acc"], abs=1e-9)
+
+
 # --------------------------------------------------------------------------------------------
 # adversarial training buys robustness (runs shared by several tests)
 ROBUST = dict(attack={"eps": 0.15, "alpha": 0.05, "steps": 3},
