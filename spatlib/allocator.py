@@ -28,7 +28,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # glibc <malloc.h>
 MMAP_THRESHOLD = 32 * 2**20                      # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
 TRIM_THRESHOLD = 2**31 - 1                       # mallopt takes an int: trim only past 2 GiB free
 
-_state: dict[str, bool | str] = {}
+_in_force: bool | None = None      # the outcome of the one mallopt attempt of this process
 
 
 def _enabled() -> bool:
@@ -47,10 +47,11 @@ def keep_freed_memory() -> bool:
     ``SPAT_KEEP_FREED_MEMORY=0`` or when the C library is not glibc. An invalid value of that
     variable raises ValueError naming it.
     """
+    global _in_force
     if not _enabled():
         return False
-    if "ok" in _state:
-        return bool(_state["ok"])
+    if _in_force is not None:
+        return _in_force
     ok = False
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         try:
@@ -59,5 +60,5 @@ def keep_freed_memory() -> bool:
                 bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
         except (OSError, AttributeError):
             ok = False
-    _state["ok"] = ok
+    _in_force = ok
     return ok

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import ATTACK_LOSSES, BN_MODES, AttackConfig
 from .models import SpatModel
-from .semantics import check_spat_settings, shared_pixel_weights, shared_pixel_weights_and_logits
+from .semantics import check_spat_settings, shared_pixel_weights_and_logits
 
 
 class ThreatModelError(RuntimeError):
@@ -264,9 +264,12 @@ class SPAT(PGD):
 
     def weights(self, x: Tensor, y: Tensor) -> Tensor:
         """The step weights at x, (N, 1 | C, H, W)."""
-        return shared_pixel_weights(self.model, x, y, self.rule, self.saliency, self.gamma,
-                                    self.classes, self.eps, self.alpha, self.class_chunk,
-                                    self.generator)
+        return self._weights_and_logits(x, y)[0]
+
+    def _weights_and_logits(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        return shared_pixel_weights_and_logits(self.model, x, y, self.rule, self.saliency,
+                                               self.gamma, self.classes, self.eps, self.alpha,
+                                               self.class_chunk, self.generator)
 
     def step_weights(self, x, x_adv, y, step, previous):
         if self.rule == "none":
@@ -281,9 +284,7 @@ class SPAT(PGD):
         # the clean-input weights are the same for every restart: compute them once per call
         self._clean_weights = self.clean_logits = None
         if self.rule != "none":
-            self._clean_weights, self.clean_logits = shared_pixel_weights_and_logits(
-                self.model, x, y, self.rule, self.saliency, self.gamma, self.classes, self.eps,
-                self.alpha, self.class_chunk, self.generator)
+            self._clean_weights, self.clean_logits = self._weights_and_logits(x, y)
         try:
             return super().forward(x, y)
         finally:
