@@ -1,6 +1,7 @@
 """L-inf attacks on inputs in [0, 1]: FGSM, PGD, CW-inf, and SPAT.
 
-Every attack is ``attack(x, y) -> x_adv``. The call puts the model in the mode asked for
+Every attack is ``attack(x, y) -> x_adv``; ``attack.run(x, y)`` returns an
+:class:`AttackResult`, which also carries f(x) when the attack computed it on the way. The call puts the model in the mode asked for
 (``bn_mode``, default eval) and restores it; randomness comes from an optional
 ``torch.Generator`` and the global RNG is never reseeded. Attack arithmetic (gradient sign,
 step, projection) is float32 even when the model runs under autocast.
@@ -15,9 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ATTACK_LOSSES, BN_MODES, AttackConfig
+from dataclasses import dataclass
+
 from .models import SpatModel
-from .semantics import check_spat_settings, shared_pixel_weights_and_logits
+from .semantics import check_spat_settings, shared_pixels
+from .util import eval_mode
+
+ATTACK_LOSSES = ("ce", "kl", "margin")
+BN_MODES = ("eval", "train")
+ATTACK_KINDS = ("fgsm", "pgd", "cw", "spat")
+MADRY_ALPHA_SCALE = 2.5     # the default step: 2.5 * eps / steps, enough to cross the eps-ball
 
 
 class ThreatModelError(RuntimeError):
@@ -79,8 +87,18 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps: expected a number in [0, 1] (pixel units, e.g. 8/255), got {eps!r}")
 
 
+@dataclass
+class AttackResult:
+    """x_adv (N, C, H, W) float32 in the layout of x; ``clean_logits`` (N, K), detached,
+    float32: f(x) with the model in eval mode when the attack computed it on the way (SPAT's
+    class evidence in ``bn_mode='eval'``), else None. A caller that needs f(x) reads it here
+    instead of running another forward."""
+    x_adv: Tensor
+    clean_logits: Tensor | None = None
+
+
 class Attack:
-    """Base: holds the model, eps, BatchNorm mode and generator; ``__call__`` manages the mode."""
+    """Base: holds the model, eps, BatchNorm mode and generator; ``run`` manages the mode."""
 
     def __init__(self, model: nn.Module, *, eps: float, bn_mode: str = "eval",
                  generator: torch.Generator | None = None):
@@ -92,24 +110,25 @@ class Attack:
         self.bn_mode = bn_mode
         self.generator = generator
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor) -> AttackResult:
         raise NotImplementedError
 
-    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        """x: (N, C, H, W) in [0, 1]; y: (N,) long. Returns x_adv (N, C, H, W) float32, in the
-        memory layout of x (the attack may compute in another, see :func:`compute_layout`)."""
-        # every submodule's own flag: a model in train mode with frozen BatchNorm stays so
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.train(self.bn_mode == "train")
+    def run(self, x: Tensor, y: Tensor) -> AttackResult:
+        """x: (N, C, H, W) in [0, 1]; y: (N,) long. x_adv comes back float32 in the memory
+        layout of x (the attack may compute in another, see :func:`compute_layout`). The model
+        is in ``bn_mode`` during the attack; every submodule's own flag is restored after."""
         x = x.detach().float()
-        try:
-            x_adv = self.forward(compute_layout(self.model, x), y.detach()).detach()
-        finally:
-            for m, training in modes.items():
-                m.training = training
+        with eval_mode(self.model, train=self.bn_mode == "train"):
+            result = self.forward(compute_layout(self.model, x), y.detach())
+        x_adv = result.x_adv.detach()
         if x_adv.stride() != x.stride():
             x_adv = torch.empty_like(x).copy_(x_adv)   # empty_like keeps the layout of x
-        return x_adv
+        result.x_adv = x_adv
+        return result
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        """``run(x, y).x_adv``."""
+        return self.run(x, y).x_adv
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in vars(self).items()
@@ -149,10 +168,15 @@ class PGD(Attack):
         self.loss = loss
 
     # -- hooks for SPAT ------------------------------------------------------------------
-    def step_weights(self, x: Tensor, x_adv: Tensor, y: Tensor, step: int,
+    def clean_weights(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(step weights at the clean x, f(x) if computing them ran it); PGD: (None, None)."""
+        return None, None
+
+    def step_weights(self, x_adv: Tensor, y: Tensor, step: int,
                      previous: Tensor | None) -> Tensor | None:
-        """Per-element weights of the step at ``step`` (None: plain PGD, w = 1)."""
-        return None
+        """Per-element weights of the step at ``step``, given the previous step's (the clean
+        weights at step 0). None: plain PGD, w = 1."""
+        return previous
 
     # -- the one step rule ---------------------------------------------------------------
     def _start(self, x: Tensor) -> Tensor:
@@ -174,12 +198,13 @@ class PGD(Attack):
         logits = self.model(x_adv).float()
         return per_example_loss(logits, y, self.loss, clean_prob)
 
-    def perturb(self, x: Tensor, y: Tensor, clean_prob: Tensor | None = None) -> Tensor:
-        """One restart: ``steps`` weighted sign-gradient steps from the start. Returns x_adv."""
+    def perturb(self, x: Tensor, y: Tensor, clean_prob: Tensor | None = None,
+                weights: Tensor | None = None) -> Tensor:
+        """One restart: ``steps`` weighted sign-gradient steps from the start (``weights``: those
+        of the first step, see :meth:`step_weights`). Returns x_adv."""
         delta = self._start(x)
-        weights = None
         for step in range(self.steps):
-            weights = self.step_weights(x, x + delta, y, step, weights)
+            weights = self.step_weights(x + delta, y, step, weights)
             delta.requires_grad_(True)
             with torch.enable_grad():
                 loss = self._objective(x + delta, y, clean_prob).sum()
@@ -189,23 +214,26 @@ class PGD(Attack):
             delta = (x + delta).clamp(0, 1) - x
         return x + delta
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor) -> AttackResult:
+        # the clean-input weights are the same for every restart: computed once per call
+        weights, logits = self.clean_weights(x, y)
+        clean_logits = logits if self.bn_mode == "eval" else None
         clean_prob = None
         if self.loss == "kl":
             with torch.no_grad():
                 clean_prob = F.softmax(self.model(x).float(), 1)
-        best = self.perturb(x, y, clean_prob)
+        best = self.perturb(x, y, clean_prob, weights)
         if self.restarts == 1:
-            return best
+            return AttackResult(best, clean_logits)
         best_fooled, best_loss = self._score(best, y, clean_prob)
         for _ in range(self.restarts - 1):
-            cand = self.perturb(x, y, clean_prob)
+            cand = self.perturb(x, y, clean_prob, weights)
             fooled, loss = self._score(cand, y, clean_prob)
             better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
             best = torch.where(better.view(-1, 1, 1, 1), cand, best)
             best_fooled = best_fooled | fooled
             best_loss = torch.where(better, loss, best_loss)
-        return best
+        return AttackResult(best, clean_logits)
 
     @torch.no_grad()
     def _score(self, x_adv: Tensor, y: Tensor, clean_prob: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -238,13 +266,10 @@ class CW(PGD):
 class SPAT(PGD):
     """Semantics-preserving PGD: the PGD step weighted toward pixels shared by all classes.
 
-    Weights from :func:`spatlib.semantics.shared_pixel_weights` (mean 1 per image, at most
+    Weights from :func:`spatlib.semantics.shared_pixels` (mean 1 per image, at most
     eps/alpha), computed at the clean x, or at the current x_adv every ``refresh`` steps.
-    ``rule="none"`` is PGD exactly.
-
-    After a call, ``clean_logits`` holds f(x) (N, K), detached, float32, from the forward the
-    class evidence ran at the clean x, in the attack's BatchNorm mode (None for ``none``): the
-    trainer reads its clean training accuracy there instead of running another forward.
+    ``rule="none"`` is PGD exactly. ``run(x, y).clean_logits`` is f(x) from the forward the
+    class evidence ran at the clean x (``bn_mode='eval'``, a rule other than ``none``).
     """
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int,
@@ -259,52 +284,58 @@ class SPAT(PGD):
         check_spat_settings(rule, saliency, gamma, classes)
         self.rule, self.saliency, self.gamma = rule, saliency, float(gamma)
         self.classes, self.class_chunk, self.refresh = classes, int(class_chunk), int(refresh)
-        self._clean_weights: Tensor | None = None
-        self.clean_logits: Tensor | None = None
+
+    def _shared_pixels(self, x: Tensor, y: Tensor):
+        return shared_pixels(self.model, x, y, self.rule, self.saliency, self.gamma, self.classes,
+                             self.eps, self.alpha, self.class_chunk, self.generator)
 
     def weights(self, x: Tensor, y: Tensor) -> Tensor:
         """The step weights at x, (N, 1 | C, H, W)."""
-        return self._weights_and_logits(x, y)[0]
+        return self._shared_pixels(x, y).weights
 
-    def _weights_and_logits(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        return shared_pixel_weights_and_logits(self.model, x, y, self.rule, self.saliency,
-                                               self.gamma, self.classes, self.eps, self.alpha,
-                                               self.class_chunk, self.generator)
-
-    def step_weights(self, x, x_adv, y, step, previous):
+    def clean_weights(self, x, y):
         if self.rule == "none":
-            return None
-        if step == 0:
-            return self._clean_weights
-        if self.refresh and step % self.refresh == 0:
+            return None, None
+        sp = self._shared_pixels(x, y)
+        return sp.weights, sp.logits
+
+    def step_weights(self, x_adv, y, step, previous):
+        if self.rule != "none" and self.refresh and step and step % self.refresh == 0:
             return self.weights(x_adv.detach(), y)
         return previous
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        # the clean-input weights are the same for every restart: compute them once per call
-        self._clean_weights = self.clean_logits = None
-        if self.rule != "none":
-            self._clean_weights, self.clean_logits = self._weights_and_logits(x, y)
-        try:
-            return super().forward(x, y)
-        finally:
-            self._clean_weights = None
 
+def make_attack(kind: str, model: nn.Module, *, eps: float, steps: int = 10,
+                alpha: float | None = None, random_start: bool | str = True, restarts: int = 1,
+                loss: str | None = None, bn_mode: str = "eval",
+                generator: torch.Generator | None = None, rule: str = "intersection",
+                saliency: str = "input_grad", gamma: float = 1.0, classes: str = "all",
+                class_chunk: int = 16, refresh: int = 0) -> PGD:
+    """The one attack factory (training, the evaluation suite, notebook 01).
 
-def attack_from_config(model: nn.Module, cfg: AttackConfig, *, spat: bool = False, loss: str = "ce",
-                       eps: float | None = None, alpha: float | None = None, steps: int | None = None,
-                       random_start: bool | str | None = None,
-                       generator: torch.Generator | None = None) -> PGD:
-    """The training attack of a config: SPAT when ``spat`` else PGD; keyword overrides win
-    (eps warm-up passes a smaller eps with alpha scaled alike)."""
-    kwargs = dict(eps=cfg.eps if eps is None else eps, alpha=cfg.alpha if alpha is None else alpha,
-                  steps=cfg.steps if steps is None else steps,
-                  random_start=cfg.random_start if random_start is None else random_start,
-                  loss=loss, bn_mode=cfg.bn_mode, generator=generator)
-    if spat:
-        return SPAT(model, rule=cfg.rule, saliency=cfg.saliency, gamma=cfg.gamma, classes=cfg.classes,
-                    class_chunk=cfg.class_chunk, refresh=cfg.refresh, **kwargs)
-    return PGD(model, **kwargs)
+    ``kind``: ``fgsm`` (one step of eps from x), ``pgd``, ``cw`` (PGD on the margin loss) or
+    ``spat`` (PGD with shared-pixel weights; ``rule`` and the other SPAT settings).
+    Step size convention: ``alpha`` is in pixel units, like eps; None means
+    ``MADRY_ALPHA_SCALE * eps / steps`` (2.5 eps / steps). ``loss`` None: ce (margin for cw).
+    """
+    if kind not in ATTACK_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(ATTACK_KINDS)}, got {kind!r}")
+    if kind == "fgsm":
+        return FGSM(model, eps=eps, loss=loss or "ce", bn_mode=bn_mode, generator=generator)
+    if steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps}")
+    if alpha is None:
+        alpha = max(MADRY_ALPHA_SCALE * eps / steps, 1e-12)   # eps = 0 is a valid (empty) budget
+    common = dict(eps=eps, alpha=alpha, steps=steps, random_start=random_start, restarts=restarts,
+                  bn_mode=bn_mode, generator=generator)
+    if kind == "cw":
+        if loss not in (None, "margin"):
+            raise ValueError(f"loss: cw ascends the margin loss, got {loss!r}")
+        return CW(model, **common)
+    if kind == "spat":
+        return SPAT(model, rule=rule, saliency=saliency, gamma=gamma, classes=classes,
+                    class_chunk=class_chunk, refresh=refresh, loss=loss or "ce", **common)
+    return PGD(model, loss=loss or "ce", **common)
 
 
 def assert_threat_model(x: Tensor, x_adv: Tensor, eps: float) -> None:
@@ -316,6 +347,6 @@ def assert_threat_model(x: Tensor, x_adv: Tensor, eps: float) -> None:
                                f"[{r['min_pixel']:.3g}, {r['max_pixel']:.3g}]")
 
 
-__all__ = ["Attack", "PGD", "FGSM", "CW", "SPAT", "attack_from_config", "check_threat_model",
+__all__ = ["Attack", "AttackResult", "PGD", "FGSM", "CW", "SPAT", "make_attack", "check_threat_model",
            "assert_threat_model", "compute_layout", "margin_loss", "per_example_loss",
            "ThreatModelError"]

@@ -1,6 +1,8 @@
 """Typed, strict configuration.
 
-One dataclass per concern (data, model, attack, train, eval) nested in a :class:`RunConfig`.
+One dataclass per concern (data, model, attack, train, eval) nested in a :class:`RunConfig`,
+and one per notebook section (:class:`HypothesisConfig`, :class:`RobustnessConfig`). Each
+field's range check sits beside it (``spec(default, check)``) and is verified at import.
 YAML params are loaded with ``yaml.safe_load`` and checked strictly: an unknown key, a wrong
 type or an out-of-range value raises one :class:`ConfigError` that names the key path and the
 allowed values. Papermill does not catch typos, so this module must.
@@ -18,24 +20,85 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import yaml
 
+from .semantics import RULES, SALIENCIES, parse_classes
+from .util import ConfigError, did_you_mean
+
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "npz", "synthetic")
 MODELS = ("small_cnn", "preact_resnet18", "wide_resnet")
 METHODS = ("standard", "pgd_at", "trades", "mart", "spat_at", "spat_trades")
-RULES = ("intersection", "equality", "agreement", "random", "none")
-SALIENCIES = ("input_grad", "cam")
 BN_MODES = ("eval", "train")
 SCHEDULES = ("piecewise", "cosine", "onecycle")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ATTACK_LOSSES = ("ce", "kl", "margin")
-SUITE_ATTACKS = ("clean", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
+SUITE_ATTACKS = ("clean", "fgsm", "pgd20", "pgd100", "cw", "autoattack")   # the suite, in order
+CHECKPOINTS = ("best", "last", "ema")
+ORACLES = ("knn", "ensemble")
 
 
-class ConfigError(ValueError):
-    """A parameter is unknown, of the wrong type, or out of range. The message names the key."""
+# --------------------------------------------------------------------------------------------
+# range checks, declared beside their fields: ``name: int = spec(10, at_least(1))``
+@dataclass(frozen=True)
+class Check:
+    """A value check: ``ok(value)`` and the allowed values in words (a callable when the
+    allowed set can grow after import, as the SPAT rule registry does)."""
+    ok: Callable[[Any], bool]
+    allowed: str | Callable[[], str]
+
+    def describe(self) -> str:
+        return self.allowed() if callable(self.allowed) else self.allowed
+
+
+def spec(default: Any = dataclasses.MISSING, check: Check | None = None, *,
+         factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with its check in the field's metadata."""
+    meta = {"check": check} if check else {}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def choice(options: Sequence[str] | Mapping) -> Check:
+    """One of ``options`` (a mapping: its keys, read at check time)."""
+    return Check(lambda v: v in options, lambda: "one of " + ", ".join(options))
+
+
+def at_least(lo: float, kind: str = "an integer") -> Check:
+    return Check(lambda v: v >= lo, f"{kind} >= {lo:g}")
+
+
+def in_range(lo: float, hi: float, *, closed_low: bool = True, closed_high: bool = True,
+             note: str = "") -> Check:
+    left, right = "[" if closed_low else "(", "]" if closed_high else ")"
+    return Check(lambda v: (v >= lo if closed_low else v > lo) and (v <= hi if closed_high else v < hi),
+                 f"a number in {left}{lo:g}, {hi:g}{right}{note}")
+
+
+def optional(check: Check) -> Check:
+    """None, or what ``check`` allows."""
+    return Check(lambda v: v is None or check.ok(v), lambda: "None or " + check.describe())
+
+
+def each(check: Check, what: str = "") -> Check:
+    """A list whose every item passes ``check``."""
+    return Check(lambda v: all(check.ok(x) for x in v),
+                 lambda: what or "a list of " + check.describe())
+
+
+def _classes_ok(v: str) -> bool:
+    try:
+        parse_classes(v)
+    except ValueError:
+        return False
+    return True
+
+
+EPS_RANGE = in_range(0.0, 1.0, note=" (pixel units, e.g. 8/255)")
+POSITIVE_INT = at_least(1)
+NON_NEGATIVE_INT = at_least(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,82 +141,89 @@ def format_eps(eps: float) -> str:
 # the concerns
 @dataclass
 class DataConfig:
-    name: str = "digits"               # one of DATASETS
+    name: str = spec("digits", choice(DATASETS))
     root: str | None = None            # download/cache folder; None: $SPATLIB_DATA or ~/.cache/spatlib
     path: str | None = None            # the .npz file for name=npz
     download: bool = True
-    train_limit: int | None = None     # first N training images (CPU-sized runs on real data)
-    test_limit: int | None = None      # first N test images
-    val_size: int = 0                  # images held out of train for model selection (0: none)
+    train_limit: int | None = spec(None, optional(POSITIVE_INT))   # first N training images
+    test_limit: int | None = spec(None, optional(POSITIVE_INT))    # first N test images
+    val_size: int = spec(0, NON_NEGATIVE_INT)   # images held out of train for model selection (0: none)
     augment: bool = True               # per-dataset pad-crop / flip defaults
-    synthetic_classes: int = 10        # name=synthetic only
-    synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8])  # C, H, W
-    synthetic_train: int = 512
-    synthetic_test: int = 256
+    synthetic_classes: int = spec(10, at_least(2))                 # name=synthetic only
+    synthetic_shape: list[int] = spec(factory=lambda: [1, 8, 8], check=Check(
+        lambda v: len(v) == 3 and all(d >= 1 for d in v), "[C, H, W], each >= 1"))
+    synthetic_train: int = spec(512, POSITIVE_INT)
+    synthetic_test: int = spec(256, POSITIVE_INT)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "small_cnn"            # one of MODELS
-    depth: int = 34                    # wide_resnet only
-    width: int = 10                    # wide_resnet only
-    dropout: float = 0.0
+    name: str = spec("small_cnn", choice(MODELS))
+    depth: int = spec(34, Check(lambda v: v >= 10 and (v - 4) % 6 == 0, "6n+4 (e.g. 28, 34)"))  # wide_resnet
+    width: int = spec(10, POSITIVE_INT)                            # wide_resnet only
+    dropout: float = spec(0.0, in_range(0.0, 1.0, closed_high=False))
 
 
 @dataclass
 class AttackConfig:
     """The attack used to craft training examples (and the validation PGD)."""
-    eps: float = 8 / 255               # L-inf budget in pixel units ([0,1] images)
-    alpha: float = 2 / 255             # step size
-    steps: int = 10
+    eps: float = spec(8 / 255, EPS_RANGE)          # L-inf budget in pixel units ([0,1] images)
+    alpha: float = spec(2 / 255, in_range(0.0, 1.0, closed_low=False, note=" (e.g. 2/255)"))  # step
+    steps: int = spec(10, NON_NEGATIVE_INT)
     random_start: bool = True
-    bn_mode: str = "eval"              # BatchNorm mode while crafting: eval | train
-    # SPAT (DESIGN.md "The SPAT attack"); ignored by the non-SPAT methods
-    rule: str = "intersection"         # one of RULES
-    saliency: str = "input_grad"       # input_grad (exact) | cam (fast)
-    gamma: float = 1.0                 # sharpening of the shared-pixel score
-    classes: str = "all"               # all | topk:N
-    class_chunk: int = 16              # classes per batched backward (memory bound)
-    refresh: int = 0                   # recompute weights every k steps; 0: once at clean x
+    bn_mode: str = spec("eval", choice(BN_MODES))  # BatchNorm mode while crafting
+    # SPAT (docs/design.md "The SPAT attack"); ignored by the non-SPAT methods
+    rule: str = spec("intersection", choice(RULES))  # a rule of spatlib.semantics.RULES
+    saliency: str = spec("input_grad", choice(SALIENCIES))   # input_grad (exact) | cam (fast)
+    gamma: float = spec(1.0, at_least(0, "a number"))  # sharpening of the shared-pixel score
+    classes: str = spec("all", Check(_classes_ok, "'all' or 'topk:N' with N >= 1"))
+    class_chunk: int = spec(16, POSITIVE_INT)      # classes per batched backward (memory bound)
+    refresh: int = spec(0, NON_NEGATIVE_INT)       # recompute weights every k steps; 0: once at clean x
+
+
+DEVICE = Check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
+               "auto, cpu, cuda, cuda:N or mps")
 
 
 @dataclass
 class TrainConfig:
-    method: str = "pgd_at"             # one of METHODS
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    method: str = spec("pgd_at", choice(METHODS))
+    epochs: int = spec(10, POSITIVE_INT)
+    batch_size: int = spec(128, POSITIVE_INT)
+    lr: float = spec(0.1, Check(lambda v: v > 0, "a number > 0"))
+    momentum: float = spec(0.9, in_range(0, 1, closed_high=False))
+    weight_decay: float = spec(5e-4, at_least(0, "a number"))
     nesterov: bool = False
-    schedule: str = "piecewise"        # piecewise | cosine | onecycle
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
-    lr_decay: float = 0.1              # piecewise factor at each milestone
-    warmup_epochs: float = 0.0         # linear lr warm-up
-    eps_warmup_epochs: float = 0.0     # linear eps ramp from 0 (stabilizes small models)
-    beta: float = 6.0                  # TRADES / MART / SPAT-TRADES trade-off
-    precision: str = "auto"            # auto: bf16 on CUDA, fp32 on CPU
+    schedule: str = spec("piecewise", choice(SCHEDULES))
+    milestones: list[float] = spec(factory=lambda: [0.5, 0.75], check=Check(   # fractions of epochs
+        lambda v: all(0 < m < 1 for m in v), "fractions of the epochs in (0, 1)"))
+    lr_decay: float = spec(0.1, in_range(0, 1, closed_low=False))   # piecewise factor per milestone
+    warmup_epochs: float = spec(0.0, at_least(0, "a number"))       # linear lr warm-up
+    eps_warmup_epochs: float = spec(0.0, at_least(0, "a number"))   # linear eps ramp from 0
+    beta: float = spec(6.0, at_least(0, "a number"))   # TRADES / MART / SPAT-TRADES trade-off
+    precision: str = spec("auto", choice(PRECISIONS))  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True
     compile: bool = False
-    ema: float = 0.0                   # EMA decay of the weights; 0 disables
-    eval_every: int = 1                # robust validation every k epochs
-    val_steps: int = 10                # PGD-k on the validation slice
-    patience: int = 0                  # early stopping after k evals without improvement; 0: off
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    ema: float = spec(0.0, in_range(0, 1, closed_high=False))  # EMA decay of the weights; 0: off
+    eval_every: int = spec(1, POSITIVE_INT)        # robust validation every k epochs
+    val_steps: int = spec(10, POSITIVE_INT)        # PGD-k on the validation slice
+    patience: int = spec(0, NON_NEGATIVE_INT)      # early stop after k evals without gain; 0: off
+    device: str = spec("auto", DEVICE)
     deterministic: bool = False
-    max_batches: int | None = None     # cap batches per epoch (benchmarks, smoke runs)
+    max_batches: int | None = spec(None, optional(POSITIVE_INT))  # cap batches per epoch
     progress: bool = True
 
 
 @dataclass
 class EvalConfig:
-    suite: list[str] = field(default_factory=lambda: list(SUITE_ATTACKS))
-    eps: float | None = None           # None: the training attack's eps
-    batch_size: int = 256
-    n_examples: int | None = None      # evaluate the first N test images; None: all
-    pgd100_restarts: int = 5
-    cw_steps: int = 30
-    eps_curve: list[float] = field(default_factory=list)  # extra eps for PGD-20 curves
+    suite: list[str] = spec(factory=lambda: list(SUITE_ATTACKS),
+                            check=each(choice(SUITE_ATTACKS), "a list drawn from " + ", ".join(SUITE_ATTACKS)))
+    eps: float | None = spec(None, optional(EPS_RANGE))   # None: the training attack's eps
+    batch_size: int = spec(256, POSITIVE_INT)
+    n_examples: int | None = spec(None, optional(POSITIVE_INT))  # the first N test images; None: all
+    pgd100_restarts: int = spec(5, POSITIVE_INT)
+    cw_steps: int = spec(30, POSITIVE_INT)
+    eps_curve: list[float] = spec(factory=list, check=each(EPS_RANGE, "numbers in [0, 1]"))  # PGD-20 curve
 
 
 @dataclass
@@ -174,76 +244,79 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# range checks: key path -> predicate and the allowed values, checked after the type
-_EPS_KEYS = {"eps", "alpha", "eps_curve"}
+# the notebook sections: notebook 01's ``hypothesis:`` and notebook 03's ``robustness:``
+def attack_names(saliency: str = "input_grad") -> list[str]:
+    """The attacks notebook 01 compares: ``pgd`` and ``spat_<rule>`` for every rule of the
+    registry (:data:`spatlib.semantics.RULES`) but ``none`` (that is ``pgd``), without the rules
+    that read input gradients when ``saliency`` is ``cam``."""
+    return ["pgd"] + [f"spat_{r.name}" for r in RULES.values()
+                      if r.score is not None and not (r.needs_grads and saliency != "input_grad")]
 
 
-def _choice(options):
-    return (lambda v: v in options, "one of " + ", ".join(options))
+@dataclass
+class HypothesisConfig:
+    """Notebook 01's parameters (its ``parameters`` cell; ``model_dir`` and ``threads`` are set
+    by the batch). ``data``/``model``/``train``: partial run sections for the attacked model,
+    checked key by key like a run's (see ``PARTIAL_SECTIONS``)."""
+    data: dict = spec(factory=lambda: {"name": "digits", "val_size": 150})
+    model: dict = spec(factory=lambda: {"name": "small_cnn"})
+    train: dict = spec(factory=lambda: {"method": "standard", "epochs": 15, "batch_size": 64,
+                                        "lr": 0.05, "schedule": "onecycle", "weight_decay": 0.0005})
+    seed: int = 0
+    eps_list: list[float] = spec(factory=lambda: [0.05, 0.1, 0.15, 0.2],
+                                 check=Check(lambda v: len(v) >= 1 and all(0 <= e <= 1 for e in v),
+                                             "a non-empty list of numbers in [0, 1] (pixel units)"))
+    attacks: list[str] = spec(factory=lambda: attack_names(), check=Check(
+        lambda v: len(v) >= 1 and all(a in attack_names() for a in v),
+        lambda: "a non-empty list drawn from " + ", ".join(attack_names())))
+    attack_steps: int = spec(20, POSITIVE_INT)
+    saliency: str = spec("input_grad", choice(SALIENCIES))
+    n_examples: int = spec(200, POSITIVE_INT)
+    oracle: str = spec("knn", choice(ORACLES))
+    oracle_k: int = spec(5, POSITIVE_INT)
+    oracle_checkpoints: list[str] = spec(factory=list)
+    match_success: bool = False
+    example: int = spec(0, NON_NEGATIVE_INT)
+    device: str = spec("auto", DEVICE)
 
 
-def _suite_ok(v):
-    return all(a in SUITE_ATTACKS for a in v)
+@dataclass
+class RobustnessConfig:
+    """Notebook 03's parameters (``params``, ``overrides``, ``out_dir``, ``train_missing`` and
+    ``threads`` are set by the batch)."""
+    eval: dict | None = None             # EvalConfig keys on top of each run's own
+    which: str = spec("best", choice(CHECKPOINTS))
+    heatmap_attack: str | None = spec(None, optional(choice(SUITE_ATTACKS)))
+    device: str = spec("auto", DEVICE)
 
 
-def _classes_ok(v):
-    if v == "all":
-        return True
-    m = re.fullmatch(r"topk:(\d+)", v)
-    return bool(m) and int(m.group(1)) >= 1
+# dict-valued notebook parameters that are partial run sections: checked key by key
+PARTIAL_SECTIONS = {(HypothesisConfig, "data"): DataConfig, (HypothesisConfig, "model"): ModelConfig,
+                    (HypothesisConfig, "train"): TrainConfig, (RobustnessConfig, "eval"): EvalConfig}
+SECTIONS = {"hypothesis": HypothesisConfig, "robustness": RobustnessConfig}
 
 
-_RULES: dict[str, tuple] = {
-    "data.name": _choice(DATASETS),
-    "data.train_limit": (lambda v: v is None or v >= 1, "None or an integer >= 1"),
-    "data.test_limit": (lambda v: v is None or v >= 1, "None or an integer >= 1"),
-    "data.val_size": (lambda v: v >= 0, "an integer >= 0"),
-    "data.synthetic_classes": (lambda v: v >= 2, "an integer >= 2"),
-    "data.synthetic_shape": (lambda v: len(v) == 3 and all(d >= 1 for d in v), "[C, H, W], each >= 1"),
-    "data.synthetic_train": (lambda v: v >= 1, "an integer >= 1"),
-    "data.synthetic_test": (lambda v: v >= 1, "an integer >= 1"),
-    "model.name": _choice(MODELS),
-    "model.depth": (lambda v: v >= 10 and (v - 4) % 6 == 0, "6n+4 (e.g. 28, 34)"),
-    "model.width": (lambda v: v >= 1, "an integer >= 1"),
-    "model.dropout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "attack.eps": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1] (e.g. 8/255)"),
-    "attack.alpha": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1] (e.g. 2/255)"),
-    "attack.steps": (lambda v: v >= 0, "an integer >= 0"),
-    "attack.bn_mode": _choice(BN_MODES),
-    "attack.rule": _choice(RULES),
-    "attack.saliency": _choice(SALIENCIES),
-    "attack.gamma": (lambda v: v >= 0, "a number >= 0"),
-    "attack.classes": (_classes_ok, "'all' or 'topk:N' with N >= 1"),
-    "attack.class_chunk": (lambda v: v >= 1, "an integer >= 1"),
-    "attack.refresh": (lambda v: v >= 0, "an integer >= 0"),
-    "train.method": _choice(METHODS),
-    "train.epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "train.lr": (lambda v: v > 0, "a number > 0"),
-    "train.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "train.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "train.schedule": _choice(SCHEDULES),
-    "train.milestones": (lambda v: all(0 < m < 1 for m in v), "fractions of the epochs in (0, 1)"),
-    "train.lr_decay": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "train.warmup_epochs": (lambda v: v >= 0, "a number >= 0"),
-    "train.eps_warmup_epochs": (lambda v: v >= 0, "a number >= 0"),
-    "train.beta": (lambda v: v >= 0, "a number >= 0"),
-    "train.precision": _choice(PRECISIONS),
-    "train.ema": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "train.eval_every": (lambda v: v >= 1, "an integer >= 1"),
-    "train.val_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "train.patience": (lambda v: v >= 0, "an integer >= 0"),
-    "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
-                     "auto, cpu, cuda, cuda:N or mps"),
-    "train.max_batches": (lambda v: v is None or v >= 1, "None or an integer >= 1"),
-    "eval.suite": (_suite_ok, "a list drawn from " + ", ".join(SUITE_ATTACKS)),
-    "eval.eps": (lambda v: v is None or 0.0 <= v <= 1.0, "None or a number in [0, 1]"),
-    "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "eval.n_examples": (lambda v: v is None or v >= 1, "None or an integer >= 1"),
-    "eval.pgd100_restarts": (lambda v: v >= 1, "an integer >= 1"),
-    "eval.cw_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "eval.eps_curve": (lambda v: all(0.0 <= e <= 1.0 for e in v), "numbers in [0, 1]"),
-}
+def _check_declarations() -> None:
+    """At import: every check is a Check, and every default passes its own check (a range
+    declared wrongly fails here, not silently in a user's run)."""
+    for cls in (DataConfig, ModelConfig, AttackConfig, TrainConfig, EvalConfig,
+                HypothesisConfig, RobustnessConfig):
+        for f in dataclasses.fields(cls):
+            check = f.metadata.get("check")
+            if check is None:
+                continue
+            if not isinstance(check, Check):
+                raise TypeError(f"{cls.__name__}.{f.name}: metadata 'check' must be a Check")
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if not check.ok(default):
+                raise TypeError(f"{cls.__name__}.{f.name}: default {default!r} fails its own check "
+                                f"({check.describe()})")
+
+
+_check_declarations()
+
+
+_EPS_KEYS = {"eps", "alpha", "eps_curve", "eps_list"}   # fractions like 8/255 allowed
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,39 +378,68 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module
 
 
-def _from_dict(cls, data: Any, prefix: str = ""):
+def _from_dict(cls, data: Any, prefix: str = "", *, partial: bool = False):
+    """Build ``cls`` from a mapping, strictly: each key known, each value of its field's type
+    and passing its field's check (the message names the key path and the allowed values).
+    ``partial``: return the checked mapping itself instead of an instance (notebook sections
+    that hold some of a run section's keys)."""
     if isinstance(data, cls):
         data = to_dict(data)
     if not isinstance(data, dict):
         where = prefix or "the params"
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            import difflib
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{path}'{hint}; allowed keys"
-                              f"{' under ' + prefix if prefix else ''}: {', '.join(names)}")
+        if key not in fields:
+            raise ConfigError(f"unknown key '{path}'{did_you_mean(key, fields)}; allowed keys"
+                              f"{' under ' + prefix if prefix else ''}: {', '.join(fields)}")
+        nested = PARTIAL_SECTIONS.get((cls, key))
+        if nested is not None and value is not None:
+            kwargs[key] = _from_dict(nested, value, path, partial=True)
+            continue
         kwargs[key] = _coerce(value, hints[key], path)
-        if path in _RULES:
-            ok, allowed = _RULES[path]
-            if not ok(kwargs[key]):
-                raise ConfigError(f"{path}: {value!r} is not allowed; expected {allowed}")
-    return cls(**kwargs)
+        check = fields[key].metadata.get("check")
+        if check is not None and not check.ok(kwargs[key]):
+            raise ConfigError(f"{path}: {value!r} is not allowed; expected {check.describe()}")
+    return kwargs if partial else cls(**kwargs)
 
 
 def _check_consistency(cfg: RunConfig) -> None:
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.path: required when data.name is 'npz' (a .npz with "
                           "x_train, y_train, x_test, y_test)")
-    if cfg.attack.rule == "agreement" and cfg.attack.saliency != "input_grad":
-        raise ConfigError("attack.rule: 'agreement' needs attack.saliency 'input_grad'")
-    if cfg.model.name == "wide_resnet" and cfg.model.depth < 10:
-        raise ConfigError("model.depth: expected 6n+4 >= 10")
+    if RULES[cfg.attack.rule].needs_grads and cfg.attack.saliency != "input_grad":
+        raise ConfigError(f"attack.rule: {cfg.attack.rule!r} needs attack.saliency 'input_grad' "
+                          f"(it reads the input gradients)")
+
+
+def _check_section_consistency(cfg: HypothesisConfig, where: str) -> None:
+    allowed = attack_names(cfg.saliency)
+    bad = [a for a in cfg.attacks if a not in allowed]
+    if bad:
+        raise ConfigError(f"{where}attacks: {', '.join(bad)} not available with saliency "
+                          f"{cfg.saliency!r} (it reads input gradients); available: {', '.join(allowed)}")
+    if cfg.example >= cfg.n_examples:
+        raise ConfigError(f"{where}example: {cfg.example} is not among the first n_examples "
+                          f"({cfg.n_examples}) test images")
+    if cfg.oracle == "ensemble" and not cfg.oracle_checkpoints:
+        raise ConfigError(f"{where}oracle_checkpoints: required when oracle is 'ensemble' (run "
+                          f"folders of independently trained models)")
+
+
+def check_section(section: str, values: Mapping, where: str = "") -> dict:
+    """Validate a notebook section (``hypothesis`` or ``robustness``: the keys a user may set,
+    values included) and return it as given, but parsed (``8/255`` -> float)."""
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}{section}: expected one of {', '.join(SECTIONS)}")
+    cls = SECTIONS[section]
+    checked = _from_dict(cls, dict(values or {}), section, partial=True)
+    if cls is HypothesisConfig:
+        _check_section_consistency(cls(**checked), f"{where}{section}.")
+    return checked
 
 
 def from_dict(data: dict | None, cls=RunConfig):
@@ -426,8 +528,8 @@ class Experiment:
     """An experiment file expanded into runs (variants x datasets x seeds)."""
     name: str
     runs: dict[str, RunConfig]          # run name -> resolved config, in order
-    hypothesis: dict                    # parameters for notebook 01 (validated by spatlib.hypothesis)
-    robustness: dict                    # parameters for notebook 03
+    hypothesis: dict                    # notebook 01's parameters as written (checked: HypothesisConfig)
+    robustness: dict                    # notebook 03's parameters as written (checked: RobustnessConfig)
     path: str | None = None
 
 
@@ -449,11 +551,8 @@ def expand_experiment(data: dict, overrides: list[str] | None = None,
         raise ConfigError(f"{where}expected a mapping at the top level")
     for key in data:
         if key not in EXPERIMENT_KEYS:
-            import difflib
-            close = difflib.get_close_matches(str(key), EXPERIMENT_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}unknown key '{key}'{hint}; allowed top-level keys: "
-                              + ", ".join(EXPERIMENT_KEYS))
+            raise ConfigError(f"{where}unknown key '{key}'{did_you_mean(key, EXPERIMENT_KEYS)}; "
+                              f"allowed top-level keys: " + ", ".join(EXPERIMENT_KEYS))
     run_over, nb_over = [], {"hypothesis": [], "robustness": []}
     for text in overrides or []:
         head = text.split("=", 1)[0].split(".", 1)[0].strip()
@@ -500,7 +599,9 @@ def expand_experiment(data: dict, overrides: list[str] | None = None,
         if not isinstance(sdata, dict):
             raise ConfigError(f"{where}{sec}: expected a mapping of notebook parameters")
         stripped = [t.split(".", 1)[1] if "." in t.split("=", 1)[0] else t for t in nb_over[sec]]
-        sections[sec] = apply_overrides(sdata, stripped)
+        merged = apply_overrides(sdata, stripped)
+        check_section(sec, merged, where)   # values too: a bad attack name fails before any work
+        sections[sec] = merged
     return Experiment(name=name, runs=runs, hypothesis=sections["hypothesis"],
                       robustness=sections["robustness"], path=str(path) if path else None)
 

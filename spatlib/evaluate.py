@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from . import allocator
-from .attacks import CW, FGSM, PGD, check_threat_model
+from .attacks import PGD, check_threat_model, make_attack
 from .config import SUITE_ATTACKS, format_eps
+from .util import device_of, eval_mode
 
 ATTACK_LABELS = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100",
                  "cw": "CW-inf", "autoattack": "AutoAttack"}
@@ -98,19 +99,20 @@ def _merge_checks(old: dict | None, new: dict) -> dict:
     return out
 
 
+SUITE_STEP = 0.25   # the suite's iterative attacks step eps/4 (alpha in pixel units: eps * 0.25)
+
+
 def suite_attack(name: str, model: nn.Module, eps: float, *, pgd100_restarts: int = 5,
                  cw_steps: int = 30, generator: torch.Generator | None = None) -> PGD:
     """The attack a suite entry stands for (not ``clean`` or ``autoattack``)."""
-    alpha = max(eps / 4, 1e-12)
-    if name == "fgsm":
-        return FGSM(model, eps=eps, generator=generator)
-    if name == "pgd20":
-        return PGD(model, eps=eps, alpha=alpha, steps=20, generator=generator)
-    if name == "pgd100":
-        return PGD(model, eps=eps, alpha=alpha, steps=100, restarts=pgd100_restarts, generator=generator)
-    if name == "cw":
-        return CW(model, eps=eps, alpha=alpha, steps=cw_steps, generator=generator)
-    raise ValueError(f"no attack object for suite entry {name!r}; entries: {', '.join(SUITE_ATTACKS)}")
+    alpha = max(eps * SUITE_STEP, 1e-12)
+    specs = {"fgsm": dict(kind="fgsm"),
+             "pgd20": dict(kind="pgd", steps=20, alpha=alpha),
+             "pgd100": dict(kind="pgd", steps=100, alpha=alpha, restarts=pgd100_restarts),
+             "cw": dict(kind="cw", steps=cw_steps, alpha=alpha)}
+    if name not in specs:
+        raise ValueError(f"no attack object for suite entry {name!r}; entries: {', '.join(specs)}")
+    return make_attack(model=model, eps=eps, generator=generator, **specs[name])
 
 
 def _autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: int,
@@ -131,13 +133,6 @@ def _autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes:
     return x_adv
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def robustness(model: nn.Module, x: Tensor, y: Tensor, suite: list[str] | tuple = SUITE_ATTACKS, *,
                eps: float = 8 / 255, batch_size: int = 256, cascade: bool = True,
                pgd100_restarts: int = 5, cw_steps: int = 30, seed: int = 0,
@@ -154,14 +149,12 @@ def robustness(model: nn.Module, x: Tensor, y: Tensor, suite: list[str] | tuple 
         raise ValueError(f"eps: expected a number in [0, 1] (pixel units, e.g. 8/255), got {eps!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size}")
-    device = _device_of(model)
+    device = device_of(model)
     if device.type == "cpu":
         allocator.keep_freed_memory()   # attack steps reuse their pages (spatlib.allocator)
     x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
     n = len(x)
     order = [a for a in SUITE_ATTACKS if a in suite]
-    was_training = model.training
-    model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     correct: dict[str, Tensor] = {}
     checks: dict[str, dict] = {}
@@ -170,7 +163,7 @@ def robustness(model: nn.Module, x: Tensor, y: Tensor, suite: list[str] | tuple 
 
     from tqdm.auto import tqdm
     bar = tqdm(total=len(order), desc=f"robustness eps {format_eps(eps)}", disable=not progress, leave=False)
-    try:
+    with eval_mode(model), bar:
         with torch.no_grad():
             logits = [model(x[i:i + batch_size].to(device)) for i in range(0, n, batch_size)]
         clean = (torch.cat([l.argmax(1).cpu() for l in logits]) == y.cpu() if n
@@ -212,9 +205,6 @@ def robustness(model: nn.Module, x: Tensor, y: Tensor, suite: list[str] | tuple 
             accuracy[name] = float(flags.double().mean()) if n else float("nan")
             seconds[name] = time.perf_counter() - t0
             bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
     ycpu = y.cpu()
     per_class = {a: [float(f[ycpu == k].double().mean()) if bool((ycpu == k).any()) else float("nan")
                      for k in range(num_classes)] for a, f in correct.items()}

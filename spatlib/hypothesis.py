@@ -1,6 +1,6 @@
 """Measure the hypothesis: do adversarial examples change semantics, and does SPAT preserve them?
 
-DESIGN.md, "Testing the hypothesis". The paper's claim is qualitative; this module turns it into
+docs/design.md, "Testing the hypothesis". The paper's claim is qualitative; this module turns it into
 numbers a reader can check:
 
 * an **oracle** decides what an image "means" without ever being seen by the attack:
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import PGD, SPAT, Attack, assert_threat_model
-from .config import SALIENCIES, format_eps, parse_eps
-from .semantics import shared_pixel_score
+from .attacks import MADRY_ALPHA_SCALE, PGD, Attack, assert_threat_model
+from .attacks import make_attack as _make
+from .config import attack_names, format_eps, parse_eps
+from .semantics import RULES, SALIENCIES, shared_pixel_score
+from .util import derive_seed, device_of, eval_mode
 
 # an attack factory builds the attack for one eps: factory(model, eps, generator) -> Attack
 AttackFactory = Callable[[nn.Module, float, torch.Generator], Attack]
 
-MADRY_ALPHA_SCALE = 2.5     # alpha = 2.5 * eps / steps: enough to cross the eps-ball from any start
 SIGNIFICANCE = 0.05         # the level at which compare_attacks' verdict calls a difference real
 
 
@@ -59,32 +59,6 @@ def _as_unit_float(x, name: str = "x") -> Tensor:
         raise ValueError(f"{name}: expected uint8 images or floats in [0, 1], got values in "
                          f"[{float(x.min()):.3g}, {float(x.max()):.3g}]")
     return x
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    if p is None:
-        p = next(iter(model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module):
-    """Eval mode inside the block, each model's previous mode restored after."""
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-
-
-def _derive_seed(seed: int, *parts) -> int:
-    """A stable 63-bit seed from the report seed and names (same on every platform and run)."""
-    digest = hashlib.sha256(":".join([str(int(seed)), *map(str, parts)]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,9 +156,9 @@ class EnsembleOracle(Oracle):
         """x (N, C, H, W) in [0, 1] -> mean softmax over the models (N, K)."""
         x = _as_unit_float(x)
         total = 0
-        with _eval_mode(*self.models):
+        with eval_mode(*self.models):
             for m in self.models:
-                dev = _model_device(m)
+                dev = device_of(m)
                 probs = [F.softmax(m(x[i:i + self.batch_size].to(dev)).float(), 1).to(x.device)
                          for i in range(0, max(len(x), 1), self.batch_size)]
                 total = total + torch.cat(probs)
@@ -242,9 +216,6 @@ def build_oracle(kind: str, dataset=None, *, k: int = 5, checkpoints: Sequence[s
 
 # --------------------------------------------------------------------------------------------
 # the attacks compared
-STANDARD_ATTACKS = ("pgd", "spat_intersection", "spat_equality", "spat_agreement", "spat_random")
-
-
 def make_attack(model: nn.Module, eps: float, generator: torch.Generator | None = None, *,
                 rule: str = "none", steps: int = 20, alpha_scale: float = MADRY_ALPHA_SCALE,
                 saliency: str = "input_grad", gamma: float = 1.0, classes: str = "all",
@@ -253,16 +224,14 @@ def make_attack(model: nn.Module, eps: float, generator: torch.Generator | None 
     """PGD (``rule="none"``) or SPAT with ``rule``, with ``alpha = alpha_scale * eps / steps``.
 
     The step size scales with eps so that attacks compared at several eps (or at the eps found
-    by matching success) stay equally well tuned.
+    by matching success) stay equally well tuned. Built by :func:`spatlib.attacks.make_attack`.
     """
     if steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps}")
     alpha = max(alpha_scale * eps / steps, 1e-12)   # eps = 0 is a valid (empty) budget
-    common = dict(eps=eps, alpha=alpha, steps=steps, random_start=random_start, restarts=restarts,
-                  loss=loss, bn_mode=bn_mode, generator=generator)
-    if rule == "none":
-        return PGD(model, **common)
-    return SPAT(model, rule=rule, saliency=saliency, gamma=gamma, classes=classes, **common)
+    return _make("pgd" if rule == "none" else "spat", model, eps=eps, alpha=alpha, steps=steps,
+                 random_start=random_start, restarts=restarts, loss=loss, bn_mode=bn_mode,
+                 generator=generator, rule=rule, saliency=saliency, gamma=gamma, classes=classes)
 
 
 def standard_attacks(names: Sequence[str] | None = None, *, steps: int = 20,
@@ -272,13 +241,14 @@ def standard_attacks(names: Sequence[str] | None = None, *, steps: int = 20,
     """Factories for PGD, SPAT with each rule, and the random control, all alike but the rule.
 
     Same steps, the same step size ``alpha = alpha_scale * eps / steps`` (default 2.5 eps/steps,
-    Madry et al.'s rule) and the same start, so the rule is the only difference. Names:
-    ``pgd``, ``spat_intersection``, ``spat_equality``, ``spat_agreement`` (input_grad saliency
-    only; left out with ``cam``), ``spat_random`` (the control). ``names`` picks a subset.
+    Madry et al.'s rule) and the same start, so the rule is the only difference. Names: those of
+    :func:`attack_names` (``pgd``, ``spat_intersection``, ``spat_equality``, ``spat_agreement``
+    with input_grad saliency only, ``spat_random``: the control, and any registered rule).
+    ``names`` picks a subset.
     """
     if saliency not in SALIENCIES:
         raise ValueError(f"saliency: expected one of {', '.join(SALIENCIES)}, got {saliency!r}")
-    available = [n for n in STANDARD_ATTACKS if not (n == "spat_agreement" and saliency != "input_grad")]
+    available = attack_names(saliency)
     chosen = list(available if names is None else names)
     unknown = [n for n in chosen if n not in available]
     if unknown:
@@ -411,7 +381,7 @@ def _run_attack(model, oracle, factory: AttackFactory, name: str, eps: float, ep
                 clean: _Clean, device, batch_size: int, seed: int) -> tuple[AttackOutcome, Attack]:
     """One attack at one eps over all examples, seeded by (seed, name, nominal eps) alone, so a
     bisection over eps reuses the same random numbers at every trial eps."""
-    gen = torch.Generator().manual_seed(_derive_seed(seed, name, format_eps(eps_nominal)))
+    gen = torch.Generator().manual_seed(derive_seed(seed, name, format_eps(eps_nominal)))
     attack = factory(model, eps, gen)
     fooled, flipped, p_drop, specific, l2, linf = [], [], [], [], [], []
     for i in range(0, len(clean.y), batch_size):
@@ -563,9 +533,9 @@ def semantic_report(model: nn.Module, oracle: Oracle, x, y, attacks: Mapping[str
     if x.ndim != 4 or len(x) != len(y):
         raise ValueError(f"semantic_report: expected x (N, C, H, W) and y (N,), got {tuple(x.shape)} "
                          f"and {tuple(y.shape)}")
-    device = _model_device(model)
+    device = device_of(model)
     rows, details = [], {}
-    with _eval_mode(model):
+    with eval_mode(model):
         clean = _clean_pass(model, oracle, x.cpu(), y, device, batch_size, saliency, classes, class_chunk)
         for eps in eps_values:
             runs = {}
@@ -672,7 +642,34 @@ def compare_attacks(details: Mapping, attack: str = "spat_intersection", baselin
     return pd.DataFrame(rows)
 
 
+# --------------------------------------------------------------------------------------------
+# notebook 01's tables
+def comparison_names(attacks: Sequence[str]) -> tuple[str, str, str | None]:
+    """(attack, baseline, control) for :func:`spatlib.hypothesis.compare_attacks`: SPAT's
+    default rule (or the first SPAT rule given) against PGD, with the random rule as control."""
+    if "pgd" not in attacks:
+        raise ValueError(f"attacks: the comparison needs 'pgd' as the baseline, got {list(attacks)}")
+    spat = [a for a in attacks if a.startswith("spat_") and a != "spat_random"]
+    if not spat:
+        raise ValueError(f"attacks: the comparison needs a SPAT rule besides the control, got {list(attacks)}")
+    attack = "spat_intersection" if "spat_intersection" in spat else spat[0]
+    return attack, "pgd", "spat_random" if "spat_random" in attacks else None
+
+
+def semantic_summary(report: pd.DataFrame) -> pd.DataFrame:
+    """attack x eps table of the measurements a reader compares (percent, one decimal)."""
+    cols = {"attack_success": "success %", "oracle_flip_rate": "oracle flips %",
+            "oracle_p_drop": "oracle p(y) drop %", "specific_mass_share": "specific share %"}
+    df = report.copy()
+    for c in cols:
+        df[c] = (100 * df[c].astype(float)).round(1)
+    df["oracle flips 95% CI"] = [f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+                                 for lo, hi in zip(df["oracle_flip_ci_low"], df["oracle_flip_ci_high"])]
+    keep = ["attack", "eps_str", *cols, "oracle flips 95% CI", "l2"]
+    return df[keep].rename(columns={**cols, "eps_str": "eps", "l2": "mean L2"}).round({"mean L2": 3})
+
+
 __all__ = ["Oracle", "KNNOracle", "EnsembleOracle", "build_oracle", "AttackFactory", "make_attack",
-           "standard_attacks", "STANDARD_ATTACKS", "MADRY_ALPHA_SCALE", "wilson_interval",
+           "standard_attacks", "attack_names", "comparison_names", "semantic_summary", "MADRY_ALPHA_SCALE", "wilson_interval",
            "McNemarResult", "mcnemar_test", "perturbation_mass_share", "AttackOutcome",
            "semantic_report", "compare_attacks"]

@@ -1,4 +1,4 @@
-"""Results tables and figures: the logic behind notebooks 01, 02 and 03, where tests reach it.
+"""The evaluated runs of an experiment and their tables: notebooks 02 and 03's logic.
 
 * :func:`evaluate_run` runs the evaluation suite (:func:`spatlib.evaluate.robustness`) and the
   PGD-20 robustness curve on a finished run folder and caches both in ``eval_<eps>.json`` beside
@@ -8,11 +8,8 @@
   mean and standard deviation over seeds per (method, dataset, model); :func:`results_table`
   formats them as ``mean ± std`` (percent) beside the published reference rows
   (:func:`load_references`, ``spatlib/references.csv``), marked ``(published)``.
-* Figures (seaborn on explicit :class:`matplotlib.figure.Figure` objects, so nothing depends on
-  pyplot's global state): robust accuracy vs eps, per-class accuracy heatmap, learning curves,
-  and the hypothesis figures of notebook 01 (class evidence maps, shared-pixel weights, PGD vs
-  SPAT perturbations, oracle measurements).
-* :func:`save_results` writes ``results.csv``, ``results.md`` and ``figures/*.png``.
+* :func:`save_results` writes ``results.csv``, ``results.md`` and the figures it is given
+  (drawn by :mod:`spatlib.figures`) as ``figures/*.png``.
 
 Accuracies are fractions in [0, 1] in data frames and caches, percent in formatted tables and
 figures. Suite accuracies are cascaded (see :mod:`spatlib.evaluate`): the AutoAttack column is
@@ -20,12 +17,9 @@ the worst case over the whole suite, at most AutoAttack's standalone number.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -37,12 +31,13 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from .config import EvalConfig, RunConfig, format_eps, from_dict, parse_eps, to_dict
+from .config import SUITE_ATTACKS, EvalConfig, RunConfig, format_eps, from_dict, parse_eps, to_dict
 from .evaluate import (ATTACK_LABELS, RobustnessResult, accuracy_vs_eps, result_from_json,
                        result_to_json, robustness)
+from .util import atomic_write_text, resolve_device, sha256_file
 
 EVAL_FORMAT = "spatlib-eval/1"
-ATTACKS = ("clean", "fgsm", "pgd20", "pgd100", "cw", "autoattack")   # suite order (config.SUITE_ATTACKS)
+ATTACKS = SUITE_ATTACKS      # the suite's order, defined once in config
 GROUP_KEYS = ["method", "dataset", "model"]
 RUN_NAME = re.compile(r"^(?P<variant>.+)-(?P<dataset>[^-]+)-s(?P<seed>-?\d+)$")
 REFERENCES_CSV = Path(__file__).with_name("references.csv")
@@ -53,35 +48,6 @@ MODEL_LABELS = {"small_cnn": "SmallCNN", "preact_resnet18": "PreActResNet-18"}
 
 # --------------------------------------------------------------------------------------------
 # small helpers
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and ``os.replace``: a reader never sees half a cache file."""
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU (decided at call time, never at import)."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def model_label(cfg: RunConfig) -> str:
     """``WRN-34-10``, ``PreActResNet-18``, ``SmallCNN``: how papers name the architectures."""
     if cfg.model.name == "wide_resnet":
@@ -179,7 +145,7 @@ def eval_cache_key(run_dir: str | Path, cfg: RunConfig, ev: EvalConfig, which: s
     ckpt = Path(run_dir) / (BEST if which == "best" else LAST)
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: no checkpoint; the run has not finished an epoch")
-    return {"format": EVAL_FORMAT, "which": which, "checkpoint_sha256": _sha256(ckpt),
+    return {"format": EVAL_FORMAT, "which": which, "checkpoint_sha256": sha256_file(ckpt),
             "suite": [a for a in ATTACKS if a in ev.suite], "eps": eval_eps(cfg, ev),
             "n_examples": ev.n_examples, "batch_size": ev.batch_size,
             "pgd100_restarts": ev.pgd100_restarts, "cw_steps": ev.cw_steps,
@@ -231,7 +197,7 @@ def evaluate_run(run_dir: str | Path, eval: EvalConfig | Mapping | None = None, 
     seconds = time.perf_counter() - t0
     data = {"key": key, "run": cfg.name, "class_names": list(ds.class_names), "seconds": seconds,
             "result": result_to_json(result), "curve": curve.to_dict("records")}
-    _atomic_write_text(path, json.dumps(data) + "\n")
+    atomic_write_text(path, json.dumps(data) + "\n", fsync=False)   # a cache: recomputable
     return _evaluation_from_cache(data, run_dir, cfg, ev, path, cached=False)
 
 
@@ -429,117 +395,17 @@ def references_table(refs: pd.DataFrame) -> pd.DataFrame:
     return out.rename(columns={"robust_attack": "attack"})
 
 
-# --------------------------------------------------------------------------------------------
-# figures (explicit Figure objects: safe in threads and in a kernel, shown with display(fig))
-def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kw):
-    fig = Figure(figsize=(width, height), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
-    return fig, axes
 
 
-def plot_accuracy_vs_eps(curves: pd.DataFrame, title: str | None = None) -> Figure:
-    """PGD-20 robust accuracy (%) vs eps, one line per method (mean over seeds, band: ± sd),
-    one panel per dataset."""
-    import seaborn as sns
-    datasets = list(dict.fromkeys(curves["dataset"])) if not curves.empty else [""]
-    fig, axes = _figure(5.0 * len(datasets), 3.8, 1, len(datasets))
-    for ax, ds in zip(axes[0], datasets):
-        part = curves[curves["dataset"] == ds].copy() if not curves.empty else curves
-        if part.empty:
-            ax.text(0.5, 0.5, "no eps_curve in the eval settings", ha="center", va="center")
-            continue
-        part["accuracy (%)"] = 100 * part["accuracy"].astype(float)
-        sns.lineplot(data=part, x="eps", y="accuracy (%)", hue="method", marker="o",
-                     errorbar="sd", ax=ax)
-        ax.set_ylim(-2, 102)
-        ax.set_title(f"{ds}: PGD-20 accuracy vs eps" if ds else "PGD-20 accuracy vs eps")
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    return fig
 
 
-def per_class_matrix(per_class: pd.DataFrame, attack: str | None = None,
-                     dataset: str | None = None) -> pd.DataFrame:
-    """method x class accuracy (%) under ``attack`` (default: the last attack of the cascade,
-    i.e. the worst case), mean over seeds."""
-    df = per_class
-    if dataset is not None:
-        df = df[df["dataset"] == dataset]
-    if attack is None:
-        present = [a for a in ATTACKS if a in set(df["attack"])]
-        attack = present[-1] if present else None
-    df = df[df["attack"] == attack]
-    mat = df.pivot_table(index="method", columns="class_name", values="accuracy", aggfunc="mean",
-                         sort=False) * 100
-    order = list(dict.fromkeys(df.sort_values("class")["class_name"]))
-    mat = mat[[c for c in order if c in mat.columns]]
-    mat.attrs["attack"] = attack
-    return mat
 
 
-def plot_per_class_heatmap(per_class: pd.DataFrame, attack: str | None = None) -> Figure:
-    """Per-class accuracy (%) heatmap, one panel per dataset, methods x classes."""
-    import seaborn as sns
-    datasets = list(dict.fromkeys(per_class["dataset"])) if not per_class.empty else []
-    fig, axes = _figure(max(6.0, 0.55 * 10 + 3), 0.5 * 6 + 1.6, max(1, len(datasets)), 1)
-    for ax, ds in zip(axes[:, 0], datasets):
-        mat = per_class_matrix(per_class, attack, ds)
-        many = mat.shape[1] > 20           # CIFAR-100: 100 columns, numbers would not fit
-        sns.heatmap(mat, annot=not many, fmt=".0f", vmin=0, vmax=100, cmap="viridis", ax=ax,
-                    cbar_kws={"label": "accuracy (%)"}, xticklabels=not many or "auto")
-        label = ATTACK_LABELS.get(mat.attrs["attack"], mat.attrs["attack"])
-        ax.set_title(f"{ds}: per-class accuracy, worst case up to {label}")
-        ax.set_xlabel("class")
-        ax.set_ylabel("")
-    return fig
 
 
-HISTORY_ACC = {"train_clean_acc": ("clean", "train"), "train_adv_acc": ("robust", "train"),
-               "val_clean_acc": ("clean", "validation"), "val_robust_acc": ("robust", "validation")}
 
 
-def learning_curves_long(history: pd.DataFrame) -> pd.DataFrame:
-    """history.csv -> long rows (epoch, accuracy %, kind clean|robust, split train|validation).
-    Train robust accuracy is on the training attack's examples (eps ramps up with warm-up)."""
-    rows = []
-    for col, (kind, split) in HISTORY_ACC.items():
-        if col in history:
-            for e, v in zip(history["epoch"], history[col]):
-                if pd.notna(v):
-                    rows.append({"epoch": int(e), "accuracy (%)": 100 * float(v), "kind": kind, "split": split})
-    return pd.DataFrame(rows, columns=["epoch", "accuracy (%)", "kind", "split"])
 
-
-def plot_learning_curves(history: pd.DataFrame, title: str | None = None) -> Figure:
-    """Clean / robust accuracy (train and validation) and training loss, lr and eps per epoch."""
-    import seaborn as sns
-    fig, axes = _figure(11, 3.8, 1, 2)
-    long = learning_curves_long(history)
-    ax = axes[0, 0]
-    if not long.empty:
-        sns.lineplot(data=long, x="epoch", y="accuracy (%)", hue="kind", style="split", marker="o",
-                     markersize=4, ax=ax)
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.set_title("accuracy (robust: PGD at the training eps)")
-    ax = axes[0, 1]
-    ax.plot(history["epoch"], history["train_loss"], "o-", ms=3, label="train loss", color="C3")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("train loss")
-    ax.grid(alpha=0.3)
-    twin = ax.twinx()
-    twin.plot(history["epoch"], history["lr"], "--", color="C7", label="lr")
-    if "eps" in history and history["eps"].max() > 0:
-        scale = history["lr"].max() / history["eps"].max()
-        twin.plot(history["epoch"], history["eps"] * scale, ":", color="C2", label="eps (scaled)")
-    twin.set_ylabel("lr")
-    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="upper right", fontsize=8)
-    ax.set_title("loss and schedules")
-    if title:
-        fig.suptitle(title)
-    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,157 +468,8 @@ def save_results(out_dir: str | Path, collected: Collected, agg: pd.DataFrame, t
     return paths
 
 
-# --------------------------------------------------------------------------------------------
-# notebook 01: the hypothesis, shown
-def _show_image(ax, img: torch.Tensor, title: str = "", cmap: str = "gray") -> None:
-    """img (C, H, W) in [0, 1] (or a map (H, W))."""
-    a = img.detach().float().cpu()
-    if a.ndim == 3:
-        a = a.permute(1, 2, 0)
-        a = a[..., 0] if a.shape[-1] == 1 else a.clamp(0, 1)
-    ax.imshow(a.numpy(), cmap=cmap if a.ndim == 2 else None, interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def plot_examples(x: torch.Tensor, y: torch.Tensor, class_names: Sequence[str],
-                  pred: torch.Tensor | None = None, n: int = 10) -> Figure:
-    """A row of clean images x (N, C, H, W) in [0, 1] with label (and prediction)."""
-    n = min(n, len(x))
-    fig, axes = _figure(1.3 * n, 1.7, 1, n)
-    for i in range(n):
-        title = class_names[int(y[i])]
-        if pred is not None:
-            title += f" -> {class_names[int(pred[i])]}"
-        _show_image(axes[0, i], x[i], title)
-    return fig
-
-
-def plot_evidence_maps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                       class_names: Sequence[str], saliency: str = "input_grad") -> Figure:
-    """For one image x (1, C, H, W): the image and the normalized class evidence map P_k of
-    every class (DESIGN.md step 1), the true class marked with *."""
-    from .semantics import class_evidence, normalize_maps
-    ev = class_evidence(model, x, y, "all", saliency)
-    maps = normalize_maps(ev.maps)[0]                       # (K, H, W)
-    k = maps.shape[0]
-    fig, axes = _figure(1.4 * (k + 1), 1.9, 1, k + 1)
-    _show_image(axes[0, 0], x[0], f"image ({class_names[int(y[0])]})")
-    for j in range(k):
-        cls = int(ev.classes[0, j])
-        star = "*" if cls == int(y[0]) else ""
-        axes[0, j + 1].imshow(maps[j].cpu().numpy(), cmap="magma", interpolation="nearest")
-        axes[0, j + 1].set_title(f"P[{class_names[cls]}]{star}", fontsize=9)
-        axes[0, j + 1].set_xticks([])
-        axes[0, j + 1].set_yticks([])
-    return fig
-
-
-def plot_shared_pixels(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                       alpha: float, rules: Sequence[str] = ("intersection", "equality", "random"),
-                       saliency: str = "input_grad", seed: int = 0) -> Figure:
-    """For one image: the SPAT step weights w of each rule (mean 1, capped at eps/alpha),
-    i.e. where SPAT spends its budget; ``random`` is the control."""
-    from .semantics import shared_pixel_weights
-    fig, axes = _figure(2.2 * (len(rules) + 1), 2.4, 1, len(rules) + 1)
-    _show_image(axes[0, 0], x[0], "image")
-    for ax, rule in zip(axes[0, 1:], rules):
-        g = torch.Generator(device=x.device).manual_seed(seed)
-        w = shared_pixel_weights(model, x, y, rule, saliency, eps=eps, alpha=alpha, generator=g)
-        im = ax.imshow(w[0].mean(0).cpu().numpy(), cmap="viridis", interpolation="nearest",
-                       vmin=0, vmax=eps / alpha)
-        ax.set_title(f"w: {rule}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(im, ax=list(axes[0, 1:]), shrink=0.8, label="step weight")
-    return fig
-
-
-def plot_perturbations(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                       attacks: Mapping[str, object], eps: float, class_names: Sequence[str], *,
-                       oracle=None, seed: int = 0) -> Figure:
-    """For one image x (1, C, H, W): each attack's x_adv and perturbation delta (red +, blue -),
-    titled with the attacked model's prediction and the oracle's. ``attacks``: name ->
-    factory(model, eps, generator) (:func:`spatlib.hypothesis.standard_attacks`)."""
-    names = list(attacks)
-    fig, axes = _figure(2.0 * (len(names) + 1), 4.2, 2, len(names) + 1)
-    with torch.no_grad():
-        p0 = int(model(x).argmax(1)[0])
-    o0 = f", oracle {class_names[int(oracle.predict(x)[0])]}" if oracle is not None else ""
-    _show_image(axes[0, 0], x[0], f"clean: {class_names[p0]}{o0}")
-    axes[1, 0].axis("off")
-    for j, name in enumerate(names, start=1):
-        g = torch.Generator(device=x.device).manual_seed(seed)
-        x_adv = attacks[name](model, eps, g)(x, y)
-        with torch.no_grad():
-            p = int(model(x_adv).argmax(1)[0])
-        o = f"\noracle {class_names[int(oracle.predict(x_adv)[0])]}" if oracle is not None else ""
-        _show_image(axes[0, j], x_adv[0], f"{name}\nmodel {class_names[p]}{o}")
-        delta = (x_adv - x)[0].mean(0).cpu().numpy()
-        axes[1, j].imshow(delta, cmap="RdBu_r", vmin=-eps, vmax=eps, interpolation="nearest")
-        axes[1, j].set_title(f"delta ({format_eps(eps)})", fontsize=9)
-        axes[1, j].set_xticks([])
-        axes[1, j].set_yticks([])
-    return fig
-
-
-def plot_semantic_report(report: pd.DataFrame) -> Figure:
-    """Three panels vs eps, one line per attack: attack success on the model, oracle flip rate
-    (95% Wilson interval as error bars) and the class-specific share of the perturbation."""
-    import seaborn as sns
-    fig, axes = _figure(15, 4.0, 1, 3)
-    df = report.copy()
-    df["eps"] = df["eps_nominal"].astype(float)
-    for ax, (col, label) in zip(axes[0], [("attack_success", "attack success on the model (%)"),
-                                          ("oracle_flip_rate", "oracle flip rate (%)"),
-                                          ("specific_mass_share", "class-specific share of |delta| (%)")]):
-        d = df.assign(value=100 * df[col].astype(float))
-        sns.lineplot(data=d, x="eps", y="value", hue="attack", marker="o", ax=ax, errorbar=None)
-        if col == "oracle_flip_rate":
-            for i, (name, part) in enumerate(d.groupby("attack", sort=False)):
-                lo = 100 * (part["oracle_flip_rate"] - part["oracle_flip_ci_low"])
-                hi = 100 * (part["oracle_flip_ci_high"] - part["oracle_flip_rate"])
-                ax.errorbar(part["eps"], part["value"], yerr=[lo, hi], fmt="none", capsize=3,
-                            ecolor=ax.get_lines()[i].get_color() if i < len(ax.get_lines()) else None,
-                            alpha=0.6)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if ax is not axes[0, 0] and ax.get_legend():
-            ax.get_legend().remove()
-    return fig
-
-
-def comparison_names(attacks: Sequence[str]) -> tuple[str, str, str | None]:
-    """(attack, baseline, control) for :func:`spatlib.hypothesis.compare_attacks`: SPAT's
-    default rule (or the first SPAT rule given) against PGD, with the random rule as control."""
-    if "pgd" not in attacks:
-        raise ValueError(f"attacks: the comparison needs 'pgd' as the baseline, got {list(attacks)}")
-    spat = [a for a in attacks if a.startswith("spat_") and a != "spat_random"]
-    if not spat:
-        raise ValueError(f"attacks: the comparison needs a SPAT rule besides the control, got {list(attacks)}")
-    attack = "spat_intersection" if "spat_intersection" in spat else spat[0]
-    return attack, "pgd", "spat_random" if "spat_random" in attacks else None
-
-
-def semantic_summary(report: pd.DataFrame) -> pd.DataFrame:
-    """attack x eps table of the measurements a reader compares (percent, one decimal)."""
-    cols = {"attack_success": "success %", "oracle_flip_rate": "oracle flips %",
-            "oracle_p_drop": "oracle p(y) drop %", "specific_mass_share": "specific share %"}
-    df = report.copy()
-    for c in cols:
-        df[c] = (100 * df[c].astype(float)).round(1)
-    df["oracle flips 95% CI"] = [f"[{100 * lo:.1f}, {100 * hi:.1f}]"
-                                 for lo, hi in zip(df["oracle_flip_ci_low"], df["oracle_flip_ci_high"])]
-    keep = ["attack", "eps_str", *cols, "oracle flips 95% CI", "l2"]
-    return df[keep].rename(columns={**cols, "eps_str": "eps", "l2": "mean L2"}).round({"mean L2": 3})
-
-
 __all__ = ["ATTACKS", "RunEvaluation", "Collected", "evaluate_run", "eval_cache_key", "eval_cache_path",
            "resolve_eval", "collect_results", "find_run_dirs", "aggregate", "results_table",
            "format_mean_std", "load_references", "matching_references", "to_markdown",
            "results_markdown", "save_results", "split_run_name", "read_run_config", "load_history",
-           "load_metrics", "describe_dataset", "plot_accuracy_vs_eps", "per_class_matrix",
-           "plot_per_class_heatmap", "plot_learning_curves", "learning_curves_long", "plot_examples",
-           "plot_evidence_maps", "plot_shared_pixels", "plot_perturbations", "plot_semantic_report",
-           "semantic_summary", "comparison_names", "model_label", "resolve_device"]
+           "load_metrics", "describe_dataset", "model_label"]

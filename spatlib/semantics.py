@@ -1,26 +1,29 @@
 """Which pixels carry class-specific evidence, and which are shared by all classes.
 
-DESIGN.md, "The SPAT attack", steps 1-3:
+docs/design.md, "The SPAT attack", steps 1-3:
 
 1. class evidence maps ``A_k`` for every class k of a class set S (``class_evidence``);
 2. a shared-pixel score ``s`` in [0, 1] by a ``rule`` (``shared_pixel_score``);
 3. budget-preserving step weights ``w = s**gamma / mean(s**gamma)``, capped at ``eps/alpha``
    by water-filling (``shared_pixel_weights``, ``budget_preserving_weights``).
 
-A new SPAT rule is a change to this module alone: add a function to ``_SCORE_RULES``.
+The rules live in one registry, :data:`RULES` (name -> :class:`Rule`). A new SPAT rule is one
+:func:`register_rule` call: the config's allowed ``attack.rule`` values, the attack, the trainer
+and notebook 01's attack list (``spat_<rule>``) all read the registry.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import RULES, SALIENCIES
-
+SALIENCIES = ("input_grad", "cam")
 _TINY = 1e-12
+_TOPK = re.compile(r"topk:(\d+)")
 
 
 @dataclass
@@ -38,20 +41,28 @@ class Evidence:
     logits: Tensor
 
 
+def parse_classes(spec: str) -> int | None:
+    """The class-set spec: ``"all"`` -> None, ``"topk:N"`` -> N (>= 1). ValueError otherwise."""
+    if spec == "all":
+        return None
+    m = _TOPK.fullmatch(str(spec))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"classes: expected 'all' or 'topk:N' with N >= 1, got {spec!r}")
+    return int(m.group(1))
+
+
 def check_spat_settings(rule: str, saliency: str, gamma: float = 1.0, classes: str | Tensor = "all") -> None:
     """Raise ValueError naming the setting and its allowed values (checked before any work)."""
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
     if saliency not in SALIENCIES:
         raise ValueError(f"saliency: expected one of {', '.join(SALIENCIES)}, got {saliency!r}")
-    if rule == "agreement" and saliency != "input_grad":
-        raise ValueError("rule 'agreement' needs saliency 'input_grad' (it uses the input gradients)")
+    if RULES[rule].needs_grads and saliency != "input_grad":
+        raise ValueError(f"rule {rule!r} needs saliency 'input_grad' (it uses the input gradients)")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
         raise ValueError(f"gamma: expected a number >= 0, got {gamma!r}")
     if not isinstance(classes, Tensor):
-        m = re.fullmatch(r"topk:(\d+)", str(classes))
-        if classes != "all" and not (m and int(m.group(1)) >= 1):
-            raise ValueError(f"classes: expected 'all' or 'topk:N' with N >= 1, got {classes!r}")
+        parse_classes(classes)
 
 
 def resolve_classes(logits: Tensor, y: Tensor, spec: str | Tensor = "all") -> Tensor:
@@ -63,12 +74,10 @@ def resolve_classes(logits: Tensor, y: Tensor, spec: str | Tensor = "all") -> Te
     if isinstance(spec, Tensor):
         return spec.to(device=logits.device, dtype=torch.long)
     n, k = logits.shape
-    if spec == "all":
+    topk = parse_classes(spec)
+    if topk is None:
         return torch.arange(k, device=logits.device).expand(n, k)
-    m = re.fullmatch(r"topk:(\d+)", str(spec))
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"classes: expected 'all' or 'topk:N', got {spec!r}")
-    top = min(int(m.group(1)), k)
+    top = min(topk, k)
     others = logits.detach().float().scatter(1, y.view(-1, 1), float("-inf"))
     rest = others.topk(top - 1, dim=1).indices if top > 1 else logits.new_empty(n, 0, dtype=torch.long)
     return torch.cat([y.view(-1, 1), rest], dim=1)
@@ -143,7 +152,7 @@ def _cam_maps(model: nn.Module, x: Tensor, y: Tensor, spec, class_chunk: int) ->
 def class_evidence(model: nn.Module, x: Tensor, y: Tensor, classes: str | Tensor = "all",
                    saliency: str = "input_grad", class_chunk: int = 16, *,
                    keep_grads: bool = True) -> Evidence:
-    """Class evidence maps A_k (N, S, H, W) for the class set S (DESIGN.md step 1).
+    """Class evidence maps A_k (N, S, H, W) for the class set S (docs/design.md step 1).
 
     ``input_grad`` (exact): ``A_k = sum_c |d z_k / d x|``, one backward per class (batched in
     chunks of ``class_chunk`` off the CPU, see ``_class_vjps``). ``keep_grads=False`` keeps
@@ -236,37 +245,91 @@ def _random(ev: Evidence, y: Tensor, generator) -> Tensor:
     return shuffle_pixels(_intersection(ev, y, generator), generator)
 
 
-_SCORE_RULES = {"intersection": _intersection, "equality": _equality, "agreement": _agreement,
-                "random": _random}
-assert set(_SCORE_RULES) | {"none"} == set(RULES)
+# --------------------------------------------------------------------------------------------
+# the registry
+ScoreFn = Callable[[Evidence, Tensor, "torch.Generator | None"], Tensor]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A shared-pixel rule: ``score(evidence, y, generator)`` -> s in [0, 1], (N, 1 | C, H, W).
+
+    ``score`` None: no weighting at all (``none``: plain PGD, no class evidence computed).
+    ``needs_grads``: the rule reads the input gradients themselves (``Evidence.grads``), so it
+    needs ``saliency='input_grad'`` and the (N, S, C, H, W) gradients are kept for it.
+    """
+    name: str
+    score: ScoreFn | None
+    needs_grads: bool = False
+    description: str = ""
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(name: str, score: ScoreFn | None, *, needs_grads: bool = False,
+                  description: str = "") -> Rule:
+    """Add (or replace) a rule in :data:`RULES`; every layer that lists rules reads it."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"rule name: expected lower-case letters, digits and _, got {name!r}")
+    RULES[name] = rule = Rule(name, score, needs_grads, description or ((score.__doc__ or "") if score else "").strip())
+    return rule
+
+
+register_rule("intersection", _intersection)
+register_rule("equality", _equality)
+register_rule("agreement", _agreement, needs_grads=True)
+register_rule("random", _random)
+register_rule("none", None, description="s = 1 everywhere: plain PGD")
+
+
+@dataclass
+class SharedPixels:
+    """What :func:`shared_pixels` computes for a batch.
+
+    score:   (N, 1 | C, H, W) shared-pixel score s in [0, 1] (ones for ``none``)
+    weights: same shape, the step weights (mean 1 per image, at most the cap), float32
+    logits:  (N, K) f(x), detached, float32, from the forward the class evidence ran (model in
+             the caller's mode); None for ``none``, which runs no forward. A caller that needs
+             f(x) too (the trainer's clean accuracy) reads it here instead of another forward.
+    """
+    score: Tensor
+    weights: Tensor
+    logits: Tensor | None
+
+
+def shared_pixels(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
+                  saliency: str = "input_grad", gamma: float = 1.0,
+                  classes: str | Tensor = "all", eps: float | None = None,
+                  alpha: float | None = None, class_chunk: int = 16,
+                  generator: torch.Generator | None = None) -> SharedPixels:
+    """Score, step weights and f(x) of a batch (docs/design.md, SPAT steps 1-3).
+
+    x: (N, C, H, W) in [0, 1]; y: (N,). The weights are capped at eps/alpha when both are given.
+    """
+    check_spat_settings(rule, saliency, gamma, classes)
+    r = RULES[rule]
+    if r.score is None:
+        score, logits = torch.ones_like(x[:, :1], dtype=torch.float32), None
+    else:
+        # only a rule that reads the gradients keeps them; the others need the maps alone
+        ev = class_evidence(model, x, y, classes, saliency, class_chunk, keep_grads=r.needs_grads)
+        score, logits = r.score(ev, y, generator), ev.logits
+    cap = eps / alpha if (eps is not None and alpha) else None
+    return SharedPixels(score, budget_preserving_weights(score, gamma, cap), logits)
 
 
 def shared_pixel_score(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
                        saliency: str = "input_grad", classes: str | Tensor = "all",
                        class_chunk: int = 16, generator: torch.Generator | None = None) -> Tensor:
-    """Shared-pixel score s in [0, 1] (DESIGN.md step 2).
-
-    Returns (N, 1, H, W) for the pixel rules, (N, C, H, W) for ``agreement``; all ones for
-    ``none`` (plain PGD).
-    """
-    return _score_and_logits(model, x, y, rule, saliency, classes, class_chunk, generator)[0]
-
-
-def _score_and_logits(model: nn.Module, x: Tensor, y: Tensor, rule: str, saliency: str,
-                      classes: str | Tensor, class_chunk: int,
-                      generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
-    """The shared-pixel score and the logits of x that the class evidence computed on the way
-    (None for ``none``): a caller that needs f(x) too reuses them instead of another forward."""
-    check_spat_settings(rule, saliency, 1.0, classes)
-    if rule == "none":
-        return torch.ones_like(x[:, :1], dtype=torch.float32), None
-    # only agreement reads the gradients themselves; the other rules need the maps alone
-    ev = class_evidence(model, x, y, classes, saliency, class_chunk, keep_grads=rule == "agreement")
-    return _SCORE_RULES[rule](ev, y, generator), ev.logits
+    """The score s of :func:`shared_pixels` alone: (N, 1, H, W) for the pixel rules,
+    (N, C, H, W) for ``agreement``; all ones for ``none``."""
+    return shared_pixels(model, x, y, rule, saliency, 1.0, classes, class_chunk=class_chunk,
+                         generator=generator).score
 
 
 def budget_preserving_weights(score: Tensor, gamma: float = 1.0, cap: float | None = None) -> Tensor:
-    """w = s**gamma / mean(s**gamma) per image, capped at ``cap`` (DESIGN.md step 3).
+    """w = s**gamma / mean(s**gamma) per image, capped at ``cap`` (docs/design.md step 3).
 
     Water-filling, solved exactly: the m largest weights sit at the cap and the others are
     ``c * s`` with c chosen so the per-image mean is 1. With the scores sorted in descending
@@ -305,23 +368,8 @@ def shared_pixel_weights(model: nn.Module, x: Tensor, y: Tensor, rule: str = "in
                          classes: str | Tensor = "all", eps: float | None = None,
                          alpha: float | None = None, class_chunk: int = 16,
                          generator: torch.Generator | None = None) -> Tensor:
-    """SPAT step weights: mean 1 per image, at most eps/alpha (DESIGN.md steps 1-3).
-
-    x: (N, C, H, W) in [0, 1]; y: (N,). Returns (N, 1, H, W) (or (N, C, H, W) for
-    ``agreement``), float32, to multiply the PGD step ``alpha * sign(grad)``.
-    """
-    return shared_pixel_weights_and_logits(model, x, y, rule, saliency, gamma, classes, eps, alpha,
-                                           class_chunk, generator)[0]
-
-
-def shared_pixel_weights_and_logits(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
-                                    saliency: str = "input_grad", gamma: float = 1.0,
-                                    classes: str | Tensor = "all", eps: float | None = None,
-                                    alpha: float | None = None, class_chunk: int = 16,
-                                    generator: torch.Generator | None = None
-                                    ) -> tuple[Tensor, Tensor | None]:
-    """:func:`shared_pixel_weights` and the logits f(x) (N, K), detached, float32, of the
-    forward the class evidence ran (model in the caller's mode; None for rule ``none``)."""
-    score, logits = _score_and_logits(model, x, y, rule, saliency, classes, class_chunk, generator)
-    cap = eps / alpha if (eps is not None and alpha) else None
-    return budget_preserving_weights(score, gamma, cap), logits
+    """The step weights of :func:`shared_pixels` alone: mean 1 per image, at most eps/alpha;
+    (N, 1, H, W) (or (N, C, H, W) for ``agreement``), float32, to multiply the PGD step
+    ``alpha * sign(grad)``."""
+    return shared_pixels(model, x, y, rule, saliency, gamma, classes, eps, alpha, class_chunk,
+                         generator).weights

@@ -174,11 +174,6 @@ def eps_at(eps: float, warmup_epochs: float, step: int, steps_per_epoch: int) ->
 
 # --------------------------------------------------------------------------------------------
 # small helpers
-def _logits_of_clean_x(attack: attacks.PGD) -> bool:
-    """Whether the attack leaves f(x) with BN in eval mode behind (``SPAT.clean_logits``)."""
-    return isinstance(attack, attacks.SPAT) and attack.rule != "none" and attack.bn_mode == "eval"
-
-
 def _derive_seed(seed: int, *tags) -> int:
     """A stable 63-bit seed for one random stream (same on every platform and process)."""
     text = ":".join([str(int(seed)), *map(str, tags)])
@@ -673,9 +668,12 @@ class _Trainer:
         # TRADES starts at x + 0.001 N(0, 1) whatever attack.random_start says: at x itself the
         # KL to f(x) is at its minimum, its gradient is exactly 0 and sign steps never move
         start = "normal" if self.method.attack_loss == "kl" else a.random_start
-        return attacks.attack_from_config(self.model, a, spat=self.method.attack == "spat",
-                                          loss=self.method.attack_loss, eps=eps, alpha=alpha,
-                                          random_start=start, generator=self.attack_gen)
+        return attacks.make_attack("spat" if self.method.attack == "spat" else "pgd", self.model,
+                                   eps=eps, alpha=alpha, steps=a.steps, random_start=start,
+                                   loss=self.method.attack_loss, bn_mode=a.bn_mode,
+                                   generator=self.attack_gen, rule=a.rule, saliency=a.saliency,
+                                   gamma=a.gamma, classes=a.classes, class_chunk=a.class_chunk,
+                                   refresh=a.refresh)
 
     def train_epoch(self, epoch: int, bar_factory) -> dict:
         tc, model, dev = self.tc, self.model, self.device
@@ -702,16 +700,16 @@ class _Trainer:
                 attack = self._attack(eps)
                 # SPAT's class evidence runs f(x) with BN in eval mode: its logits give the
                 # clean accuracy at no cost; else one more forward, BN in eval mode, no grad
-                reuse = _logits_of_clean_x(attack)
-                if not self.method.needs_clean and not reuse and i % CLEAN_ACC_EVERY == 0:
-                    model.eval()
-                    with torch.no_grad(), self.amp():
-                        clean_logits = model(x)
-                    model.train()
                 with self.amp():
-                    x_adv = attack(x, y)
-                if not self.method.needs_clean and reuse:
-                    clean_logits = attack.clean_logits
+                    result = attack.run(x, y)
+                x_adv = result.x_adv
+                if not self.method.needs_clean:
+                    clean_logits = result.clean_logits
+                    if clean_logits is None and i % CLEAN_ACC_EVERY == 0:
+                        model.eval()
+                        with torch.no_grad(), self.amp():
+                            clean_logits = model(x)
+                        model.train()
             self.opt.zero_grad(set_to_none=True)
             with self.amp():
                 if self.method.needs_clean:

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import spatlib.attacks
-from spatlib.attacks import CW, FGSM, PGD, SPAT, attack_from_config, check_threat_model
-from spatlib.config import AttackConfig
+from spatlib.attacks import CW, FGSM, PGD, SPAT, check_threat_model, make_attack
 from spatlib.models import build_model
 from spatlib.semantics import shared_pixel_weights
 
@@ -317,13 +316,18 @@ def test_spat_clean_logits_are_the_eval_mode_logits_of_x(model_name, saliency):
         expected = model.eval()(x)
     model.train()
     attack = SPAT(model, eps=EPS, alpha=ALPHA, steps=2, saliency=saliency, generator=_gen(1))
-    attack(x, y)
-    assert attack.clean_logits is not None and not attack.clean_logits.requires_grad
-    torch.testing.assert_close(attack.clean_logits, expected, rtol=1e-5, atol=1e-5)
+    result = attack.run(x, y)
+    assert result.clean_logits is not None and not result.clean_logits.requires_grad
+    torch.testing.assert_close(result.clean_logits, expected, rtol=1e-5, atol=1e-5)
     assert model.training                      # and the caller's mode is back
-    none = SPAT(model, eps=EPS, alpha=ALPHA, steps=2, rule="none", generator=_gen(1))
-    none(x, y)
-    assert none.clean_logits is None
+    # the same x_adv as the plain call (same generator state)
+    assert torch.equal(result.x_adv, SPAT(model, eps=EPS, alpha=ALPHA, steps=2, saliency=saliency,
+                                          generator=_gen(1))(x, y))
+    # no f(x) where the attack ran none (rule none, PGD) or ran it in train mode
+    assert SPAT(model, eps=EPS, alpha=ALPHA, steps=2, rule="none", generator=_gen(1)).run(x, y).clean_logits is None
+    assert PGD(model, eps=EPS, alpha=ALPHA, steps=2, generator=_gen(1)).run(x, y).clean_logits is None
+    assert SPAT(model, eps=EPS, alpha=ALPHA, steps=2, bn_mode="train", saliency=saliency,
+                generator=_gen(1)).run(x, y).clean_logits is None
 
 
 def test_restarts_keep_the_worst_case_per_example():
@@ -345,14 +349,23 @@ def test_restarts_keep_the_worst_case_per_example():
     assert not torch.equal(one, three)
 
 
-def test_attack_from_config_builds_pgd_or_spat():
+def test_make_attack_builds_each_kind_with_one_step_convention():
     model = _model("small_cnn")
-    cfg = AttackConfig(eps=0.1, alpha=0.02, steps=3, rule="equality", saliency="cam", refresh=2)
-    pgd = attack_from_config(model, cfg)
-    spat = attack_from_config(model, cfg, spat=True, loss="kl", eps=0.05, alpha=0.01)
-    assert type(pgd) is PGD and (pgd.eps, pgd.alpha, pgd.steps) == (0.1, 0.02, 3)
+    pgd = make_attack("pgd", model, eps=0.1, alpha=0.02, steps=3)
+    spat = make_attack("spat", model, eps=0.05, alpha=0.01, steps=3, loss="kl", rule="equality",
+                       saliency="cam", refresh=2)
+    assert type(pgd) is PGD and (pgd.eps, pgd.alpha, pgd.steps, pgd.loss) == (0.1, 0.02, 3, "ce")
     assert isinstance(spat, SPAT) and (spat.eps, spat.alpha, spat.loss) == (0.05, 0.01, "kl")
     assert (spat.rule, spat.saliency, spat.refresh) == ("equality", "cam", 2)
+    # alpha None: 2.5 eps / steps (Madry et al.), for every iterative kind
+    cw = make_attack("cw", model, eps=0.08, steps=10)
+    assert type(cw) is CW and cw.loss == "margin" and cw.alpha == pytest.approx(0.02)
+    fgsm = make_attack("fgsm", model, eps=0.08)
+    assert type(fgsm) is FGSM and (fgsm.steps, fgsm.alpha) == (1, 0.08)
+    with pytest.raises(ValueError, match="kind"):
+        make_attack("apgd", model, eps=0.1)
+    with pytest.raises(ValueError, match="margin"):
+        make_attack("cw", model, eps=0.1, loss="ce")
 
 
 def test_check_threat_model_reports_violations():

@@ -18,7 +18,8 @@ def test_eps_fraction_strings_are_parsed_and_formatted_back():
     assert format_eps(cfg.attack.eps) == "8/255"
     assert format_eps(0.3) == "0.3"
     assert format_eps(0.2) == "0.2"            # 51/255 exactly, but 0.2 is how it was written
-    assert format_eps(2.5 / 255) == "2.5/255" or format_eps(2.5 / 255) == f"{2.5 / 255:g}"
+    assert format_eps(2.5 / 255) == "0.00980392"   # no short decimal, not a whole number of 255ths
+    assert format_eps(16 / 255) == "16/255"
     assert parse_eps(0.1) == 0.1
 
 

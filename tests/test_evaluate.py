@@ -1,5 +1,5 @@
 """The robustness suite: agreement with an independent PGD, AutoAttack, worst case, 100 classes."""
-import time
+
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from spatlib.attacks import SPAT
 from spatlib.data import load_dataset
 from spatlib.evaluate import result_from_json, result_to_json, robustness
 from spatlib.models import build_model
+from spatlib.semantics import class_evidence
 
 
 @pytest.fixture(scope="module")
@@ -108,23 +109,18 @@ def test_bad_suite_and_eps_are_named():
         robustness(model, x, y, ["clean"], eps=8)
 
 
-def test_hundred_classes_with_topk10(capsys):
-    """A 100-class model: the suite and SPAT with topk:10 run; topk:10 costs ~10 class
-    backwards instead of 100 (times printed: see README, SPAT overhead)."""
+def test_hundred_classes_with_topk10():
+    """A 100-class model: the suite runs, and SPAT with topk:10 computes class evidence for ten
+    classes (the true one first) instead of a hundred, inside the threat model."""
     ds = load_dataset("synthetic", num_classes=100, shape=(3, 16, 16), n_train=200, n_test=64)
     model = build_model("small_cnn", 100, 3, ds.mean, ds.std, image_size=16, seed=0).eval()
     x, y = ds.x_test.float() / 255, ds.y_test
     r = robustness(model, x, y, ["clean", "fgsm", "pgd20"], eps=8 / 255)
     assert len(r.per_class["clean"]) == 100
-    times = {}
+    ev = class_evidence(model, x[:16], y[:16], "topk:10")
+    assert ev.maps.shape == (16, 10, 16, 16) and torch.equal(ev.classes[:, 0], y[:16])
     for classes in ["topk:10", "all"]:
         attack = SPAT(model, eps=8 / 255, alpha=2 / 255, steps=2, classes=classes, class_chunk=10,
                       generator=torch.Generator().manual_seed(0))
-        t0 = time.perf_counter()
         x_adv = attack(x[:16], y[:16])
-        times[classes] = time.perf_counter() - t0
         assert (x_adv - x[:16]).abs().max() <= 8 / 255 + 1e-6
-    with capsys.disabled():
-        print(f"\n100-class SPAT (2 steps, 16 images, CPU): topk:10 {times['topk:10']:.2f}s, "
-              f"all {times['all']:.2f}s")
-    assert times["topk:10"] < times["all"]

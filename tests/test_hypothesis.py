@@ -375,9 +375,12 @@ def test_match_success_equalizes_attack_success(digits, digits_model, knn):
     control = matched.loc["spat_random"]
     assert control["matched"] and control["eps_nominal"] == 0.1
     assert abs(control["attack_success"] - matched.loc["pgd", "attack_success"]) <= 0.02
-    # the control fails more at equal eps, so matching gives it a larger budget
-    if same.loc["spat_random", "attack_success"] < same.loc["pgd", "attack_success"] - 0.02:
-        assert control["eps"] > 0.1
+    # kept at the nominal eps when already within the tolerance, else moved toward the target:
+    # a weaker attack gets a larger budget, a stronger one a smaller
+    gap = same.loc["spat_random", "attack_success"] - same.loc["pgd", "attack_success"]
+    expected = "nominal" if abs(gap) <= 0.02 else ("larger" if gap < 0 else "smaller")
+    moved = ("nominal" if control["eps"] == 0.1 else "larger" if control["eps"] > 0.1 else "smaller")
+    assert moved == expected
     assert control["linf"] <= control["eps"] + 1e-6
     with pytest.raises(ValueError, match="reference"):
         semantic_report(digits_model, knn, x, y, {"spat_random": attacks["spat_random"]}, [0.1],
@@ -399,7 +402,7 @@ def test_ensemble_oracle_averages_softmax(digits, digits_model):
 
 
 def test_ensemble_oracle_from_run_folders_and_checkpoint_files(tmp_path, digits):
-    train = pytest.importorskip("spatlib.train")
+    from spatlib import train
     run_dir = tmp_path / "oracle-run"
     train.train({"name": "oracle", "seed": 1, "data": {"name": "digits"}, "model": {"name": "small_cnn"},
                  "train": {"method": "standard", "epochs": 1, "batch_size": 64, "lr": 0.05,

@@ -4,6 +4,7 @@ Most tests build run folders by hand with known numbers (a config.yaml, a metric
 eval_<eps>.json cache whose key matches the checkpoint), so the expected means, standard
 deviations and table cells are computed here, not read back from the code under test.
 """
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from spatlib import report
+from spatlib import figures, hypothesis, report
 from spatlib.config import ConfigError, from_dict
 
 ATTACKS = ["clean", "fgsm", "pgd20", "pgd100", "cw", "autoattack"]
@@ -135,8 +136,8 @@ def test_save_results_writes_csv_markdown_and_figures(three_seeds, tmp_path):
     agg = report.aggregate(collected.runs)
     refs = report.load_references()
     table = report.results_table(agg, refs)
-    figs = {"accuracy_vs_eps": report.plot_accuracy_vs_eps(collected.curves),
-            "per_class_accuracy": report.plot_per_class_heatmap(collected.per_class)}
+    figs = {"accuracy_vs_eps": figures.plot_accuracy_vs_eps(collected.curves),
+            "per_class_accuracy": figures.plot_per_class_heatmap(collected.per_class)}
     out = tmp_path / "out"
     paths = report.save_results(out, collected, agg, table, refs, figs, experiment="toy")
     csv = pd.read_csv(paths["results.csv"])
@@ -153,7 +154,7 @@ def test_save_results_writes_csv_markdown_and_figures(three_seeds, tmp_path):
 
 def test_per_class_matrix_is_the_worst_case_mean_over_seeds(three_seeds):
     collected = report.collect_results(three_seeds)
-    mat = report.per_class_matrix(collected.per_class)
+    mat = figures.per_class_matrix(collected.per_class)
     assert mat.attrs["attack"] == "autoattack"                 # the last attack of the cascade
     assert list(mat.columns) == ["zero", "one"]
     assert mat.loc["pgd_at", "zero"] == pytest.approx(50.0)
@@ -170,11 +171,13 @@ def test_learning_curves_long_converts_history_to_percent():
     h = pd.DataFrame({"epoch": [1, 2], "lr": [0.1, 0.05], "eps": [0.1, 0.2], "train_loss": [2.0, 1.0],
                       "train_clean_acc": [0.5, 0.75], "train_adv_acc": [0.25, 0.5],
                       "val_clean_acc": [0.4, 0.8], "val_robust_acc": [float("nan"), 0.3]})
-    long = report.learning_curves_long(h)
+    long = figures.learning_curves_long(h)
     assert len(long) == 7                                      # the NaN epoch is dropped
     row = long[(long["kind"] == "robust") & (long["split"] == "validation")]
     assert row["accuracy (%)"].tolist() == [30.0]
-    assert report.plot_learning_curves(h) is not None
+    fig = figures.plot_learning_curves(h)
+    drawn = [line for ax in fig.axes for line in ax.lines if len(line.get_xdata())]
+    assert drawn, "the learning-curve figure has no curve"
 
 
 def test_resolve_eval_rejects_a_typo_naming_the_key(three_seeds):
@@ -207,12 +210,13 @@ def test_evaluate_run_computes_once_then_reads_the_cache(tmp_path):
     ckpt.write_bytes(ckpt.read_bytes() + b"\0")               # other weights: other numbers
     key = report.eval_cache_key(run_dir, report.read_run_config(run_dir),
                                 report.read_run_config(run_dir).eval)
+    assert key["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert key["checkpoint_sha256"] != json.loads(first.path.read_text())["key"]["checkpoint_sha256"]
 
 
 def test_comparison_names_pick_spat_against_pgd_with_the_random_control():
-    assert report.comparison_names(["pgd", "spat_equality", "spat_intersection", "spat_random"]) == (
+    assert hypothesis.comparison_names(["pgd", "spat_equality", "spat_intersection", "spat_random"]) == (
         "spat_intersection", "pgd", "spat_random")
-    assert report.comparison_names(["pgd", "spat_equality"]) == ("spat_equality", "pgd", None)
+    assert hypothesis.comparison_names(["pgd", "spat_equality"]) == ("spat_equality", "pgd", None)
     with pytest.raises(ValueError, match="pgd"):
-        report.comparison_names(["spat_intersection"])
+        hypothesis.comparison_names(["spat_intersection"])

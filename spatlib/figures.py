@@ -1,0 +1,250 @@
+"""Every figure of the notebooks, on explicit :class:`matplotlib.figure.Figure` objects (safe in
+threads and in a kernel, shown with ``display(fig)``; nothing depends on pyplot's global state).
+
+* experiment figures (notebook 03): robust accuracy vs eps, the per-class accuracy heatmap;
+* a run's learning curves (notebook 02);
+* the hypothesis shown (notebook 01): example images, class evidence maps, SPAT's step weights
+  per rule, PGD vs SPAT perturbations, the oracle measurements vs eps.
+
+Accuracies come in as fractions and are drawn in percent.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from .config import SUITE_ATTACKS as ATTACKS
+from .config import format_eps
+from .evaluate import ATTACK_LABELS
+from .semantics import class_evidence, normalize_maps, shared_pixel_weights
+
+
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kw):
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes
+
+
+def plot_accuracy_vs_eps(curves: pd.DataFrame, title: str | None = None) -> Figure:
+    """PGD-20 robust accuracy (%) vs eps, one line per method (mean over seeds, band: ± sd),
+    one panel per dataset."""
+    import seaborn as sns
+    datasets = list(dict.fromkeys(curves["dataset"])) if not curves.empty else [""]
+    fig, axes = _figure(5.0 * len(datasets), 3.8, 1, len(datasets))
+    for ax, ds in zip(axes[0], datasets):
+        part = curves[curves["dataset"] == ds].copy() if not curves.empty else curves
+        if part.empty:
+            ax.text(0.5, 0.5, "no eps_curve in the eval settings", ha="center", va="center")
+            continue
+        part["accuracy (%)"] = 100 * part["accuracy"].astype(float)
+        sns.lineplot(data=part, x="eps", y="accuracy (%)", hue="method", marker="o",
+                     errorbar="sd", ax=ax)
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"{ds}: PGD-20 accuracy vs eps" if ds else "PGD-20 accuracy vs eps")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def per_class_matrix(per_class: pd.DataFrame, attack: str | None = None,
+                     dataset: str | None = None) -> pd.DataFrame:
+    """method x class accuracy (%) under ``attack`` (default: the last attack of the cascade,
+    i.e. the worst case), mean over seeds."""
+    df = per_class
+    if dataset is not None:
+        df = df[df["dataset"] == dataset]
+    if attack is None:
+        present = [a for a in ATTACKS if a in set(df["attack"])]
+        attack = present[-1] if present else None
+    df = df[df["attack"] == attack]
+    mat = df.pivot_table(index="method", columns="class_name", values="accuracy", aggfunc="mean",
+                         sort=False) * 100
+    order = list(dict.fromkeys(df.sort_values("class")["class_name"]))
+    mat = mat[[c for c in order if c in mat.columns]]
+    mat.attrs["attack"] = attack
+    return mat
+
+
+def plot_per_class_heatmap(per_class: pd.DataFrame, attack: str | None = None) -> Figure:
+    """Per-class accuracy (%) heatmap, one panel per dataset, methods x classes."""
+    import seaborn as sns
+    datasets = list(dict.fromkeys(per_class["dataset"])) if not per_class.empty else []
+    fig, axes = _figure(max(6.0, 0.55 * 10 + 3), 0.5 * 6 + 1.6, max(1, len(datasets)), 1)
+    for ax, ds in zip(axes[:, 0], datasets):
+        mat = per_class_matrix(per_class, attack, ds)
+        many = mat.shape[1] > 20           # CIFAR-100: 100 columns, numbers would not fit
+        sns.heatmap(mat, annot=not many, fmt=".0f", vmin=0, vmax=100, cmap="viridis", ax=ax,
+                    cbar_kws={"label": "accuracy (%)"}, xticklabels=not many or "auto")
+        label = ATTACK_LABELS.get(mat.attrs["attack"], mat.attrs["attack"])
+        ax.set_title(f"{ds}: per-class accuracy, worst case up to {label}")
+        ax.set_xlabel("class")
+        ax.set_ylabel("")
+    return fig
+
+
+HISTORY_ACC = {"train_clean_acc": ("clean", "train"), "train_adv_acc": ("robust", "train"),
+               "val_clean_acc": ("clean", "validation"), "val_robust_acc": ("robust", "validation")}
+
+
+def learning_curves_long(history: pd.DataFrame) -> pd.DataFrame:
+    """history.csv -> long rows (epoch, accuracy %, kind clean|robust, split train|validation).
+    Train robust accuracy is on the training attack's examples (eps ramps up with warm-up)."""
+    rows = []
+    for col, (kind, split) in HISTORY_ACC.items():
+        if col in history:
+            for e, v in zip(history["epoch"], history[col]):
+                if pd.notna(v):
+                    rows.append({"epoch": int(e), "accuracy (%)": 100 * float(v), "kind": kind, "split": split})
+    return pd.DataFrame(rows, columns=["epoch", "accuracy (%)", "kind", "split"])
+
+
+def plot_learning_curves(history: pd.DataFrame, title: str | None = None) -> Figure:
+    """Clean / robust accuracy (train and validation) and training loss, lr and eps per epoch."""
+    import seaborn as sns
+    fig, axes = _figure(11, 3.8, 1, 2)
+    long = learning_curves_long(history)
+    ax = axes[0, 0]
+    if not long.empty:
+        sns.lineplot(data=long, x="epoch", y="accuracy (%)", hue="kind", style="split", marker="o",
+                     markersize=4, ax=ax)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title("accuracy (robust: PGD at the training eps)")
+    ax = axes[0, 1]
+    ax.plot(history["epoch"], history["train_loss"], "o-", ms=3, label="train loss", color="C3")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(history["epoch"], history["lr"], "--", color="C7", label="lr")
+    if "eps" in history and history["eps"].max() > 0:
+        scale = history["lr"].max() / history["eps"].max()
+        twin.plot(history["epoch"], history["eps"] * scale, ":", color="C2", label="eps (scaled)")
+    twin.set_ylabel("lr")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_title("loss and schedules")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _show_image(ax, img: torch.Tensor, title: str = "", cmap: str = "gray") -> None:
+    """img (C, H, W) in [0, 1] (or a map (H, W))."""
+    a = img.detach().float().cpu()
+    if a.ndim == 3:
+        a = a.permute(1, 2, 0)
+        a = a[..., 0] if a.shape[-1] == 1 else a.clamp(0, 1)
+    ax.imshow(a.numpy(), cmap=cmap if a.ndim == 2 else None, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_examples(x: torch.Tensor, y: torch.Tensor, class_names: Sequence[str],
+                  pred: torch.Tensor | None = None, n: int = 10) -> Figure:
+    """A row of clean images x (N, C, H, W) in [0, 1] with label (and prediction)."""
+    n = min(n, len(x))
+    fig, axes = _figure(1.3 * n, 1.7, 1, n)
+    for i in range(n):
+        title = class_names[int(y[i])]
+        if pred is not None:
+            title += f" -> {class_names[int(pred[i])]}"
+        _show_image(axes[0, i], x[i], title)
+    return fig
+
+
+def plot_evidence_maps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       class_names: Sequence[str], saliency: str = "input_grad") -> Figure:
+    """For one image x (1, C, H, W): the image and the normalized class evidence map P_k of
+    every class (docs/design.md step 1), the true class marked with *."""
+    ev = class_evidence(model, x, y, "all", saliency)
+    maps = normalize_maps(ev.maps)[0]                       # (K, H, W)
+    k = maps.shape[0]
+    fig, axes = _figure(1.4 * (k + 1), 1.9, 1, k + 1)
+    _show_image(axes[0, 0], x[0], f"image ({class_names[int(y[0])]})")
+    for j in range(k):
+        cls = int(ev.classes[0, j])
+        star = "*" if cls == int(y[0]) else ""
+        axes[0, j + 1].imshow(maps[j].cpu().numpy(), cmap="magma", interpolation="nearest")
+        axes[0, j + 1].set_title(f"P[{class_names[cls]}]{star}", fontsize=9)
+        axes[0, j + 1].set_xticks([])
+        axes[0, j + 1].set_yticks([])
+    return fig
+
+
+def plot_shared_pixels(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                       alpha: float, rules: Sequence[str] = ("intersection", "equality", "random"),
+                       saliency: str = "input_grad", seed: int = 0) -> Figure:
+    """For one image: the SPAT step weights w of each rule (mean 1, capped at eps/alpha),
+    i.e. where SPAT spends its budget; ``random`` is the control."""
+    fig, axes = _figure(2.2 * (len(rules) + 1), 2.4, 1, len(rules) + 1)
+    _show_image(axes[0, 0], x[0], "image")
+    for ax, rule in zip(axes[0, 1:], rules):
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        w = shared_pixel_weights(model, x, y, rule, saliency, eps=eps, alpha=alpha, generator=g)
+        im = ax.imshow(w[0].mean(0).cpu().numpy(), cmap="viridis", interpolation="nearest",
+                       vmin=0, vmax=eps / alpha)
+        ax.set_title(f"w: {rule}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=list(axes[0, 1:]), shrink=0.8, label="step weight")
+    return fig
+
+
+def plot_perturbations(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       attacks: Mapping[str, object], eps: float, class_names: Sequence[str], *,
+                       oracle=None, seed: int = 0) -> Figure:
+    """For one image x (1, C, H, W): each attack's x_adv and perturbation delta (red +, blue -),
+    titled with the attacked model's prediction and the oracle's. ``attacks``: name ->
+    factory(model, eps, generator) (:func:`spatlib.hypothesis.standard_attacks`)."""
+    names = list(attacks)
+    fig, axes = _figure(2.0 * (len(names) + 1), 4.2, 2, len(names) + 1)
+    with torch.no_grad():
+        p0 = int(model(x).argmax(1)[0])
+    o0 = f", oracle {class_names[int(oracle.predict(x)[0])]}" if oracle is not None else ""
+    _show_image(axes[0, 0], x[0], f"clean: {class_names[p0]}{o0}")
+    axes[1, 0].axis("off")
+    for j, name in enumerate(names, start=1):
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        x_adv = attacks[name](model, eps, g)(x, y)
+        with torch.no_grad():
+            p = int(model(x_adv).argmax(1)[0])
+        o = f"\noracle {class_names[int(oracle.predict(x_adv)[0])]}" if oracle is not None else ""
+        _show_image(axes[0, j], x_adv[0], f"{name}\nmodel {class_names[p]}{o}")
+        delta = (x_adv - x)[0].mean(0).cpu().numpy()
+        axes[1, j].imshow(delta, cmap="RdBu_r", vmin=-eps, vmax=eps, interpolation="nearest")
+        axes[1, j].set_title(f"delta ({format_eps(eps)})", fontsize=9)
+        axes[1, j].set_xticks([])
+        axes[1, j].set_yticks([])
+    return fig
+
+
+def plot_semantic_report(report: pd.DataFrame) -> Figure:
+    """Three panels vs eps, one line per attack: attack success on the model, oracle flip rate
+    (95% Wilson interval as error bars) and the class-specific share of the perturbation."""
+    import seaborn as sns
+    fig, axes = _figure(15, 4.0, 1, 3)
+    df = report.copy()
+    df["eps"] = df["eps_nominal"].astype(float)
+    for ax, (col, label) in zip(axes[0], [("attack_success", "attack success on the model (%)"),
+                                          ("oracle_flip_rate", "oracle flip rate (%)"),
+                                          ("specific_mass_share", "class-specific share of |delta| (%)")]):
+        d = df.assign(value=100 * df[col].astype(float))
+        sns.lineplot(data=d, x="eps", y="value", hue="attack", marker="o", ax=ax, errorbar=None)
+        if col == "oracle_flip_rate":
+            for i, (name, part) in enumerate(d.groupby("attack", sort=False)):
+                lo = 100 * (part["oracle_flip_rate"] - part["oracle_flip_ci_low"])
+                hi = 100 * (part["oracle_flip_ci_high"] - part["oracle_flip_rate"])
+                ax.errorbar(part["eps"], part["value"], yerr=[lo, hi], fmt="none", capsize=3,
+                            ecolor=ax.get_lines()[i].get_color() if i < len(ax.get_lines()) else None,
+                            alpha=0.6)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax is not axes[0, 0] and ax.get_legend():
+            ax.get_legend().remove()
+    return fig
