@@ -15,6 +15,11 @@ Seed ``s`` of A is paired with seed ``s`` of B. For two methods this module repo
 * the **power line** ``mde``: the smallest true difference these images and seeds detect with
   80% power at two-sided alpha 0.05, so "not significant" can be read as "too few images".
 
+:func:`compare_methods` makes the table (one row per comparison and attack),
+:func:`default_comparisons` names an experiment's comparisons, :func:`comparisons_for_runs`
+builds the table from :func:`spatlib.report.collect_results`, :func:`plot_forest` draws it and
+:func:`save_comparisons` writes ``comparisons.csv`` beside ``results.csv``.
+
 Images shared by the seeds (``images="shared"``, the default). The kit evaluates every run on
 the *same* first N test images, so the seeds' outcomes on one image are correlated (an image
 that is hard for seed 0 is hard for seed 1). Resampling each seed's images independently would
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import NormalDist
 from typing import Hashable, Iterable, Mapping, Sequence
 
@@ -56,7 +62,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .util import derive_seed, did_you_mean
+from .util import atomic_write_text, derive_seed, did_you_mean
 
 IMAGE_MODES = ("shared", "per_seed")
 WORST_CASE = "worst_case"
@@ -413,12 +419,121 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
+# an experiment's runs -> its comparisons
+GROUP_COLUMNS = ["dataset", "model", "eps_str"]
+
+
+def _run_labels(run_evaluations) -> tuple[dict, pd.DataFrame]:
+    """(run -> RunEvaluation, one row per run with method, seed, dataset, model, eps_str,
+    train_method, rule) from a Collected or a mapping of run name -> RunEvaluation."""
+    from . import report      # lazy: report is the heavier layer above this one
+
+    if isinstance(run_evaluations, report.Collected):
+        evals = dict(run_evaluations.evaluations)
+        runs = run_evaluations.runs
+    elif isinstance(run_evaluations, Mapping):
+        evals = dict(run_evaluations)
+        runs = pd.DataFrame([report.evaluation_row(ev) for ev in evals.values()])
+    else:
+        raise ValueError(f"run_evaluations: expected what spatlib.report.collect_results returns "
+                         f"(a Collected) or a mapping run -> RunEvaluation, got "
+                         f"{type(run_evaluations).__name__}")
+    if not evals:
+        raise ValueError("run_evaluations: no runs to compare")
+    missing = [r for r in runs["run"] if r not in evals] if not runs.empty else []
+    if missing:
+        raise ValueError(f"run_evaluations: runs {missing} are in the runs table but have no evaluation")
+    return evals, runs
+
+
+def comparisons_for_runs(run_evaluations, pairs: Sequence[tuple[str, str]] | None = None, *,
+                         n_boot: int = 10_000, seed: int = 0, level: float = 0.95,
+                         images: str = "shared") -> pd.DataFrame:
+    """The comparison table of an experiment: :func:`compare_methods` on its runs' per-image flags.
+
+    ``run_evaluations``: what :func:`spatlib.report.collect_results` returns (its ``runs``
+    table names each run's method = variant, seed, dataset), or a mapping run name ->
+    :class:`spatlib.report.RunEvaluation` (labels parsed from the run names). Runs are grouped
+    by dataset, model and eps (the same test images); in each group, ``pairs`` (default:
+    :func:`default_comparisons` of the group's methods, controls found by their rule) are
+    compared under every attack of the suite and the worst case, over the seeds both methods
+    have (column ``seeds``). A pair named in ``pairs`` that no group holds raises ValueError.
+    Columns: dataset, model, eps_str, seeds, then :data:`COLUMNS`.
+    """
+    evals, runs = _run_labels(run_evaluations)
+    out = []
+    seen_pairs: set[tuple[str, str]] = set()
+    for group, part in runs.groupby(GROUP_COLUMNS, sort=False):
+        per: dict[tuple, object] = {}
+        seeds: dict[str, set] = {}
+        for _, row in part.iterrows():
+            m, s = row["method"], int(row["seed"])
+            if s in seeds.get(m, set()):
+                raise ValueError(f"{dict(zip(GROUP_COLUMNS, group))}: method {m!r} has two runs with "
+                                 f"seed {s}; each (method, seed) must be one run")
+            seeds.setdefault(m, set()).add(s)
+            result = evals[row["run"]].result
+            for att, flags in result.correct.items():
+                per[(m, s, att)] = flags
+            per[(m, s, WORST_CASE)] = result.robust
+        methods = list(seeds)
+        info = {m: {"train_method": r["train_method"], "rule": r["rule"]}
+                for m, r in part.drop_duplicates("method").set_index("method").iterrows()}
+        todo = ([p for p in pairs if p[0] in seeds and p[1] in seeds] if pairs is not None
+                else default_comparisons(methods, info=info))
+        for ma, mb in todo:
+            common = sorted(seeds[ma] & seeds[mb])
+            if not common:
+                if pairs is not None:
+                    raise ValueError(f"{mb} - {ma}: no seed in common (A: {sorted(seeds[ma])}, "
+                                     f"B: {sorted(seeds[mb])})")
+                continue
+            seen_pairs.add((ma, mb))
+            sub = {k: v for k, v in per.items() if k[0] in (ma, mb) and k[1] in common}
+            df = compare_methods(sub, [(ma, mb)], n_boot=n_boot, seed=seed, level=level, images=images)
+            for col, value in zip(GROUP_COLUMNS, group):
+                df[col] = value
+            df["seeds"] = ", ".join(map(str, common))
+            out.append(df)
+    if pairs is not None:
+        unmatched = [tuple(p) for p in pairs if tuple(p) not in seen_pairs]
+        if unmatched:
+            methods = sorted(set(runs["method"]))
+            raise ValueError(f"pairs {unmatched}: no dataset, model and eps has runs of both methods; "
+                             f"methods: {', '.join(methods)}")
+    cols = [*GROUP_COLUMNS, "seeds", *COLUMNS]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def save_comparisons(out_dir: str | Path, df: pd.DataFrame, figure: Figure | None = None, *,
+                     dpi: int = 120) -> dict[str, Path]:
+    """Write ``comparisons.csv`` (beside results.csv) and, given one, the forest plot as
+    ``figures/comparisons.png`` into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"comparisons.csv": out / "comparisons.csv"}
+    atomic_write_text(paths["comparisons.csv"], df.to_csv(index=False))
+    if figure is not None:
+        (out / "figures").mkdir(exist_ok=True)
+        paths["figure:comparisons"] = out / "figures" / "comparisons.png"
+        figure.savefig(paths["figure:comparisons"], dpi=dpi)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
 # the forest plot
 def plot_forest(df: pd.DataFrame, title: str | None = None) -> Figure:
     """One panel per comparison, one row per attack: B - A (points) with its interval, a zero
     line, and a grey band of +- the power line (differences inside it are undetectable)."""
     if df.empty:
         raise ValueError("plot_forest: no comparisons to plot")
+    df = df.copy()
+    panel = df["comparison"].astype(str)
+    if all(c in df for c in GROUP_COLUMNS) and len(df[GROUP_COLUMNS].drop_duplicates()) > 1:
+        # several datasets (or models, or eps) in one table: say which panel is which
+        panel = panel + " | " + df["dataset"].astype(str) + ", " + df["model"].astype(str) \
+            + ", eps " + df["eps_str"].astype(str)
+    df["comparison"] = panel
     comps = list(dict.fromkeys(df["comparison"]))
     n_att = max(len(part) for _, part in df.groupby("comparison", sort=False))
     fig = Figure(figsize=(7.5, max(1.6, 0.35 * n_att + 0.9) * len(comps)), layout="constrained")
@@ -456,4 +571,5 @@ def plot_forest(df: pd.DataFrame, title: str | None = None) -> Figure:
 __all__ = ["PairedDifference", "paired_difference", "bootstrap_differences", "sign_flip_p_value",
            "minimum_detectable_difference", "default_comparisons", "compare_methods",
            "per_example_from_frame", "format_comparison", "comparison_table", "plot_forest",
+           "comparisons_for_runs", "save_comparisons",
            "COLUMNS", "IMAGE_MODES", "WORST_CASE"]

@@ -317,3 +317,103 @@ def test_plot_forest_one_panel_per_comparison():
     assert any(list(line.get_xdata()) == [0, 0] for line in axes[0].get_lines())   # zero line
     with pytest.raises(ValueError, match="no comparisons"):
         compare.plot_forest(df.iloc[0:0])
+
+
+# --------------------------------------------------------------------------------------------
+# an experiment's runs (hand-built evaluations: no training, no attack)
+def _evaluation(tmp_path, name, seed, method, rule, clean, pgd20, *, dataset="digits"):
+    from spatlib.config import from_dict
+    from spatlib.evaluate import RobustnessResult
+    from spatlib.report import RunEvaluation
+
+    cfg = from_dict({"name": name, "seed": seed, "data": {"name": dataset},
+                     "train": {"method": method}, "attack": {"rule": rule, "eps": 0.15, "alpha": 0.0375},
+                     "eval": {"suite": ["clean", "pgd20"], "n_examples": len(clean)}})
+    clean, pgd20 = torch.tensor(clean), torch.tensor(pgd20) & torch.tensor(clean)   # a cascade
+    result = RobustnessResult(
+        eps=0.15, eps_str="0.15", n=len(clean), cascade=True,
+        accuracy={"clean": float(clean.double().mean()), "pgd20": float(pgd20.double().mean())},
+        robust=pgd20.clone(), correct={"clean": clean, "pgd20": pgd20},
+        threat_model={"pgd20": {"max_linf": 0.15, "n_nan": 0, "min_pixel": 0.0, "max_pixel": 1.0,
+                                "eps": 0.15, "ok": True}},
+        seconds={"clean": 0.0, "pgd20": 0.0})
+    return RunEvaluation(run=name, run_dir=tmp_path / name, config=cfg, eval=cfg.eval, result=result,
+                         curve=pd.DataFrame(columns=["eps", "eps_str", "accuracy"]), class_names=[],
+                         cached=True, path=tmp_path / name / "eval_0.15.json", seconds=0.0)
+
+
+def _experiment(tmp_path, seeds=(0, 1, 2), spat_seeds=(0, 1, 2), dataset="digits"):
+    """pgd_at and its spat_random control equal; spat_at right on images 50..59 more (robust)."""
+    a, b = _plus_ten(n_seeds=max(seeds) + 1)
+    evs = {}
+    for s in seeds:
+        for variant, method, rule, flags in (("pgd_at", "pgd_at", "intersection", a),
+                                              ("spat_random", "spat_at", "random", a),
+                                              ("spat_at", "spat_at", "intersection", b)):
+            if variant == "spat_at" and s not in spat_seeds:
+                continue
+            name = f"{variant}-{dataset}-s{s}"
+            evs[name] = _evaluation(tmp_path, name, s, method, rule, [True] * 100, flags[s].tolist(),
+                                    dataset=dataset)
+    return evs
+
+
+def test_comparisons_for_runs_from_evaluations(tmp_path):
+    df = compare.comparisons_for_runs(_experiment(tmp_path), n_boot=2000)
+    assert list(df.columns) == [*compare.GROUP_COLUMNS, "seeds", *compare.COLUMNS]
+    assert list(dict.fromkeys(df["comparison"])) == ["spat_at - pgd_at", "spat_at - spat_random"]
+    assert list(df["attack"]) == ["clean", "pgd20", "worst_case"] * 2
+    assert (df["dataset"] == "digits").all() and (df["eps_str"] == "0.15").all()
+    assert (df["seeds"] == "0, 1, 2").all() and (df["n_seeds"] == 3).all() and (df["n_images"] == 100).all()
+    for _, r in df.iterrows():
+        if r["attack"] == "clean":
+            assert (r["diff_pct"], r["p_value"]) == (0.0, 1.0)
+        else:
+            assert r["diff_pct"] == pytest.approx(10.0)
+            assert r["p_value"] == pytest.approx(2 * 0.5 ** 10, rel=1e-9)
+            assert (r["b_only"], r["a_only"]) == (30, 0)
+            assert 4 <= r["ci_low_pct"] <= 5 and 15 <= r["ci_high_pct"] <= 16
+
+
+def test_comparisons_for_runs_reads_collected_labels(tmp_path):
+    """From a Collected, methods are the runs table's variants (the batch's labels), not
+    whatever the run names look like; the control is found by its rule."""
+    from spatlib import report
+
+    evs = _experiment(tmp_path)
+    renamed = {f"run{i}": ev for i, ev in enumerate(evs.values())}
+    labels = {f"run{i}": report.split_run_name(ev.run) for i, ev in enumerate(evs.values())}
+    for new, ev in renamed.items():
+        ev.run = new
+        ev.config.name = new
+    rows = [report.evaluation_row(ev, labels[name]) for name, ev in renamed.items()]
+    collected = report.Collected(runs=pd.DataFrame(rows), curves=pd.DataFrame(),
+                                 per_class=pd.DataFrame(), evaluations=renamed)
+    df = compare.comparisons_for_runs(collected, n_boot=500)
+    assert list(dict.fromkeys(df["comparison"])) == ["spat_at - pgd_at", "spat_at - spat_random"]
+    assert df.loc[df["attack"] == "worst_case", "diff_pct"].tolist() == pytest.approx([10.0, 10.0])
+
+
+def test_comparisons_for_runs_common_seeds_groups_and_pairs(tmp_path):
+    evs = {**_experiment(tmp_path / "d", spat_seeds=(0, 1)),
+           **_experiment(tmp_path / "m", dataset="mnist")}
+    df = compare.comparisons_for_runs(evs, [("pgd_at", "spat_at")], n_boot=500)
+    assert list(dict.fromkeys(zip(df["dataset"], df["seeds"]))) == [("digits", "0, 1"), ("mnist", "0, 1, 2")]
+    assert df.loc[df["dataset"] == "digits", "n_seeds"].eq(2).all()
+    assert df.loc[df["attack"] == "pgd20", "p_value"].tolist() == pytest.approx([2 * 0.5 ** 10] * 2)
+    fig = compare.plot_forest(df)
+    assert [ax.get_title().split("  (")[0] for ax in fig.axes] == [
+        "spat_at - pgd_at | digits, SmallCNN, eps 0.15", "spat_at - pgd_at | mnist, SmallCNN, eps 0.15"]
+    with pytest.raises(ValueError, match=r"pairs \[\('trades', 'spat_at'\)\]: no dataset.*methods: pgd_at, spat_at, spat_random"):
+        compare.comparisons_for_runs(evs, [("trades", "spat_at")])
+    with pytest.raises(ValueError, match="no runs to compare"):
+        compare.comparisons_for_runs({})
+
+
+def test_save_comparisons_round_trip(tmp_path):
+    df = compare.comparisons_for_runs(_experiment(tmp_path / "runs"), n_boot=200)
+    paths = compare.save_comparisons(tmp_path / "out", df, compare.plot_forest(df))
+    assert paths["comparisons.csv"] == tmp_path / "out" / "comparisons.csv"
+    back = pd.read_csv(paths["comparisons.csv"], dtype={"seeds": str, "eps_str": str})
+    pd.testing.assert_frame_equal(back, df, check_dtype=False)
+    assert paths["figure:comparisons"].stat().st_size > 0
