@@ -110,7 +110,9 @@ class Attack:
         self.bn_mode = bn_mode
         self.generator = generator
 
-    def forward(self, x: Tensor, y: Tensor) -> AttackResult:
+    def forward(self, x: Tensor, y: Tensor) -> AttackResult | Tensor:
+        """The attack itself (x already in the compute layout, the model in ``bn_mode``). A
+        subclass may return x_adv alone."""
         raise NotImplementedError
 
     def run(self, x: Tensor, y: Tensor) -> AttackResult:
@@ -120,6 +122,8 @@ class Attack:
         x = x.detach().float()
         with eval_mode(self.model, train=self.bn_mode == "train"):
             result = self.forward(compute_layout(self.model, x), y.detach())
+        if isinstance(result, Tensor):
+            result = AttackResult(result)
         x_adv = result.x_adv.detach()
         if x_adv.stride() != x.stride():
             x_adv = torch.empty_like(x).copy_(x_adv)   # empty_like keeps the layout of x
