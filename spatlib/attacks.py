@@ -147,11 +147,18 @@ class PGD(Attack):
     0.001 * N(0, 1)). ``loss``: ``ce``, ``margin`` (CW) or ``kl`` (TRADES: KL(f(x) || f(x_adv))).
     With several restarts each example keeps the restart that misclassifies it, else the one of
     highest loss.
+
+    ``keep_fooled`` (evaluation): per example, once an iterate fools the model that iterate is
+    returned, even if later steps (which ascend the loss, not the error) make it correct again;
+    as AutoAttack keeps its adversarial points. It reads the logits that each step's forward
+    computes anyway, plus one forward at the end. Off for training attacks (their textbook
+    form: the last iterate).
     """
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int,
                  random_start: bool | str = True, restarts: int = 1, loss: str = "ce",
-                 bn_mode: str = "eval", generator: torch.Generator | None = None):
+                 bn_mode: str = "eval", generator: torch.Generator | None = None,
+                 keep_fooled: bool = False):
         super().__init__(model, eps=eps, bn_mode=bn_mode, generator=generator)
         if not (alpha > 0):
             raise ValueError(f"alpha: expected a step size > 0, got {alpha!r}")
@@ -170,6 +177,7 @@ class PGD(Attack):
         self.random_start = random_start
         self.restarts = int(restarts)
         self.loss = loss
+        self.keep_fooled = bool(keep_fooled)
 
     # -- hooks for SPAT ------------------------------------------------------------------
     def clean_weights(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -198,25 +206,34 @@ class PGD(Attack):
     def _rng_device(self, x: Tensor) -> torch.device:
         return self.generator.device if self.generator is not None else x.device
 
-    def _objective(self, x_adv: Tensor, y: Tensor, clean_prob: Tensor | None) -> Tensor:
-        logits = self.model(x_adv).float()
-        return per_example_loss(logits, y, self.loss, clean_prob)
-
     def perturb(self, x: Tensor, y: Tensor, clean_prob: Tensor | None = None,
                 weights: Tensor | None = None) -> Tensor:
         """One restart: ``steps`` weighted sign-gradient steps from the start (``weights``: those
         of the first step, see :meth:`step_weights`). Returns x_adv."""
         delta = self._start(x)
+        kept = fooled = None
+        if self.keep_fooled:
+            kept, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for step in range(self.steps):
             weights = self.step_weights(x + delta, y, step, weights)
             delta.requires_grad_(True)
             with torch.enable_grad():
-                loss = self._objective(x + delta, y, clean_prob).sum()
+                logits = self.model(x + delta).float()
+                loss = per_example_loss(logits, y, self.loss, clean_prob).sum()
                 (grad,) = torch.autograd.grad(loss, delta)
+            if fooled is not None:   # the iterate this forward ran at: keep it if it fools first
+                new = (logits.detach().argmax(1) != y) & ~fooled
+                kept[new] = (x + delta.detach())[new]
+                fooled |= new
             step_size = self.alpha if weights is None else self.alpha * weights
             delta = (delta.detach() + step_size * grad.float().sign()).clamp(-self.eps, self.eps)
             delta = (x + delta).clamp(0, 1) - x
-        return x + delta
+        x_adv = x + delta
+        if fooled is not None:
+            with torch.no_grad():
+                lost = fooled & (self.model(x_adv).argmax(1) == y)
+            x_adv = torch.where(lost.view(-1, *([1] * (x.dim() - 1))), kept, x_adv)
+        return x_adv
 
     def forward(self, x: Tensor, y: Tensor) -> AttackResult:
         # the clean-input weights are the same for every restart: computed once per call
@@ -260,11 +277,11 @@ class CW(PGD):
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: float | None = None, steps: int = 30,
                  random_start: bool | str = True, restarts: int = 1, bn_mode: str = "eval",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, keep_fooled: bool = False):
         _check_eps(eps)
         super().__init__(model, eps=eps, alpha=alpha if alpha is not None else max(eps / 4, 1e-12),
                          steps=steps, random_start=random_start, restarts=restarts, loss="margin",
-                         bn_mode=bn_mode, generator=generator)
+                         bn_mode=bn_mode, generator=generator, keep_fooled=keep_fooled)
 
 
 class SPAT(PGD):
@@ -280,9 +297,11 @@ class SPAT(PGD):
                  rule: str = "intersection", saliency: str = "input_grad", gamma: float = 1.0,
                  classes: str = "all", class_chunk: int = 16, refresh: int = 0,
                  random_start: bool | str = True, restarts: int = 1, loss: str = "ce",
-                 bn_mode: str = "eval", generator: torch.Generator | None = None):
+                 bn_mode: str = "eval", generator: torch.Generator | None = None,
+                 keep_fooled: bool = False):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                         restarts=restarts, loss=loss, bn_mode=bn_mode, generator=generator)
+                         restarts=restarts, loss=loss, bn_mode=bn_mode, generator=generator,
+                         keep_fooled=keep_fooled)
         if refresh < 0:
             raise ValueError(f"refresh: expected an integer >= 0, got {refresh}")
         check_spat_settings(rule, saliency, gamma, classes)
@@ -312,15 +331,16 @@ class SPAT(PGD):
 def make_attack(kind: str, model: nn.Module, *, eps: float, steps: int = 10,
                 alpha: float | None = None, random_start: bool | str = True, restarts: int = 1,
                 loss: str | None = None, bn_mode: str = "eval",
-                generator: torch.Generator | None = None, rule: str = "intersection",
-                saliency: str = "input_grad", gamma: float = 1.0, classes: str = "all",
-                class_chunk: int = 16, refresh: int = 0) -> PGD:
+                generator: torch.Generator | None = None, keep_fooled: bool = False,
+                rule: str = "intersection", saliency: str = "input_grad", gamma: float = 1.0,
+                classes: str = "all", class_chunk: int = 16, refresh: int = 0) -> PGD:
     """The one attack factory (training, the evaluation suite, notebook 01).
 
     ``kind``: ``fgsm`` (one step of eps from x), ``pgd``, ``cw`` (PGD on the margin loss) or
     ``spat`` (PGD with shared-pixel weights; ``rule`` and the other SPAT settings).
     Step size convention: ``alpha`` is in pixel units, like eps; None means
     ``MADRY_ALPHA_SCALE * eps / steps`` (2.5 eps / steps). ``loss`` None: ce (margin for cw).
+    ``keep_fooled``: return per example the first iterate that fooled the model (evaluation).
     """
     if kind not in ATTACK_KINDS:
         raise ValueError(f"kind: expected one of {', '.join(ATTACK_KINDS)}, got {kind!r}")
@@ -331,7 +351,7 @@ def make_attack(kind: str, model: nn.Module, *, eps: float, steps: int = 10,
     if alpha is None:
         alpha = max(MADRY_ALPHA_SCALE * eps / steps, 1e-12)   # eps = 0 is a valid (empty) budget
     common = dict(eps=eps, alpha=alpha, steps=steps, random_start=random_start, restarts=restarts,
-                  bn_mode=bn_mode, generator=generator)
+                  bn_mode=bn_mode, generator=generator, keep_fooled=keep_fooled)
     if kind == "cw":
         if loss not in (None, "margin"):
             raise ValueError(f"loss: cw ascends the margin loss, got {loss!r}")

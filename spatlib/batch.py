@@ -231,9 +231,8 @@ def absolute_overrides(overrides: list[str], base: Path) -> list[str]:
 
 
 def run_labels(exp: Experiment, variants: list[str]) -> dict[str, dict]:
-    """run name -> {variant, dataset, seed}, read back from the names the expansion made."""
-    from .report import split_run_name   # report holds the one name parser
-    return {name: split_run_name(name, variants) for name in exp.runs}
+    """run name -> {variant, dataset, seed}, as the experiment named its runs."""
+    return {name: dict(exp.labels[name]) for name in exp.runs}
 
 
 def plan_experiment(params: str | Path, overrides: list[str] | None = None,

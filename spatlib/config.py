@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import yaml
@@ -296,11 +296,11 @@ PARTIAL_SECTIONS = {(HypothesisConfig, "data"): DataConfig, (HypothesisConfig, "
 SECTIONS = {"hypothesis": HypothesisConfig, "robustness": RobustnessConfig}
 
 
-def _check_declarations() -> None:
+def _check_declarations(classes: Sequence[type] = ()) -> None:
     """At import: every check is a Check, and every default passes its own check (a range
     declared wrongly fails here, not silently in a user's run)."""
-    for cls in (DataConfig, ModelConfig, AttackConfig, TrainConfig, EvalConfig,
-                HypothesisConfig, RobustnessConfig):
+    for cls in classes or (DataConfig, ModelConfig, AttackConfig, TrainConfig, EvalConfig,
+                           HypothesisConfig, RobustnessConfig):
         for f in dataclasses.fields(cls):
             check = f.metadata.get("check")
             if check is None:
@@ -522,6 +522,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # --------------------------------------------------------------------------------------------
+# run names: ``<variant>-<dataset>-s<seed>``, built here and nowhere else
+_RUN_NAME = re.compile(r"^(?P<variant>.+)-(?P<dataset>[^-]+)-s(?P<seed>-?\d+)$")
+
+
+def run_name(variant: str, dataset: str, seed: int) -> str:
+    """The name of an experiment's run: ``spat_at-digits-s0``."""
+    return f"{variant}-{dataset}-s{seed}"
+
+
+def split_run_name(name: str, variants: Iterable[str] | None = None) -> dict:
+    """``"spat_at-digits-s2"`` -> ``{"variant": "spat_at", "dataset": "digits", "seed": 2}``;
+    for run folders without the experiment's labels (:attr:`Experiment.labels` has them).
+
+    A variant name may itself contain ``-``; ``variants`` (the experiment's variant names)
+    settles such names, the longest matching variant first.
+    """
+    for v in sorted(variants or (), key=len, reverse=True):
+        if name.startswith(v + "-"):
+            m = re.fullmatch(r"(?P<dataset>.+)-s(?P<seed>-?\d+)", name[len(v) + 1:])
+            if m:
+                return {"variant": v, "dataset": m["dataset"], "seed": int(m["seed"])}
+    m = _RUN_NAME.match(name)
+    if not m:
+        return {"variant": name, "dataset": "", "seed": None}
+    return {"variant": m["variant"], "dataset": m["dataset"], "seed": int(m["seed"])}
+
+
+# --------------------------------------------------------------------------------------------
 # experiments: a base, a list of variants, seeds and datasets
 @dataclass
 class Experiment:
@@ -531,9 +559,69 @@ class Experiment:
     hypothesis: dict                    # notebook 01's parameters as written (checked: HypothesisConfig)
     robustness: dict                    # notebook 03's parameters as written (checked: RobustnessConfig)
     path: str | None = None
+    labels: dict[str, dict] = field(default_factory=dict)   # run -> {variant, dataset, seed}
 
 
 EXPERIMENT_KEYS = ("experiment", "base", "variants", "seeds", "datasets", "hypothesis", "robustness")
+
+
+# --------------------------------------------------------------------------------------------
+# a notebook's own parameters, however it was run (spat batch, papermill's CLI or API, nbval)
+NOTEBOOKS = ("hypothesis", "training", "robustness")    # 01, 02, 03
+# parameters the batch sets besides a section's (paths, threads): name -> (check, allowed)
+BATCH_PARAMETERS = {
+    "hypothesis": {"model_dir": "path", "threads": "threads"},
+    "training": {"run_dir": "path", "threads": "threads"},
+    "robustness": {"params": "path", "overrides": "strings", "out_dir": "path",
+                   "train_missing": "bool", "threads": "threads"},
+}
+_BATCH_KINDS = {
+    "path": (lambda v: v is None or isinstance(v, (str, Path)), "None or a path"),
+    "threads": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                "None or an integer >= 1"),
+    "strings": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+                "a list of KEY=VALUE strings"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
+_PLAIN = (int, float, str, bool, list, dict, tuple, Path, type(None))
+_KERNEL_NAMES = {"In", "Out", "exit", "quit", "open", "get_ipython"}
+
+
+def notebook_parameter_names(notebook: str) -> list[str]:
+    """Every parameter a notebook takes: its section's keys and the batch's."""
+    if notebook not in NOTEBOOKS:
+        raise ConfigError(f"notebook: expected one of {', '.join(NOTEBOOKS)}, got {notebook!r}")
+    section = ([f.name for f in dataclasses.fields(RunConfig)] if notebook == "training"
+               else [f.name for f in dataclasses.fields(SECTIONS[notebook])])
+    return section + list(BATCH_PARAMETERS[notebook])
+
+
+def check_notebook_parameters(notebook: str, namespace: Mapping[str, Any]) -> None:
+    """Fail at once on a parameter the notebook does not take, or on a bad value, naming it.
+
+    ``namespace``: the notebook's globals right after its parameters cell (and the cell that
+    papermill injects below it). Papermill only warns about a parameter the parameters cell
+    does not define, and would run on with the default; this makes it an error, for every way
+    the notebook runs. Plain values (numbers, strings, lists, dicts, None) with a public name
+    are parameters; the kernel's own names are not.
+    """
+    allowed = notebook_parameter_names(notebook)
+    given = {k: v for k, v in namespace.items()
+             if not k.startswith("_") and k not in _KERNEL_NAMES and isinstance(v, _PLAIN)}
+    where = f"{notebook} notebook parameter"
+    for name in given:
+        if name not in allowed:
+            raise ConfigError(f"{where} '{name}' is unknown{did_you_mean(name, allowed)}; "
+                              f"parameters: {', '.join(allowed)}")
+    for name, kind in BATCH_PARAMETERS[notebook].items():
+        ok, text = _BATCH_KINDS[kind]
+        if name in given and not ok(given[name]):
+            raise ConfigError(f"{where} '{name}': {given[name]!r} is not allowed; expected {text}")
+    section = {k: v for k, v in given.items() if k not in BATCH_PARAMETERS[notebook]}
+    if notebook == "training":
+        from_dict(section)
+    else:
+        check_section(notebook, section)
 
 
 def expand_experiment(data: dict, overrides: list[str] | None = None,
@@ -577,6 +665,8 @@ def expand_experiment(data: dict, overrides: list[str] | None = None,
     elif not isinstance(datasets, dict):
         raise ConfigError(f"{where}datasets: expected a list of names or a mapping label -> data section")
     runs: dict[str, RunConfig] = {}
+    labels: dict[str, dict] = {}
+    name_overridden = any(parse_override(t)[0] == ["data", "name"] for t in run_over)
     for ds_label, ds_data in datasets.items():
         for variant, vdata in variants.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(variant)):
@@ -585,14 +675,22 @@ def expand_experiment(data: dict, overrides: list[str] | None = None,
                 layered = deep_merge(base, vdata or {})
                 if ds_label is not None:
                     layered = deep_merge(layered, {"data": ds_data or {}})
-                ds_part = ds_label if ds_label is not None else layered.get("data", {}).get("name", "digits")
-                run_name = f"{variant}-{ds_part}-s{seed}"
                 layered["seed"] = seed
-                layered["name"] = run_name
+                layered["name"] = provisional = run_name(
+                    variant, ds_label if ds_label is not None else layered.get("data", {}).get("name", "digits"), seed)
                 try:
-                    runs[run_name] = from_dict(apply_overrides(layered, run_over))
+                    cfg = from_dict(apply_overrides(layered, run_over))
                 except ConfigError as e:
-                    raise ConfigError(f"{where}run '{run_name}': {e}") from None
+                    raise ConfigError(f"{where}run '{provisional}': {e}") from None
+                # the dataset part names the data the run trains on: the label of `datasets:`,
+                # unless an override changed data.name (then the label would name other data)
+                ds_part = cfg.data.name if (ds_label is None or name_overridden) else ds_label
+                cfg.name = run_name(variant, ds_part, seed)
+                if cfg.name in runs:
+                    raise ConfigError(f"{where}run '{cfg.name}' appears twice (two datasets labels "
+                                      f"with the same data after overrides)")
+                runs[cfg.name] = cfg
+                labels[cfg.name] = {"variant": str(variant), "dataset": ds_part, "seed": seed}
     sections = {}
     for sec in ("hypothesis", "robustness"):
         sdata = data.get(sec) or {}
@@ -603,7 +701,8 @@ def expand_experiment(data: dict, overrides: list[str] | None = None,
         check_section(sec, merged, where)   # values too: a bad attack name fails before any work
         sections[sec] = merged
     return Experiment(name=name, runs=runs, hypothesis=sections["hypothesis"],
-                      robustness=sections["robustness"], path=str(path) if path else None)
+                      robustness=sections["robustness"], path=str(path) if path else None,
+                      labels=labels)
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:

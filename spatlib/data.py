@@ -17,9 +17,9 @@ batches as an uninterrupted one.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DATASETS, DataConfig
+from .util import derive_seed
 
 # --------------------------------------------------------------------------------------------
 # Per-dataset facts. mean/std: published per-channel constants of the full train split, in [0,1]
@@ -96,12 +97,6 @@ class Dataset:
 
 # --------------------------------------------------------------------------------------------
 # helpers
-def _derive_seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (same on every platform and Python run)."""
-    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def _nchw(x) -> torch.Tensor:
     """uint8 (N,H,W) or (N,H,W,C) numpy/tensor -> contiguous uint8 tensor (N,C,H,W)."""
     x = torch.as_tensor(x)
@@ -195,10 +190,14 @@ def _load_npz(path: str | None):
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"npz: file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        # np.load would read such a file as a pickle and refuse it as one: say what it is not
+        raise DataError(f"npz: {path} is not a .npz archive (a zip of .npy arrays, as numpy.savez "
+                        f"writes); it may be truncated, or another format renamed")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # not a zip, object arrays (pickles are refused), truncated file
+    except Exception as e:  # object arrays (pickles are refused), a damaged member
         raise DataError(f"npz: cannot read {path}: {e}") from e
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
@@ -223,8 +222,10 @@ def _load_npz(path: str | None):
         shapes.add(x.shape[1:] if x.ndim == 4 else x.shape[1:] + (1,))
     if len(shapes) != 1:
         raise DataError(f"npz: train and test images differ in shape (H, W, C): {sorted(shapes)}")
-    if len(arrays["x_train"]) == 0:
-        raise DataError("npz: x_train is empty")
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) == 0:
+            need = "training images" if split == "train" else "test images (every accuracy is measured on them)"
+            raise DataError(f"npz: x_{split} is empty; a run needs {need}")
     top = max(int(arrays[k].max()) for k in ("y_train", "y_test") if len(arrays[k]))
     # CIFAR-100 files name their classes fine_label_names
     key = next((k for k in ("class_names", "fine_label_names") if k in arrays), None)
@@ -249,10 +250,10 @@ def _load_synthetic(num_classes: int, shape, n_train: int, n_test: int, seed: in
     # one random pattern per class (its "object") + per-image noise: learnable, not trivial.
     # Each part has its own generator so n_train does not change the test images.
     protos = torch.rand((num_classes, *shape), generator=torch.Generator().manual_seed(
-        _derive_seed(seed, 0)))
+        derive_seed(seed, 0)))
 
     def draw(n: int, part: int):
-        g = torch.Generator().manual_seed(_derive_seed(seed, part))
+        g = torch.Generator().manual_seed(derive_seed(seed, part))
         y = torch.arange(n) % num_classes             # balanced classes
         y = y[torch.randperm(n, generator=g)]
         x = 0.2 + 0.6 * protos[y] + 0.15 * torch.randn((n, *shape), generator=g)
@@ -323,7 +324,7 @@ def split_validation(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int)
     if not 0 <= val_size < n:
         raise DataError(f"val_size: expected 0 <= val_size < {n} (the training images), "
                         f"got {val_size}")
-    g = torch.Generator().manual_seed(_derive_seed(seed, 1))
+    g = torch.Generator().manual_seed(derive_seed(seed, 1))
     perm = torch.randperm(n, generator=g)
     labels = y.cpu()[perm]
     order = torch.argsort(labels, stable=True)        # grouped by class, random within a class
@@ -399,7 +400,7 @@ class DeviceLoader:
 
     def __iter__(self):
         n, dev = len(self.y), self.device
-        g = torch.Generator(device=dev).manual_seed(_derive_seed(self.seed, self.epoch))
+        g = torch.Generator(device=dev).manual_seed(derive_seed(self.seed, self.epoch))
         order = (torch.randperm(n, generator=g, device=dev) if self.shuffle
                  else torch.arange(n, device=dev))
         for i in range(len(self)):

@@ -2,7 +2,9 @@
 
 Suite (in this order): clean, FGSM, PGD-20, PGD-100 with restarts, CW-inf, and standard
 AutoAttack (the authors' code, the ``pyautoattack`` package). Step sizes are eps/4 (2/255 at
-eps 8/255, the usual PGD-20 setting) so that one suite serves every eps.
+eps 8/255, the usual PGD-20 setting) so that one suite serves every eps. The iterative attacks
+keep, per example, the first iterate that fools the model (as AutoAttack does): PGD and CW-inf
+ascend a loss, not the error, and a point fooled midway can be correct again at the last step.
 
 ``cascade=True`` (default) attacks only the points still robust after the attacks before it,
 as AutoAttack does: each accuracy in the table is then the robust accuracy under that attack
@@ -107,9 +109,9 @@ def suite_attack(name: str, model: nn.Module, eps: float, *, pgd100_restarts: in
     """The attack a suite entry stands for (not ``clean`` or ``autoattack``)."""
     alpha = max(eps * SUITE_STEP, 1e-12)
     specs = {"fgsm": dict(kind="fgsm"),
-             "pgd20": dict(kind="pgd", steps=20, alpha=alpha),
-             "pgd100": dict(kind="pgd", steps=100, alpha=alpha, restarts=pgd100_restarts),
-             "cw": dict(kind="cw", steps=cw_steps, alpha=alpha)}
+             "pgd20": dict(kind="pgd", steps=20, alpha=alpha, keep_fooled=True),
+             "pgd100": dict(kind="pgd", steps=100, alpha=alpha, restarts=pgd100_restarts, keep_fooled=True),
+             "cw": dict(kind="cw", steps=cw_steps, alpha=alpha, keep_fooled=True)}
     if name not in specs:
         raise ValueError(f"no attack object for suite entry {name!r}; entries: {', '.join(specs)}")
     return make_attack(model=model, eps=eps, generator=generator, **specs[name])

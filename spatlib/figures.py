@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .config import SUITE_ATTACKS as ATTACKS
 from .config import format_eps
@@ -120,14 +121,20 @@ def plot_learning_curves(history: pd.DataFrame, title: str | None = None) -> Fig
     ax.set_ylabel("train loss")
     ax.grid(alpha=0.3)
     twin = ax.twinx()
-    twin.plot(history["epoch"], history["lr"], "--", color="C7", label="lr")
+    twin.plot(history["epoch"], history["lr"], "--", color="C7", label="lr (last batch of the epoch)")
     if "eps" in history and history["eps"].max() > 0:
+        # eps shares the lr axis: drawn as eps / max(eps) x max(lr), so its ramp (the eps
+        # warm-up) reads against the lr axis; the legend gives the eps it reaches
         scale = history["lr"].max() / history["eps"].max()
-        twin.plot(history["epoch"], history["eps"] * scale, ":", color="C2", label="eps (scaled)")
+        twin.plot(history["epoch"], history["eps"] * scale, ":", color="C2",
+                  label=f"eps, scaled to the lr axis (max {format_eps(float(history['eps'].max()))})")
     twin.set_ylabel("lr")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper right", fontsize=8)
     ax.set_title("loss and schedules")
+    for a in (axes[0, 0], axes[0, 1]):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers
+        a.set_xlabel("epoch")
     if title:
         fig.suptitle(title)
     return fig
@@ -147,14 +154,15 @@ def _show_image(ax, img: torch.Tensor, title: str = "", cmap: str = "gray") -> N
 
 def plot_examples(x: torch.Tensor, y: torch.Tensor, class_names: Sequence[str],
                   pred: torch.Tensor | None = None, n: int = 10) -> Figure:
-    """A row of clean images x (N, C, H, W) in [0, 1] with label (and prediction)."""
+    """A row of clean images x (N, C, H, W) in [0, 1], titled ``true -> predicted``."""
     n = min(n, len(x))
-    fig, axes = _figure(1.3 * n, 1.7, 1, n)
+    fig, axes = _figure(1.3 * n, 1.9, 1, n)
     for i in range(n):
         title = class_names[int(y[i])]
         if pred is not None:
             title += f" -> {class_names[int(pred[i])]}"
         _show_image(axes[0, i], x[i], title)
+    fig.suptitle("true -> predicted" if pred is not None else "true label", fontsize=10)
     return fig
 
 
@@ -165,15 +173,19 @@ def plot_evidence_maps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     ev = class_evidence(model, x, y, "all", saliency)
     maps = normalize_maps(ev.maps)[0]                       # (K, H, W)
     k = maps.shape[0]
+    vmax = float(maps.max())
     fig, axes = _figure(1.4 * (k + 1), 1.9, 1, k + 1)
     _show_image(axes[0, 0], x[0], f"image ({class_names[int(y[0])]})")
     for j in range(k):
         cls = int(ev.classes[0, j])
         star = "*" if cls == int(y[0]) else ""
-        axes[0, j + 1].imshow(maps[j].cpu().numpy(), cmap="magma", interpolation="nearest")
+        im = axes[0, j + 1].imshow(maps[j].cpu().numpy(), cmap="magma", interpolation="nearest",
+                                   vmin=0, vmax=vmax)
         axes[0, j + 1].set_title(f"P[{class_names[cls]}]{star}", fontsize=9)
         axes[0, j + 1].set_xticks([])
         axes[0, j + 1].set_yticks([])
+    # one colour scale for every map, so the classes compare
+    fig.colorbar(im, ax=list(axes[0, 1:]), shrink=0.8, label="share of the class's evidence")
     return fig
 
 
@@ -217,10 +229,11 @@ def plot_perturbations(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         o = f"\noracle {class_names[int(oracle.predict(x_adv)[0])]}" if oracle is not None else ""
         _show_image(axes[0, j], x_adv[0], f"{name}\nmodel {class_names[p]}{o}")
         delta = (x_adv - x)[0].mean(0).cpu().numpy()
-        axes[1, j].imshow(delta, cmap="RdBu_r", vmin=-eps, vmax=eps, interpolation="nearest")
+        im = axes[1, j].imshow(delta, cmap="RdBu_r", vmin=-eps, vmax=eps, interpolation="nearest")
         axes[1, j].set_title(f"delta ({format_eps(eps)})", fontsize=9)
         axes[1, j].set_xticks([])
         axes[1, j].set_yticks([])
+    fig.colorbar(im, ax=list(axes[1, 1:]), shrink=0.8, label="delta (red +, blue -)")
     return fig
 
 
@@ -244,7 +257,12 @@ def plot_semantic_report(report: pd.DataFrame) -> Figure:
                             ecolor=ax.get_lines()[i].get_color() if i < len(ax.get_lines()) else None,
                             alpha=0.6)
         ax.set_ylabel(label)
+        ax.set_xlabel("eps (pixel units)")
         ax.grid(alpha=0.3)
-        if ax is not axes[0, 0] and ax.get_legend():
+    # the three panels share their attacks: one legend for the figure
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    for ax in axes[0]:
+        if ax.get_legend():
             ax.get_legend().remove()
+    fig.legend(handles, labels, title="attack", loc="outside right upper", fontsize=8)
     return fig

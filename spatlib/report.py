@@ -31,7 +31,8 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from .config import SUITE_ATTACKS, EvalConfig, RunConfig, format_eps, from_dict, parse_eps, to_dict
+from .config import (SUITE_ATTACKS, EvalConfig, RunConfig, format_eps, from_dict, parse_eps,
+                     split_run_name, to_dict)
 from .evaluate import (ATTACK_LABELS, RobustnessResult, accuracy_vs_eps, result_from_json,
                        result_to_json, robustness)
 from .util import atomic_write_text, resolve_device, sha256_file
@@ -39,7 +40,6 @@ from .util import atomic_write_text, resolve_device, sha256_file
 EVAL_FORMAT = "spatlib-eval/1"
 ATTACKS = SUITE_ATTACKS      # the suite's order, defined once in config
 GROUP_KEYS = ["method", "dataset", "model"]
-RUN_NAME = re.compile(r"^(?P<variant>.+)-(?P<dataset>[^-]+)-s(?P<seed>-?\d+)$")
 REFERENCES_CSV = Path(__file__).with_name("references.csv")
 REFERENCE_COLUMNS = ["dataset", "threat_model", "eps", "method", "model", "clean", "robust",
                      "robust_attack", "source", "note"]
@@ -53,24 +53,6 @@ def model_label(cfg: RunConfig) -> str:
     if cfg.model.name == "wide_resnet":
         return f"WRN-{cfg.model.depth}-{cfg.model.width}"
     return MODEL_LABELS.get(cfg.model.name, cfg.model.name)
-
-
-def split_run_name(name: str, variants: Iterable[str] | None = None) -> dict:
-    """``"spat_at-digits-s2"`` -> ``{"variant": "spat_at", "dataset": "digits", "seed": 2}``.
-
-    Runs are named ``<variant>-<dataset>-s<seed>`` (:func:`spatlib.config.expand_experiment`).
-    A variant name may itself contain ``-``; ``variants`` (the experiment's variant names)
-    settles such names, the longest matching variant first.
-    """
-    for v in sorted(variants or (), key=len, reverse=True):
-        if name.startswith(v + "-"):
-            m = re.fullmatch(r"(?P<dataset>.+)-s(?P<seed>-?\d+)", name[len(v) + 1:])
-            if m:
-                return {"variant": v, "dataset": m["dataset"], "seed": int(m["seed"])}
-    m = RUN_NAME.match(name)
-    if not m:
-        return {"variant": name, "dataset": "", "seed": None}
-    return {"variant": m["variant"], "dataset": m["dataset"], "seed": int(m["seed"])}
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
@@ -471,5 +453,5 @@ def save_results(out_dir: str | Path, collected: Collected, agg: pd.DataFrame, t
 __all__ = ["ATTACKS", "RunEvaluation", "Collected", "evaluate_run", "eval_cache_key", "eval_cache_path",
            "resolve_eval", "collect_results", "find_run_dirs", "aggregate", "results_table",
            "format_mean_std", "load_references", "matching_references", "to_markdown",
-           "results_markdown", "save_results", "split_run_name", "read_run_config", "load_history",
+           "results_markdown", "save_results", "read_run_config", "load_history",
            "load_metrics", "describe_dataset", "model_label"]

@@ -5,12 +5,16 @@ through the same invariants, torchattacks-style: the threat model, determinism u
 generator, the global RNG and the model's modes left alone, loss up and accuracy down. Known
 answers come from linear models (tests/conftest.py) whose input gradients are written by hand.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import spatlib.attacks
 from spatlib.attacks import CW, FGSM, PGD, SPAT, check_threat_model, make_attack
+from spatlib.evaluate import suite_attack
 from spatlib.models import build_model
 from spatlib.semantics import shared_pixel_weights
 
@@ -428,3 +432,43 @@ def test_kl_loss_without_random_start_is_refused():
     model = _model("wrn").eval()
     with pytest.raises(ValueError, match="random start"):
         PGD(model, eps=EPS, alpha=ALPHA, steps=3, loss="kl", random_start=False)
+
+
+class _Wave(nn.Module):
+    """Two classes on a 1x1 image p: z1 - z0 = sin(2 pi p) - 0.7. From p = 0.1 (correct, class
+    0), sign steps of 0.2 go to 0.3 (fooled: sin(0.6 pi) - 0.7 > 0) and back to 0.1 (correct)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))   # a parameter, so the model has a device
+
+    def forward(self, x):
+        d = torch.sin(2 * math.pi * x.flatten(1)[:, 0]) - 0.7
+        return torch.stack([torch.zeros_like(d), d], 1)
+
+
+@pytest.mark.parametrize("kind", ["pgd", "cw"])
+def test_keep_fooled_returns_the_iterate_that_fooled_the_model(kind):
+    model = _Wave().eval()
+    x, y = torch.tensor([[[[0.1]]]]), torch.tensor([0])
+    last = make_attack(kind, model, eps=0.45, alpha=0.2, steps=2, random_start=False)(x, y)
+    kept = make_attack(kind, model, eps=0.45, alpha=0.2, steps=2, random_start=False,
+                       keep_fooled=True)(x, y)
+    assert float(last) == pytest.approx(0.1) and int(model(last).argmax()) == 0   # textbook: correct again
+    assert float(kept) == pytest.approx(0.3) and int(model(kept).argmax()) == 1   # the fooling iterate
+    # the suite keeps fooling iterates; training attacks (make_attack's default) do not
+    assert suite_attack("pgd20", model, 0.1).keep_fooled and suite_attack("cw", model, 0.1).keep_fooled
+    assert not make_attack("pgd", model, eps=0.1).keep_fooled
+
+
+def test_keep_fooled_never_raises_accuracy_and_keeps_the_threat_model():
+    model = _model("small_cnn").eval()
+    x, y = _batch(model)
+    plain = PGD(model, eps=EPS, alpha=EPS / 4, steps=10, generator=_gen(5))(x, y)
+    kept = PGD(model, eps=EPS, alpha=EPS / 4, steps=10, generator=_gen(5), keep_fooled=True)(x, y)
+    with torch.no_grad():
+        ok_plain, ok_kept = model(plain).argmax(1) == y, model(kept).argmax(1) == y
+    assert not (ok_kept & ~ok_plain).any()          # fooled by the plain attack: fooled here too
+    assert check_threat_model(x, kept, EPS)["ok"]
+    same = ok_kept == ok_plain
+    assert torch.equal(kept[same & ok_kept], plain[same & ok_kept])   # never fooled: the last iterate

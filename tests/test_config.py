@@ -89,3 +89,35 @@ def test_experiment_typo_in_a_variant_names_run_and_key(tmp_path):
     p.write_text("variant:\n  a: {}\n")
     with pytest.raises(ConfigError, match="did you mean 'variants'"):
         load_experiment(p)
+
+
+def test_run_names_follow_a_data_name_override():
+    exp = load_experiment_text("variants: {a: {}}\ndatasets: [digits]\n", ["data.name=synthetic"])
+    assert list(exp.runs) == ["a-synthetic-s0"]
+    run = exp.runs["a-synthetic-s0"]
+    assert run.name == "a-synthetic-s0" and run.data.name == "synthetic"
+    assert exp.labels == {"a-synthetic-s0": {"variant": "a", "dataset": "synthetic", "seed": 0}}
+    # no override: a datasets label names the run
+    exp = load_experiment_text("variants: {a: {}}\ndatasets: {prefix: {name: synthetic}}\n")
+    assert list(exp.runs) == ["a-prefix-s0"] and exp.runs["a-prefix-s0"].data.name == "synthetic"
+
+
+def test_range_checks_sit_beside_their_fields_and_are_checked_at_import():
+    import dataclasses
+
+    from spatlib import config
+    checked = {f"{cls.__name__}.{f.name}" for cls in (config.TrainConfig, config.AttackConfig)
+               for f in dataclasses.fields(cls) if "check" in f.metadata}
+    assert {"TrainConfig.lr", "TrainConfig.epochs", "AttackConfig.eps", "AttackConfig.rule"} <= checked
+
+    @dataclasses.dataclass
+    class Bad:
+        steps: int = config.spec(0, config.POSITIVE_INT)   # a default outside its own range
+
+    with pytest.raises(TypeError, match="Bad.steps: default 0 fails its own check"):
+        config._check_declarations((Bad,))
+
+
+def load_experiment_text(text, overrides=None):
+    from spatlib.config import expand_experiment
+    return expand_experiment(yaml.safe_load(text), overrides)

@@ -110,6 +110,8 @@ def test_npz_valid_nhw_and_class_names(tmp_path):
     (dict(y_train=np.array([0, -1, 2, 1])), "negative labels"),
     (dict(y_train=np.array([0.0, 1.0, 2.0, 1.0])), "integer"),
     (dict(y_train=np.array([0, 1, 5, 1]), class_names=np.array(["a", "b", "c"])), "out of range"),
+    (dict(x_test=np.zeros((0, 6, 6, 3), np.uint8), y_test=np.zeros(0, np.int64)),
+     "x_test is empty; a run needs test images"),
 ])
 def test_npz_errors_name_the_problem(tmp_path, arrays, message):
     with pytest.raises(DataError, match=message):
@@ -122,6 +124,15 @@ def test_npz_missing_file_and_pickles(tmp_path):
     path = _write(tmp_path, y_train=np.array([0, 1, 2, 1], dtype=object))
     with pytest.raises(DataError, match="cannot read"):
         load_dataset("npz", path=path)
+
+
+def test_npz_that_is_not_a_zip_is_named_so_not_pickled_data(tmp_path):
+    for content in (b"x_train,y_train\n1,2\n", np.random.default_rng(0).bytes(256)):
+        path = tmp_path / "data.npz"
+        path.write_bytes(content)
+        with pytest.raises(DataError) as e:
+            load_dataset("npz", path=str(path))
+        assert "is not a .npz archive" in str(e.value) and "pickle" not in str(e.value)
 
 
 # --------------------------------------------------------------------------------------------
