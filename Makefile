@@ -1,4 +1,4 @@
-# Fresh machine: `make smoke` (about a minute: the whole pipeline on a toy experiment), then
+# Fresh machine: `make smoke` (a few minutes at most: the whole pipeline on a toy experiment), then
 # `make reproduce` (the main job) and `make test`. All bootstrap .venv first.
 PY     ?= python3
 VENV   := .venv
