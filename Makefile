@@ -1,4 +1,5 @@
-# Fresh machine: `make reproduce` (the main job) and `make test`. Both bootstrap .venv first.
+# Fresh machine: `make smoke` (a few minutes at most: the whole pipeline on a toy experiment), then
+# `make reproduce` (the main job) and `make test`. All bootstrap .venv first.
 PY     ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,7 @@ PARAMS ?= params/digits.yaml
 JOBS   ?= 2
 STAMP  := $(VENV)/.spat-installed
 
-.PHONY: reproduce test test-fast lab install clean-outputs
+.PHONY: reproduce smoke test test-fast lab install clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,14 +22,24 @@ install: $(STAMP)
 reproduce: $(STAMP)
 	$(BIN)/spat batch $(PARAMS) --jobs $(JOBS)
 
+# first contact: 2 runs x 2 epochs and all three notebooks into outputs/smoke/ (the numbers
+# mean nothing; it shows that everything works and what `make reproduce` will write)
+smoke: $(STAMP)
+	$(BIN)/spat batch params/smoke.yaml --jobs $(JOBS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# Jupyter refuses to start as root unless told so, and root is the usual user in containers and
+# CI images. Everything else (token, port, browser) is left to Jupyter's defaults or LAB_ARGS,
+# e.g. make lab LAB_ARGS="--no-browser --port 8899"
+LAB_ARGS ?=
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(LAB_ROOT) $(LAB_ARGS) notebooks/
 
 clean-outputs:
 	rm -rf outputs/*/ 
