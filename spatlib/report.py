@@ -101,12 +101,16 @@ class RunEvaluation:
     seconds: float                     # what computing it cost (when it was computed)
 
 
-def resolve_eval(cfg: RunConfig, overrides: EvalConfig | Mapping | None = None) -> EvalConfig:
-    """The run's ``eval`` section with ``overrides`` (an EvalConfig or a partial dict) on top;
-    validated strictly, so a typo'd key raises ConfigError naming it."""
+def resolve_eval(cfg: RunConfig, overrides: EvalConfig | Mapping | None = None,
+                 base: EvalConfig | None = None) -> EvalConfig:
+    """``base`` (default: the run's saved ``eval`` section) with ``overrides`` (an EvalConfig or
+    a partial dict) on top; validated strictly, so a typo'd key raises ConfigError naming it.
+
+    ``base`` is how an experiment's *current* eval settings win over those the run was trained
+    with (evaluation settings change what is measured, never the weights)."""
     if isinstance(overrides, EvalConfig):
         return from_dict(to_dict(overrides), EvalConfig)
-    merged = {**to_dict(cfg.eval), **dict(overrides or {})}
+    merged = {**to_dict(base if base is not None else cfg.eval), **dict(overrides or {})}
     return from_dict(merged, EvalConfig)
 
 
@@ -145,16 +149,17 @@ def _evaluation_from_cache(data: dict, run_dir: Path, cfg: RunConfig, ev: EvalCo
 
 def evaluate_run(run_dir: str | Path, eval: EvalConfig | Mapping | None = None, *,
                  which: str = "best", device: str | torch.device = "auto",
-                 force: bool = False, progress: bool = False) -> RunEvaluation:
+                 force: bool = False, progress: bool = False,
+                 base: EvalConfig | None = None) -> RunEvaluation:
     """The suite (and the PGD-20 curve over ``eval.eps_curve``) on a run's test images, cached.
 
-    ``eval``: settings on top of the run's own ``eval`` section (None: the run's). The result
+    ``eval``: settings on top of ``base`` (default: the run's own ``eval`` section). The result
     is read from ``eval_<eps>.json`` in the run folder when its key (:func:`eval_cache_key`)
     matches, else computed on ``device`` and written there; ``force`` recomputes.
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    ev = resolve_eval(cfg, eval)
+    ev = resolve_eval(cfg, eval, base)
     eps = eval_eps(cfg, ev)
     key = eval_cache_key(run_dir, cfg, ev, which)
     path = eval_cache_path(run_dir, eps)
@@ -230,15 +235,20 @@ def evaluation_row(ev: RunEvaluation, labels: Mapping | None = None) -> dict:
 
 def collect_results(run_dirs: Iterable[str | Path], eval: EvalConfig | Mapping | None = None, *,
                     labels: Mapping[str, Mapping] | None = None, which: str = "best",
-                    device: str | torch.device = "auto", progress: bool = False) -> Collected:
+                    device: str | torch.device = "auto", progress: bool = False,
+                    configs: Mapping[str, RunConfig] | None = None) -> Collected:
     """Evaluate (cache first) every run folder and gather tidy frames.
 
     ``labels``: run name -> {variant, dataset, seed} (the batch's experiment.yaml); names are
-    parsed with :func:`split_run_name` otherwise.
+    parsed with :func:`split_run_name` otherwise. ``configs``: run name -> the experiment's
+    current RunConfig, whose ``eval`` section is then the base (the batch passes its plan, so
+    ``--set eval.n_examples=50`` on finished runs re-evaluates them; it never retrains).
     """
     rows, curves, per_class, evals = [], [], [], {}
     for d in run_dirs:
-        ev = evaluate_run(d, eval, which=which, device=device, progress=progress)
+        current = (configs or {}).get(Path(d).name)
+        ev = evaluate_run(d, eval, which=which, device=device, progress=progress,
+                          base=current.eval if current is not None else None)
         row = evaluation_row(ev, (labels or {}).get(ev.run))
         rows.append(row)
         evals[ev.run] = ev
@@ -268,6 +278,7 @@ def aggregate(runs: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFr
     for group, part in runs.groupby(list(keys), sort=False):
         row = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
         row["eps_str"] = ", ".join(dict.fromkeys(part["eps_str"]))
+        row["n_examples"] = ", ".join(str(int(n)) for n in dict.fromkeys(part["n_examples"]))
         row["n_seeds"] = len(part)
         row["seeds"] = ", ".join(str(s) for s in part["seed"])
         for a in cols:
@@ -330,13 +341,15 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
     """The results table: measured rows (``mean ± std`` percent over seeds) then the
     published AutoAttack rows of the same datasets and eps, marked ``(published)``.
 
-    Columns: Method, Dataset, Model, eps, Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack,
-    Seeds, Source. Attacks no measured row ran are left out.
+    Columns: Method, Dataset, Model, eps, Images (test images each run was evaluated on),
+    Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack, Seeds, Source. Attacks no measured row
+    ran are left out.
     """
     attacks = [a for a in ATTACKS if f"{a}_mean" in agg]
     rows = []
     for _, r in agg.iterrows():
-        row = {"Method": r["method"], "Dataset": r["dataset"], "Model": r["model"], "eps": r["eps_str"]}
+        row = {"Method": r["method"], "Dataset": r["dataset"], "Model": r["model"], "eps": r["eps_str"],
+               "Images": r.get("n_examples", "")}
         for a in attacks:
             row[ATTACK_LABELS[a]] = format_mean_std(r[f"{a}_mean"], r.get(f"{a}_std", float("nan")))
         row["Seeds"] = str(r["n_seeds"])
@@ -344,7 +357,7 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         rows.append(row)
     for _, r in matching_references(refs, agg).iterrows():
         row = {"Method": f"{r['method']} (published)", "Dataset": r["dataset"], "Model": r["model"],
-               "eps": r["eps"]}
+               "eps": r["eps"], "Images": "full test set"}
         for a in attacks:
             row[ATTACK_LABELS[a]] = ""
         if "clean" in attacks:

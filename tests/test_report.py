@@ -86,7 +86,7 @@ def test_collect_reads_the_cache_and_aggregates_mean_and_sample_std(three_seeds)
 def test_results_table_formats_mean_pm_std_and_leaves_out_unmeasured_attacks(three_seeds):
     agg = report.aggregate(report.collect_results(three_seeds).runs)
     table = report.results_table(agg)
-    assert list(table.columns) == ["Method", "Dataset", "Model", "eps", "Clean", "PGD-20", "AutoAttack",
+    assert list(table.columns) == ["Method", "Dataset", "Model", "eps", "Images", "Clean", "PGD-20", "AutoAttack",
                                    "Seeds", "Source"]
     row = table.iloc[0]
     assert row["Clean"] == "75.00 ± 25.00"
@@ -94,8 +94,8 @@ def test_results_table_formats_mean_pm_std_and_leaves_out_unmeasured_attacks(thr
     assert table.iloc[1]["Clean"] == "100.00"                               # one seed: mean only
     md = report.to_markdown(table)
     lines = md.splitlines()
-    assert lines[0] == "| Method | Dataset | Model | eps | Clean | PGD-20 | AutoAttack | Seeds | Source |"
-    assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 | measured |"
+    assert lines[0] == "| Method | Dataset | Model | eps | Images | Clean | PGD-20 | AutoAttack | Seeds | Source |"
+    assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 4 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 | measured |"
 
 
 def test_published_rows_join_only_their_dataset_and_eps_and_are_marked():
@@ -145,7 +145,7 @@ def test_save_results_writes_csv_markdown_and_figures(three_seeds, tmp_path):
     assert csv.loc[0, "clean_mean"] == pytest.approx(75.0)
     md = paths["results.md"].read_text()
     assert md.startswith("# Results: toy")
-    assert "| pgd_at | digits | SmallCNN | 0.15 | 75.00 ± 25.00 |" in md
+    assert "| pgd_at | digits | SmallCNN | 0.15 | 4 | 75.00 ± 25.00 |" in md
     assert "## Published reference numbers" in md and "RobustBench" in md
     for name in figs:
         png = out / "figures" / f"{name}.png"
@@ -206,6 +206,11 @@ def test_evaluate_run_computes_once_then_reads_the_cache(tmp_path):
     assert second.result.accuracy == first.result.accuracy
     assert torch.equal(second.result.robust, first.result.robust)
     assert not report.evaluate_run(run_dir, {"n_examples": 8}, device="cpu").cached
+    # the experiment's current eval settings (a --set on finished runs) win over the saved ones
+    current = from_dict({**cfg, "eval": {**cfg["eval"], "n_examples": 12}})
+    collected = report.collect_results([run_dir], configs={"tiny": current}, device="cpu")
+    assert collected.runs.loc[0, "n_examples"] == 12 and not collected.runs.loc[0, "eval_cached"]
+    assert report.results_table(report.aggregate(collected.runs)).loc[0, "Images"] == "12"
     ckpt = run_dir / "checkpoint_best.pt"
     ckpt.write_bytes(ckpt.read_bytes() + b"\0")               # other weights: other numbers
     key = report.eval_cache_key(run_dir, report.read_run_config(run_dir),
