@@ -168,21 +168,21 @@ class EnsembleOracle(Oracle):
     @classmethod
     def from_checkpoints(cls, paths: Iterable[str | Path], *, which: str = "best",
                          device: str | torch.device = "cpu", batch_size: int = 512) -> "EnsembleOracle":
-        """An ensemble of trained runs on ``device``, via ``spatlib.train.load_run_model``.
+        """An ensemble of trained runs on ``device``, via ``spatlib.runfolder.load_run_model``.
 
         paths: run folders (``which``: ``best``, ``last`` or ``ema`` weights) or their
         ``checkpoint_best.pt`` / ``checkpoint_last.pt`` files (the file decides best or last;
         ``which="ema"`` picks the EMA of a last checkpoint). The model is rebuilt from the
         config saved in the checkpoint, so runs of other architectures mix freely.
         """
-        from . import train   # lazy: train sits beside hypothesis in the import order, and is heavy
+        from . import runfolder   # lazy: loading runs is the caller's choice
 
-        by_file = {train.BEST: "best", train.LAST: "last"}
+        by_file = {runfolder.BEST: "best", runfolder.LAST: "last"}
         models = []
         for p in map(Path, paths):
             if p.is_file():
                 if p.name not in by_file:
-                    raise ValueError(f"EnsembleOracle: {p} is not a run's {train.BEST} or {train.LAST}; "
+                    raise ValueError(f"EnsembleOracle: {p} is not a run's {runfolder.BEST} or {runfolder.LAST}; "
                                      f"pass the run folder")
                 run_dir = p.parent
                 kind = "ema" if (by_file[p.name] == "last" and which == "ema") else by_file[p.name]
@@ -190,7 +190,7 @@ class EnsembleOracle(Oracle):
                 run_dir, kind = p, which
             else:
                 raise FileNotFoundError(f"EnsembleOracle: no run folder or checkpoint at {p}")
-            models.append(train.load_run_model(run_dir, which=kind, device=device)[0])
+            models.append(runfolder.load_run_model(run_dir, which=kind, device=device)[0])
         return cls(models, batch_size=batch_size)
 
     def __repr__(self) -> str:

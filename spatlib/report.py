@@ -28,7 +28,6 @@ from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
-import yaml
 from matplotlib.figure import Figure
 
 from .config import (SUITE_ATTACKS, EvalConfig, RunConfig, format_eps, from_dict, parse_eps,
@@ -36,6 +35,8 @@ from .config import (SUITE_ATTACKS, EvalConfig, RunConfig, format_eps, from_dict
 from .evaluate import (ATTACK_LABELS, RobustnessResult, accuracy_vs_eps, result_from_json,
                        result_to_json, robustness)
 from .util import atomic_write_text, resolve_device, sha256_file
+from .runfolder import (BEST, LAST, eval_cache_path, load_history, load_metrics, load_run_model,
+                        read_run_config)
 
 EVAL_FORMAT = "spatlib-eval/1"
 ATTACKS = SUITE_ATTACKS      # the suite's order, defined once in config
@@ -55,23 +56,6 @@ def model_label(cfg: RunConfig) -> str:
     return MODEL_LABELS.get(cfg.model.name, cfg.model.name)
 
 
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config a run folder was trained with (``config.yaml``)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.yaml; is {run_dir} a spatlib run folder?")
-    return from_dict(yaml.safe_load(path.read_text()) or {})
-
-
-def load_history(run_dir: str | Path) -> pd.DataFrame:
-    """``history.csv`` of a run (one row per epoch)."""
-    return pd.read_csv(Path(run_dir) / "history.csv")
-
-
-def load_metrics(run_dir: str | Path) -> dict:
-    """``metrics.json`` of a finished run ({} while unfinished)."""
-    path = Path(run_dir) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def describe_dataset(cfg: RunConfig) -> str:
@@ -119,15 +103,9 @@ def eval_eps(cfg: RunConfig, ev: EvalConfig) -> float:
     return float(ev.eps if ev.eps is not None else cfg.attack.eps)
 
 
-def eval_cache_path(run_dir: str | Path, eps: float) -> Path:
-    """``eval_8-255.json`` / ``eval_0.3.json`` (a slash cannot be in a file name)."""
-    return Path(run_dir) / f"eval_{format_eps(eps).replace('/', '-')}.json"
-
-
 def eval_cache_key(run_dir: str | Path, cfg: RunConfig, ev: EvalConfig, which: str = "best") -> dict:
     """Everything the cached numbers depend on: the weights (sha256 of the checkpoint file)
     and every evaluation setting, including the batch size (the attack noise is drawn per batch)."""
-    from .train import BEST, LAST   # lazy: train is heavy and sits beside report in the import order
     ckpt = Path(run_dir) / (BEST if which == "best" else LAST)
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: no checkpoint; the run has not finished an epoch")
@@ -171,7 +149,6 @@ def evaluate_run(run_dir: str | Path, eval: EvalConfig | Mapping | None = None, 
         if data.get("key") == key:
             return _evaluation_from_cache(data, run_dir, cfg, ev, path, cached=True)
 
-    from .train import load_run_model
     t0 = time.perf_counter()
     model, _, ds = load_run_model(run_dir, which=which, device=resolve_device(device))
     n = len(ds.y_test) if ev.n_examples is None else min(ev.n_examples, len(ds.y_test))

@@ -1,13 +1,14 @@
 """spat bench at minimal sizes: it runs end to end and reports finite figures.
 
 Speed is never asserted here (bench/throughput.py prints it); these tests check that the
-benchmark measures what it says: every configuration, the ratios, the targets, a memory figure,
-and a reference PGD that stays in the threat model.
+benchmark measures what it says: every configuration, the ratios, the targets' verdicts
+(bench/targets.py), a memory figure, and a reference PGD that stays in the threat model.
 """
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +17,25 @@ from spatlib import benchmark
 from spatlib.benchmark import Case
 from spatlib.models import build_model
 
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY = ["--device", "cpu", "--models", "small_cnn", "--batch-size", "4", "--steps", "1",
         "--batches", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
         "--max-other-load", "1", "--quiet"]
 
 
-def test_bench_reports_finite_throughput_ratios_and_targets(tmp_path, capsys):
+@pytest.fixture
+def bench_scripts(monkeypatch):
+    """bench/throughput.py and bench/targets.py, imported as the script imports them."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import targets
+    import throughput
+    return throughput, targets
+
+
+def test_bench_reports_finite_throughput_ratios_and_targets(tmp_path, capsys, bench_scripts):
+    throughput, _ = bench_scripts
     out = tmp_path / "bench.json"
-    rc = benchmark.cli_main(TINY + ["--methods", "pgd_at,spat_at", "--no-memory", "--out", str(out)])
+    rc = throughput.main(TINY + ["--methods", "pgd_at,spat_at", "--no-memory", "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     keys = {r["key"] for r in result["rows"]}
@@ -44,8 +56,39 @@ def test_bench_reports_finite_throughput_ratios_and_targets(tmp_path, capsys):
     assert result["machine"]["torch"] == torch.__version__
     printed = capsys.readouterr().out
     assert "| small_cnn | spat_at (input_grad, topk:10) | 100 (topk:10) |" in printed
+    assert "| trainer/reference | CPU (small_cnn, preact_resnet18) | small_cnn | >= 1.5 |" in printed
     assert out.with_suffix(".md").read_text() in printed
     assert torch.get_num_threads() == 1      # the benchmark gives the thread count back
+
+
+def test_spat_bench_prints_figures_without_verdicts(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = benchmark.cli_main(TINY + ["--methods", "standard", "--no-reference", "--no-overhead",
+                                    "--no-memory", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [r["key"] for r in result["rows"]] == ["small_cnn/standard/k10"]
+    assert "targets" not in result
+    printed = capsys.readouterr().out
+    assert "| small_cnn | standard | 10 | 4 |" in printed and "| target |" not in printed
+
+
+def test_targets_give_each_verdict_against_its_threshold(bench_scripts):
+    _, targets = bench_scripts
+    result = {"settings": {"device": "cpu"}, "machine": {}, "rows": [], "ratios": [
+        {"name": "spat_overhead:cam", "model": "small_cnn", "num_classes": 10, "ratio": 1.2},
+        {"name": "spat_overhead:cam", "model": "preact_resnet18", "num_classes": 10, "ratio": 1.1},
+        {"name": "trainer/reference", "model": "small_cnn", "num_classes": 10, "ratio": 1.5},
+        {"name": "trainer/reference", "model": "wide_resnet", "num_classes": 10, "ratio": 9.0},
+        {"name": "spat_overhead:input_grad", "model": "small_cnn", "num_classes": 100, "ratio": 1.0},
+    ]}
+    verdicts = {(t["target"], t.get("model")): t["met"] for t in targets.check_targets(result)}
+    assert verdicts[("spat_overhead:cam", "small_cnn")] is False          # 1.2 > 1.15
+    assert verdicts[("spat_overhead:cam", "preact_resnet18")] is True
+    assert verdicts[("trainer/reference", "small_cnn")] is True           # >= 1.5 includes 1.5
+    assert ("trainer/reference", "wide_resnet") not in verdicts           # not a CPU target model
+    assert verdicts[("spat_overhead:input_grad", None)] is None           # the 100-class row is not it
+    assert verdicts[("images_per_s:pgd_at:preact_resnet18", None)] is None   # needs an H100
 
 
 def test_cpu_memory_probe_measures_a_fresh_process(tmp_path):

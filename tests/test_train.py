@@ -117,8 +117,8 @@ def test_schedules_per_iteration():
 def test_each_method_crafts_with_its_attack(method, cls, loss, start, tmp_path):
     cfg = from_dict(digits_config(train={"method": method, "eps_warmup_epochs": 1},
                                   attack={"random_start": False, "rule": "equality"}))
-    trainer = T._Trainer(cfg, tmp_path, torch.device("cpu"), T._Dist(), False)
-    attack = trainer._attack(0.05)      # mid warm-up: alpha scales with eps
+    trainer = T.Trainer(cfg, tmp_path, device=torch.device("cpu"))
+    attack = trainer.attack(0.05)       # mid warm-up: alpha scales with eps
     assert type(attack).__name__ == cls and attack.loss == loss
     assert attack.random_start == start  # TRADES' KL needs its 0.001 N(0,1) start to move at all
     assert attack.eps == 0.05 and attack.alpha == pytest.approx(0.02)
@@ -126,6 +126,40 @@ def test_each_method_crafts_with_its_attack(method, cls, loss, start, tmp_path):
     if cls == "SPAT":
         assert attack.rule == "equality"
     assert list(tmp_path.iterdir()) == []  # building a trainer writes nothing
+
+
+def test_trainer_without_a_run_folder_times_a_slice_of_an_epoch(tmp_path, monkeypatch):
+    # what spat bench does: build a Trainer without a run folder, train a few batches of an
+    # epoch; the schedules keep counting the full epoch, and nothing is written anywhere
+    monkeypatch.chdir(tmp_path)
+    cfg = digits_config(train={"method": "pgd_at", "epochs": 2, "schedule": "piecewise",
+                               "milestones": [0.5]})
+    trainer = T.Trainer(cfg)
+    assert trainer.run_dir is None and trainer.n_batches == 18   # 1347 - 200 images / 64
+    row = trainer.train_epoch(1, max_batches=3)
+    assert trainer.images_seen == 3 * 64 and trainer.epoch == 0
+    assert row["lr"] == pytest.approx(0.005)   # epoch 2 of 2: past the milestone at half
+    assert math.isfinite(row["train_loss"]) and 0 <= row["train_adv_acc"] <= 1
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="run_dir"):
+        trainer.fit()
+
+
+def test_training_attack_is_the_methods_attack():
+    from spatlib.config import AttackConfig
+    from spatlib.methods import METHODS as table
+    from spatlib.methods import training_attack
+    model = build_model("small_cnn", num_classes=10, in_channels=1, image_size=8)
+    cfg = AttackConfig(eps=0.2, alpha=0.05, steps=3, random_start=True)
+    gen = torch.Generator().manual_seed(0)
+    trades = training_attack(model, cfg, table["trades"], 0.1, gen)
+    assert (type(trades).__name__, trades.loss, trades.random_start) == ("PGD", "kl", "normal")
+    assert trades.eps == 0.1 and trades.alpha == pytest.approx(0.025) and trades.steps == 3
+    spat = training_attack(model, cfg, table["spat_at"], 0.2, gen)
+    assert (type(spat).__name__, spat.loss, spat.random_start) == ("SPAT", "ce", True)
+    assert spat.alpha == pytest.approx(0.05) and spat.generator is gen
+    with pytest.raises(ValueError, match="clean"):
+        training_attack(model, cfg, table["standard"], 0.1, gen)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -211,7 +245,7 @@ def test_finished_run_is_not_retrained(trained_runs, monkeypatch):
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was retrained")
-    monkeypatch.setattr(T, "_Trainer", no_training)
+    monkeypatch.setattr(T, "Trainer", no_training)
     assert train(cfg, run_dir) == metrics
     assert (run_dir / "history.csv").read_bytes() == history
     assert {n: (run_dir / n).stat().st_mtime_ns for n in RUN_FILES} == before
@@ -315,7 +349,7 @@ def test_ema_validation_early_stopping_and_test_split_fallback(tmp_path, monkeyp
         calls["n"] += 1
         return {"val_clean_acc": 0.5, "val_robust_acc": 0.2,
                 "ema_val_clean_acc": 0.6, "ema_val_robust_acc": 0.3}
-    monkeypatch.setattr(T._Trainer, "validate", flat_validation)
+    monkeypatch.setattr(T.Trainer, "validate", flat_validation)
     cfg = digits_config(data={"val_size": 0},
                         train={"epochs": 10, "ema": 0.9, "patience": 2, "max_batches": 3})
     run_dir = tmp_path / "run"
@@ -334,7 +368,7 @@ def test_ema_validation_early_stopping_and_test_split_fallback(tmp_path, monkeyp
 
 def test_run_killed_before_metrics_finishes_with_the_same_numbers(tmp_path, monkeypatch, capsys):
     scores = iter([0.1, 0.2])         # the last epoch is the best one
-    monkeypatch.setattr(T._Trainer, "validate",
+    monkeypatch.setattr(T.Trainer, "validate",
                         lambda self: {"val_clean_acc": 0.5, "val_robust_acc": next(scores)})
     cfg = digits_config(train={"epochs": 2, "max_batches": 3, "deterministic": True,
                                "progress": True})
@@ -363,6 +397,7 @@ def _train_cmd(params: Path, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "spatlib.train", str(params), "--run-dir", str(run_dir)]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_metrics(tmp_path):
     cfg = digits_config(train={"epochs": 5, "deterministic": True, "ema": 0.9},
                         attack={"steps": 2})
@@ -415,6 +450,7 @@ TORCHRUN = (Path(sys.executable).parent / "torchrun" if (Path(sys.executable).pa
             else shutil.which("torchrun"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
 def test_torchrun_two_processes_match_single_process(tmp_path):
     torchrun = str(TORCHRUN)

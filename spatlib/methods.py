@@ -1,0 +1,109 @@
+"""What each training method is: the attack that crafts its examples, what that attack ascends,
+and the loss the model minimizes.
+
+The six methods differ only in those three things (``METHODS``); one loop
+(:class:`spatlib.train.Trainer`) runs all of them:
+
+============  ======  ==============  ===========================================
+method        attack  attack ascends  training loss
+============  ======  ==============  ===========================================
+standard      none    -               CE(f(x), y)
+pgd_at        PGD     CE              CE(f(x_adv), y)                 Madry et al. 2018
+trades        PGD     KL to f(x)      CE(f(x), y) + beta KL           Zhang et al. 2019
+mart          PGD     CE              BCE + beta KL (1 - p_y(x))      Wang et al. 2020
+spat_at       SPAT    CE              CE(f(x_adv), y)
+spat_trades   SPAT    KL to f(x)      CE(f(x), y) + beta KL
+============  ======  ==============  ===========================================
+
+The losses take logits (N, K) and labels (N,) and are computed in float32 even under autocast.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import attacks
+from .config import AttackConfig
+
+__all__ = ["Method", "METHODS", "kl_divergence", "trades_loss", "mart_loss", "ce_adv",
+           "ce_clean", "training_attack"]
+
+
+def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(softmax(logits_p) || softmax(logits_q)) per example, (N,)."""
+    log_p = F.log_softmax(logits_p.float(), dim=1)
+    log_q = F.log_softmax(logits_q.float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
+def trades_loss(clean: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), batch mean."""
+    return F.cross_entropy(clean.float(), y) + beta * kl_divergence(clean, adv).mean()
+
+
+def mart_loss(clean: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """MART (Wang et al. 2020, eq. 6), batch mean of
+
+    BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x)),
+    BCE(p(x'), y) = -log p_y(x') - log(1 - max_{k != y} p_k(x')).
+
+    The 1e-4 inside the second log is the authors' (log(1.0001 - p)): it bounds the gradient
+    when the strongest wrong class takes all the probability.
+    """
+    p_adv = F.softmax(adv.float(), dim=1)
+    wrong_max = p_adv.scatter(1, y.view(-1, 1), 0.0).amax(1)
+    bce = F.cross_entropy(adv.float(), y, reduction="none") - torch.log(1.0001 - wrong_max)
+    p_true = F.softmax(clean.float(), dim=1).gather(1, y.view(-1, 1)).squeeze(1)
+    return (bce + beta * kl_divergence(clean, adv) * (1.0 - p_true)).mean()
+
+
+def ce_adv(clean: Tensor | None, adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """Adversarial training's loss: CE(f(x_adv), y) (``clean`` and ``beta`` unused)."""
+    return F.cross_entropy(adv.float(), y)
+
+
+def ce_clean(clean: Tensor, adv: Tensor | None, y: Tensor, beta: float) -> Tensor:
+    """Standard training's loss: CE(f(x), y) (``adv`` and ``beta`` unused)."""
+    return F.cross_entropy(clean.float(), y)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: the attack that crafts its examples and the loss it minimizes."""
+    attack: str | None      # None (clean training), "pgd" or "spat"
+    attack_loss: str        # what the attack ascends: "ce", or "kl" (TRADES, from a 0.001 N(0,1) start)
+    needs_clean: bool       # the loss uses f(x) (trained on, with gradient)
+    loss: Callable[[Tensor | None, Tensor | None, Tensor, float], Tensor]  # (f(x), f(x_adv), y, beta)
+
+
+METHODS: dict[str, Method] = {
+    "standard": Method(None, "ce", True, ce_clean),
+    "pgd_at": Method("pgd", "ce", False, ce_adv),            # Madry et al. 2018
+    "trades": Method("pgd", "kl", True, trades_loss),        # Zhang et al. 2019
+    "mart": Method("pgd", "ce", True, mart_loss),            # Wang et al. 2020
+    "spat_at": Method("spat", "ce", False, ce_adv),
+    "spat_trades": Method("spat", "kl", True, trades_loss),
+}
+
+
+def training_attack(model: nn.Module, cfg: AttackConfig, method: Method, eps: float,
+                    generator: torch.Generator | None) -> attacks.PGD:
+    """The attack that crafts ``method``'s training examples at budget ``eps`` (the eps of the
+    current step: below ``cfg.eps`` during the eps warm-up, which scales alpha alike).
+
+    TRADES' KL starts at x + 0.001 N(0, 1) whatever ``cfg.random_start`` says: at x itself
+    the KL to f(x) is at its minimum, its gradient is exactly 0 and sign steps never move.
+    """
+    if method.attack is None:
+        raise ValueError("training_attack: this method trains on clean images (no attack)")
+    alpha = cfg.alpha * eps / cfg.eps if cfg.eps > 0 else cfg.alpha
+    start = "normal" if method.attack_loss == "kl" else cfg.random_start
+    return attacks.make_attack(method.attack, model, eps=eps, alpha=alpha, steps=cfg.steps,
+                               random_start=start, loss=method.attack_loss, bn_mode=cfg.bn_mode,
+                               generator=generator, rule=cfg.rule, saliency=cfg.saliency,
+                               gamma=cfg.gamma, classes=cfg.classes, class_chunk=cfg.class_chunk,
+                               refresh=cfg.refresh)
