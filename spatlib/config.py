@@ -429,9 +429,11 @@ class Experiment:
     hypothesis: dict                    # parameters for notebook 01 (validated by spatlib.hypothesis)
     robustness: dict                    # parameters for notebook 03
     path: str | None = None
+    launcher: dict = field(default_factory=dict)   # cluster settings (validated by spatlib.slurm)
 
 
-EXPERIMENT_KEYS = ("experiment", "base", "variants", "seeds", "datasets", "hypothesis", "robustness")
+EXPERIMENT_KEYS = ("experiment", "base", "variants", "seeds", "datasets", "hypothesis", "robustness",
+                   "launcher")
 
 
 def expand_experiment(data: dict, overrides: list[str] | None = None,
@@ -501,8 +503,12 @@ def expand_experiment(data: dict, overrides: list[str] | None = None,
             raise ConfigError(f"{where}{sec}: expected a mapping of notebook parameters")
         stripped = [t.split(".", 1)[1] if "." in t.split("=", 1)[0] else t for t in nb_over[sec]]
         sections[sec] = apply_overrides(sdata, stripped)
+    launcher = data.get("launcher") or {}
+    if not isinstance(launcher, dict):
+        raise ConfigError(f"{where}launcher: expected a mapping of cluster settings")
     return Experiment(name=name, runs=runs, hypothesis=sections["hypothesis"],
-                      robustness=sections["robustness"], path=str(path) if path else None)
+                      robustness=sections["robustness"], path=str(path) if path else None,
+                      launcher=launcher)
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
