@@ -46,7 +46,8 @@ from typing import Callable
 import yaml
 
 from . import batch as B
-from .util import ConfigError, atomic_write_text, did_you_mean, utc_now
+from .config import ConfigError
+from .util import atomic_write_text, did_you_mean, utc_now
 
 JOBS_FILE = "slurm_jobs.json"
 SUBMITIT_DIR = "slurm"
