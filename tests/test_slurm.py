@@ -224,7 +224,7 @@ def test_requeued_run_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_pa
         while shown is None and driver.poll() is None and time.monotonic() < deadline:
             before = len(history(run_dir))
             text = spat("status", str(exp), cwd=tmp_path, timeout=60).stdout
-            m = re.search(r"pgd_at-digits-s0\s+running \(epoch (\d+) of 8\)", text)
+            m = re.search(r"pgd_at-digits-s0\s+running \(epoch (\d+) of 4\)", text)
             if m:
                 shown = (before, int(m.group(1)), len(history(run_dir)))
         assert shown is not None, "the requeued job was never seen running again"
