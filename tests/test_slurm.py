@@ -263,7 +263,7 @@ def test_broken_run_is_reported_with_its_log_and_the_others_finish(cluster, tmp_
     assert (exp / "results.csv").is_file()                    # 03 read the run that finished
     failed_log = exp / "logs" / "missing-npz-s0.log"
     assert "1 job(s) FAILED" in out.stdout
-    assert f"missing-npz-s0: " in out.stdout and f"log: {failed_log}" in out.stdout
+    assert "missing-npz-s0: " in out.stdout and f"log: {failed_log}" in out.stdout
     assert "no_such_data.npz" in failed_log.read_text()
     status = spat("status", str(exp), cwd=tmp_path, timeout=60)
     assert status.returncode == 1
