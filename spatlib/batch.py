@@ -662,6 +662,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hypothesis", action="store_true", help="skip notebook 01")
     parser.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the jobs, run nothing")
+    from . import slurm     # the --launcher flag and the cluster settings live with the launcher
+    slurm.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs: expected an integer >= 1")
@@ -678,6 +680,10 @@ def cli_main(argv: list[str] | None = None) -> int:
             print(f"  {job.name:<40} {job.notebook.name} -> {job.output}")
         print(f"  {ROBUSTNESS_JOB:<40} {NOTEBOOKS['robustness']} -> {plan.out_dir / NOTEBOOKS['robustness']}")
         return 0
+    if args.status:
+        return slurm.status_main([str(plan.out_dir)])
+    if args.launcher == "slurm":
+        return slurm.run_from_cli(plan, args, nb_dir)
     try:
         outcome = run_batch(plan, jobs=jobs, kernel=args.kernel, hypothesis=not args.no_hypothesis,
                             timeout=args.timeout, notebooks=nb_dir,

@@ -560,9 +560,11 @@ class Experiment:
     robustness: dict                    # notebook 03's parameters as written (checked: RobustnessConfig)
     path: str | None = None
     labels: dict[str, dict] = field(default_factory=dict)   # run -> {variant, dataset, seed}
+    launcher: dict = field(default_factory=dict)   # cluster settings (validated by spatlib.slurm)
 
 
-EXPERIMENT_KEYS = ("experiment", "base", "variants", "seeds", "datasets", "hypothesis", "robustness")
+EXPERIMENT_KEYS = ("experiment", "base", "variants", "seeds", "datasets", "hypothesis", "robustness",
+                   "launcher")
 
 
 # --------------------------------------------------------------------------------------------
@@ -700,9 +702,12 @@ def expand_experiment(data: dict, overrides: list[str] | None = None,
         merged = apply_overrides(sdata, stripped)
         check_section(sec, merged, where)   # values too: a bad attack name fails before any work
         sections[sec] = merged
+    launcher = data.get("launcher") or {}
+    if not isinstance(launcher, dict):
+        raise ConfigError(f"{where}launcher: expected a mapping of cluster settings")
     return Experiment(name=name, runs=runs, hypothesis=sections["hypothesis"],
                       robustness=sections["robustness"], path=str(path) if path else None,
-                      labels=labels)
+                      labels=labels, launcher=launcher)
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
