@@ -30,12 +30,10 @@ Layout of ``<out>/<experiment>/``::
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import concurrent.futures as cf
 import contextlib
 import copy
-import datetime
 import difflib
 import hashlib
 import json
@@ -52,6 +50,7 @@ from typing import Callable
 import yaml
 
 from .config import ConfigError, Experiment, load_experiment, read_yaml, to_dict
+from .util import utc_now
 
 NOTEBOOKS = {"hypothesis": "01_hypothesis.ipynb", "training": "02_training.ipynb",
              "robustness": "03_robustness.ipynb"}
@@ -549,10 +548,6 @@ class BatchOutcome:
         return [r for r in self.results.values() if r.status == "failed"]
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def write_summary(outcome: BatchOutcome, started: str, finished: str | None = None) -> Path:
     path = outcome.plan.out_dir / SUMMARY
     doc = {"experiment": outcome.plan.name, "params": str(outcome.plan.params_path),
@@ -571,7 +566,7 @@ def run_batch(plan: Plan, *, jobs: int = 1, kernel: str | None = None, hypothesi
               log: Callable[[str], None] = print) -> BatchOutcome:
     """Execute the plan (see the module doc); returns what happened to every job."""
     t0 = time.perf_counter()
-    started = _now()
+    started = utc_now()
     nb_dir = notebooks or notebooks_dir()
     kernel = kernel or kernel_name()
     gpus = list(range(gpu_count()))
@@ -617,7 +612,7 @@ def run_batch(plan: Plan, *, jobs: int = 1, kernel: str | None = None, hypothesi
     else:
         log("no run finished: 03_robustness not executed")
     outcome.seconds = time.perf_counter() - t0
-    write_summary(outcome, started, _now())
+    write_summary(outcome, started, utc_now())
     return outcome
 
 
@@ -638,63 +633,3 @@ def report_outcome(outcome: BatchOutcome, out=sys.stdout) -> None:
         print(f"\n{len(outcome.failures)} job(s) FAILED:", file=out)
         for r in outcome.failures:
             print(f"  {r.name}: {r.error or 'failed'}\n    log: {r.log}", file=out)
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-def cli_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="spat batch",
-        description="Execute the notebooks of an experiment with papermill: 01_hypothesis once, "
-                    "02_training per run (several at once), then 03_robustness. Reruns skip "
-                    "finished jobs and resume unfinished runs.")
-    parser.add_argument("params", help="experiment params file, e.g. params/digits.yaml")
-    parser.add_argument("--jobs", "-j", type=int, default=None,
-                        help="notebooks at once (default: the number of GPUs, else 1)")
-    parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="RUN",
-                        help="execute only these runs (names as <variant>-<dataset>-s<seed>)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override every run (train.epochs=2) or a notebook section "
-                             "(hypothesis.n_examples=50); validated like the file")
-    parser.add_argument("--out", default="outputs", help="output root (default: ./outputs)")
-    parser.add_argument("--kernel", default=None,
-                        help=f"Jupyter kernel (default: '{DEFAULT_KERNEL}' if registered, else python3)")
-    parser.add_argument("--no-hypothesis", action="store_true", help="skip notebook 01")
-    parser.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
-    parser.add_argument("--dry-run", action="store_true", help="validate and list the jobs, run nothing")
-    from . import slurm     # the --launcher flag and the cluster settings live with the launcher
-    slurm.add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.jobs is not None and args.jobs < 1:
-        parser.error("--jobs: expected an integer >= 1")
-    try:
-        plan = plan_experiment(args.params, args.overrides, args.out, args.only or None)
-        nb_dir = notebooks_dir()
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    jobs = args.jobs if args.jobs is not None else max(1, gpu_count())
-    if args.dry_run:
-        print(f"{plan.name}: {len(plan.runs)} run(s) -> {plan.out_dir}")
-        for job in build_jobs(plan, nb_dir, threads=None, hypothesis=not args.no_hypothesis):
-            print(f"  {job.name:<40} {job.notebook.name} -> {job.output}")
-        print(f"  {ROBUSTNESS_JOB:<40} {NOTEBOOKS['robustness']} -> {plan.out_dir / NOTEBOOKS['robustness']}")
-        return 0
-    if args.status:
-        return slurm.status_main([str(plan.out_dir)])
-    if args.launcher == "slurm":
-        return slurm.run_from_cli(plan, args, nb_dir)
-    try:
-        outcome = run_batch(plan, jobs=jobs, kernel=args.kernel, hypothesis=not args.no_hypothesis,
-                            timeout=args.timeout, notebooks=nb_dir,
-                            log=lambda s: print(s, flush=True))
-    except KeyboardInterrupt:
-        print("\ninterrupted: running notebooks were stopped; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    report_outcome(outcome)
-    return 1 if outcome.failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

@@ -10,7 +10,7 @@ import sys
 
 COMMANDS = {
     "train": ("spatlib.train", "train one run from a params file (resumes an unfinished run)"),
-    "batch": ("spatlib.batch", "execute the notebooks for every run of an experiment with papermill"),
+    "batch": ("spatlib.launch", "execute the notebooks for every run of an experiment with papermill"),
     "status": ("spatlib.slurm", "state of every job of a batch folder: queued, running, done, failed"),
     "bench": ("spatlib.benchmark", "trainer throughput, SPAT overhead and memory figures"),
 }

@@ -22,7 +22,6 @@ Imports point inward only: this module uses ``attacks`` and ``semantics``; they 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from .attacks import MADRY_ALPHA_SCALE, PGD, Attack, assert_threat_model
 from .attacks import make_attack as _make
 from .config import attack_names, format_eps, parse_eps
-from .semantics import RULES, SALIENCIES, shared_pixel_score
+from .semantics import SALIENCIES, shared_pixel_score
 from .util import derive_seed, device_of, eval_mode
 
 # an attack factory builds the attack for one eps: factory(model, eps, generator) -> Attack

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from .config import (SUITE_ATTACKS, EvalConfig, RunConfig, format_eps, from_dict, parse_eps,
+from .config import (SUITE_ATTACKS, EvalConfig, RunConfig, from_dict, parse_eps,
                      split_run_name, to_dict)
 from .evaluate import (ATTACK_LABELS, RobustnessResult, accuracy_vs_eps, result_from_json,
                        result_to_json, robustness)

@@ -443,7 +443,7 @@ def run_slurm_batch(plan: B.Plan, cfg: LauncherConfig, *, kernel: str | None = N
     The cluster is checked (:func:`check_cluster`) before anything is written or submitted."""
     check_cluster(cfg)
     t0 = time.perf_counter()
-    started = B._now()
+    started = utc_now()
     nb_dir = notebooks or B.notebooks_dir()
     kernel = kernel or B.kernel_name()
     previous = B.load_summary(plan.out_dir)
@@ -509,7 +509,7 @@ def run_slurm_batch(plan: B.Plan, cfg: LauncherConfig, *, kernel: str | None = N
     else:
         log("no run finished: 03_robustness not submitted")
     outcome.seconds = time.perf_counter() - t0
-    B.write_summary(outcome, started, B._now())
+    B.write_summary(outcome, started, utc_now())
     return outcome
 
 

@@ -36,14 +36,14 @@ def _fake_run(root: Path, variant: str, seed: int, acc: dict, *, dataset="digits
     key = report.eval_cache_key(run_dir, cfg, cfg.eval)
     flags = {a: [1] * round(v * n) + [0] * (n - round(v * n)) for a, v in acc.items()}
     worst = flags[list(acc)[-1]]
-    result = {"eps": eps, "eps_str": report.format_eps(eps), "n": n, "cascade": True,
+    result = {"eps": eps, "eps_str": config.format_eps(eps), "n": n, "cascade": True,
               "accuracy": dict(acc), "robust": worst, "correct": flags,
               "threat_model": {a: {"max_linf": eps, "n_nan": 0, "min_pixel": 0.0, "max_pixel": 1.0,
                                    "eps": eps, "ok": True} for a in acc if a != "clean"},
               "seconds": {a: 0.0 for a in acc}, "per_class": per_class or {},
               "robust_accuracy": sum(worst) / n}
     curve = curve or [{"eps": 0.0, "eps_str": "0", "accuracy": acc["clean"]},
-                      {"eps": eps, "eps_str": report.format_eps(eps), "accuracy": acc.get("pgd20", 0.0)}]
+                      {"eps": eps, "eps_str": config.format_eps(eps), "accuracy": acc.get("pgd20", 0.0)}]
     doc = {"key": key, "run": name, "class_names": ["zero", "one"], "seconds": 1.5,
            "result": result, "curve": curve}
     report.eval_cache_path(run_dir, eps).write_text(json.dumps(doc))
