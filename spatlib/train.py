@@ -323,16 +323,16 @@ class Trainer:
         self.columns = [c for c in HISTORY_COLUMNS if self.ema or not c.startswith("ema_")]
 
     # -- state ----------------------------------------------------------------------------
-    def state(self, kind: str) -> dict:
-        """The checkpoint dict (tensors, dicts, lists, numbers, strings only); ``kind``
-        ``last`` adds what an exact resume needs. Collective under torchrun (it gathers every
-        process's RNG states): every rank calls it."""
+    def state(self) -> dict:
+        """The checkpoint_last.pt dict: tensors, dicts, lists, numbers and strings only, with
+        everything an exact resume needs (its best checkpoint: :func:`runfolder.best_of`).
+        Collective under torchrun (it gathers every process's RNG states): every rank calls it."""
         rng = {"attack": self.attack_gen.get_state(), "torch_cpu": torch.get_rng_state(),
                "torch_cuda": (torch.cuda.get_rng_state(self.device)
                               if self.device.type == "cuda" else None)}
         ds = self.dataset
-        state = {
-            "format": rf.CHECKPOINT_FORMAT, "kind": kind, "epoch": self.epoch,
+        return {
+            "format": rf.CHECKPOINT_FORMAT, "kind": "last", "epoch": self.epoch,
             "finished": self.finished, "stopped_early": self.stopped_early,
             "model": self.model.state_dict(),
             "ema_model": self.ema.module.state_dict() if self.ema else None,
@@ -342,16 +342,12 @@ class Trainer:
             "model_info": {"name": self.cfg.model.name, "num_classes": ds.num_classes,
                            "in_channels": ds.in_channels, "image_size": list(ds.image_size)},
             "spatlib_version": rf.spatlib_version(), "torch_version": str(torch.__version__),
+            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+            # one entry per process: each has its own attack noise stream
+            "rng": self.dist.gather_object(rng), "history": self.history,
+            "elapsed_s": self.elapsed_s, "train_time_s": self.train_time_s,
+            "images_seen": self.images_seen, "started_at": self.started_at,
         }
-        if kind == "last":
-            state.update({
-                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                # one entry per process: each has its own attack noise stream
-                "rng": self.dist.gather_object(rng), "history": self.history,
-                "elapsed_s": self.elapsed_s, "train_time_s": self.train_time_s,
-                "images_seen": self.images_seen, "started_at": self.started_at,
-            })
-        return state
 
     def restore(self, ckpt: dict, path: Path) -> None:
         """Continue from a checkpoint_last.pt dict (config already checked)."""
@@ -381,7 +377,7 @@ class Trainer:
     def save(self, improved: bool) -> None:
         """checkpoint_last (then best when improved), then history.csv; rank 0 writes.
         Order matters for a kill between writes: see :func:`spatlib.runfolder.repair_best`."""
-        state = self.state("last")  # collective: every rank builds it
+        state = self.state()  # collective: every rank builds it
         if not self.dist.main:
             return
         rf.save_checkpoint(self.run_dir / rf.LAST, state)
