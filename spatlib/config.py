@@ -436,6 +436,10 @@ def check_section(section: str, values: Mapping, where: str = "") -> dict:
     if section not in SECTIONS:
         raise ConfigError(f"{where}{section}: expected one of {', '.join(SECTIONS)}")
     cls = SECTIONS[section]
+    for key in values or {}:
+        if key in BATCH_PARAMETERS[section]:
+            raise ConfigError(f"{where}{section}.{key}: set by spat batch (paths and threads); "
+                              f"an experiment file must not set it")
     checked = _from_dict(cls, dict(values or {}), section, partial=True)
     if cls is HypothesisConfig:
         _check_section_consistency(cls(**checked), f"{where}{section}.")
