@@ -688,9 +688,12 @@ def expand_experiment(data: dict, overrides: list[str] | None = None,
                     cfg = from_dict(apply_overrides(layered, run_over))
                 except ConfigError as e:
                     raise ConfigError(f"{where}run '{provisional}': {e}") from None
-                # the dataset part names the data the run trains on: the label of `datasets:`,
-                # unless an override changed data.name (then the label would name other data)
-                ds_part = cfg.data.name if (ds_label is None or name_overridden) else ds_label
+                # the dataset part names the data the run trains on: the label of `datasets:`
+                # (or the file's data.name), unless an override changed data.name to another
+                # dataset. An override to npz keeps it: the .npz holds the data the experiment
+                # names (a CIFAR-10 prefix stays cifar10, so published rows still match)
+                file_name = ds_label if ds_label is not None else layered.get("data", {}).get("name", "digits")
+                ds_part = (cfg.data.name if name_overridden and cfg.data.name != "npz" else file_name)
                 cfg.name = run_name(variant, ds_part, seed)
                 if cfg.name in runs:
                     raise ConfigError(f"{where}run '{cfg.name}' appears twice (two datasets labels "

@@ -119,7 +119,7 @@ def test_overrides_point_real_data_files_at_absolute_paths(tmp_path, monkeypatch
     job = batch.robustness_job(plan, NOTEBOOKS, threads=1)
     assert job.parameters["overrides"] == plan.overrides and job.parameters["train_missing"] is False
     assert plan.out_dir == tmp_path / "out" / "cifar10_quick"
-    # the dataset label of the run names stays the file's (the published rows match on it)
+    # an override to npz keeps the file's dataset label (the published rows match on it)
     assert all(lab["dataset"] == "cifar10" for lab in plan.labels.values())
 
 

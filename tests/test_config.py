@@ -97,6 +97,10 @@ def test_run_names_follow_a_data_name_override():
     run = exp.runs["a-synthetic-s0"]
     assert run.name == "a-synthetic-s0" and run.data.name == "synthetic"
     assert exp.labels == {"a-synthetic-s0": {"variant": "a", "dataset": "synthetic", "seed": 0}}
+    # an override to npz keeps the label: the file holds the data the experiment names
+    exp = load_experiment_text("variants: {a: {}}\ndatasets: [cifar10]\n",
+                               ["data.name=npz", "data.path=/x.npz"])
+    assert list(exp.runs) == ["a-cifar10-s0"] and exp.runs["a-cifar10-s0"].data.name == "npz"
     # no override: a datasets label names the run
     exp = load_experiment_text("variants: {a: {}}\ndatasets: {prefix: {name: synthetic}}\n")
     assert list(exp.runs) == ["a-prefix-s0"] and exp.runs["a-prefix-s0"].data.name == "synthetic"
