@@ -17,8 +17,9 @@ Seed ``s`` of A is paired with seed ``s`` of B. For two methods this module repo
 
 :func:`compare_methods` makes the table (one row per comparison and attack),
 :func:`default_comparisons` names an experiment's comparisons, :func:`comparisons_for_runs`
-builds the table from :func:`spatlib.report.collect_results`, :func:`plot_forest` draws it and
-:func:`save_comparisons` writes ``comparisons.csv`` beside ``results.csv``.
+builds the table from :func:`spatlib.report.collect_results`, and
+:func:`save_comparisons` writes ``comparisons.csv`` beside ``results.csv`` (the forest plot is
+:func:`spatlib.figures.plot_forest`).
 
 Images shared by the seeds (``images="shared"``, the default). The kit evaluates every run on
 the *same* first N test images, so the seeds' outcomes on one image are correlated (an image
@@ -62,12 +63,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .evaluate import ATTACK_LABELS as SUITE_LABELS
 from .util import atomic_write_text, derive_seed, did_you_mean
 
 IMAGE_MODES = ("shared", "per_seed")
 WORST_CASE = "worst_case"
-ATTACK_LABELS = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100",
-                 "cw": "CW-inf", "autoattack": "AutoAttack", WORST_CASE: "worst case"}
+ATTACK_LABELS = {**SUITE_LABELS, WORST_CASE: "worst case"}
 COLUMNS = ["comparison", "method_a", "method_b", "attack", "acc_a_pct", "acc_b_pct", "diff_pct",
            "ci_low_pct", "ci_high_pct", "p_value", "mde_pct", "n_images", "n_seeds", "b_only",
            "a_only", "level", "images"]
@@ -520,56 +521,8 @@ def save_comparisons(out_dir: str | Path, df: pd.DataFrame, figure: Figure | Non
     return paths
 
 
-# --------------------------------------------------------------------------------------------
-# the forest plot
-def plot_forest(df: pd.DataFrame, title: str | None = None) -> Figure:
-    """One panel per comparison, one row per attack: B - A (points) with its interval, a zero
-    line, and a grey band of +- the power line (differences inside it are undetectable)."""
-    if df.empty:
-        raise ValueError("plot_forest: no comparisons to plot")
-    df = df.copy()
-    panel = df["comparison"].astype(str)
-    if all(c in df for c in GROUP_COLUMNS) and len(df[GROUP_COLUMNS].drop_duplicates()) > 1:
-        # several datasets (or models, or eps) in one table: say which panel is which
-        panel = panel + " | " + df["dataset"].astype(str) + ", " + df["model"].astype(str) \
-            + ", eps " + df["eps_str"].astype(str)
-    df["comparison"] = panel
-    comps = list(dict.fromkeys(df["comparison"]))
-    n_att = max(len(part) for _, part in df.groupby("comparison", sort=False))
-    fig = Figure(figsize=(7.5, max(1.6, 0.35 * n_att + 0.9) * len(comps)), layout="constrained")
-    axes = fig.subplots(len(comps), 1, squeeze=False, sharex=True)[:, 0]
-    lo_all = min(df["ci_low_pct"].min(), -np.nanmax(df["mde_pct"].to_numpy(), initial=0.0))
-    hi_all = max(df["ci_high_pct"].max(), np.nanmax(df["mde_pct"].to_numpy(), initial=0.0))
-    pad = 0.08 * max(hi_all - lo_all, 1.0)
-    for ax, comp in zip(axes, comps):
-        part = df[df["comparison"] == comp].reset_index(drop=True)
-        ys = np.arange(len(part))[::-1]
-        for y, (_, r) in zip(ys, part.iterrows()):
-            if not math.isnan(r["mde_pct"]):
-                ax.fill_betweenx([y - 0.35, y + 0.35], -r["mde_pct"], r["mde_pct"], color="0.88", lw=0)
-            color = "C3" if r["p_value"] < 0.05 else "C0"
-            ax.errorbar(r["diff_pct"], y, xerr=[[r["diff_pct"] - r["ci_low_pct"]],
-                                                [r["ci_high_pct"] - r["diff_pct"]]],
-                        fmt="o", color=color, capsize=3, ms=5)
-            ax.annotate(f"p={r['p_value']:.2g}", (1.01, y), xycoords=("axes fraction", "data"),
-                        va="center", fontsize=8)
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(ys, [ATTACK_LABELS.get(a, a) for a in part["attack"]])
-        ax.set_ylim(-0.6, len(part) - 0.4)
-        ax.set_title(f"{comp}  ({part['n_images'].iloc[0]} images x {part['n_seeds'].iloc[0]} seeds)",
-                     fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-    axes[-1].set_xlim(lo_all - pad, hi_all + pad)
-    level = float(df["level"].iloc[0]) if "level" in df else 0.95
-    axes[-1].set_xlabel(f"B - A (accuracy points); bar: {100 * level:.0f}% paired bootstrap CI, "
-                        "grey: not detectable at 80% power")
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
 __all__ = ["PairedDifference", "paired_difference", "bootstrap_differences", "sign_flip_p_value",
            "minimum_detectable_difference", "default_comparisons", "compare_methods",
-           "per_example_from_frame", "format_comparison", "comparison_table", "plot_forest",
+           "per_example_from_frame", "format_comparison", "comparison_table",
            "comparisons_for_runs", "save_comparisons",
            "COLUMNS", "IMAGE_MODES", "WORST_CASE"]

@@ -287,6 +287,8 @@ class RobustnessConfig:
     eval: dict | None = None             # EvalConfig keys on top of each run's own
     which: str = spec("best", choice(CHECKPOINTS))
     heatmap_attack: str | None = spec(None, optional(choice(SUITE_ATTACKS)))
+    comparisons: list[list[str]] | None = spec(None, optional(Check(   # [[A, B], ...]: B - A
+        lambda v: all(len(p) == 2 and p[0] != p[1] for p in v), "a list of [A, B] method pairs")))
     device: str = spec("auto", DEVICE)
 
 

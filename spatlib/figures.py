@@ -2,7 +2,7 @@
 threads and in a kernel, shown with ``display(fig)``; nothing depends on pyplot's global state).
 
 * experiment figures (notebook 03): robust accuracy vs eps, the per-class accuracy heatmap;
-* a run's learning curves (notebook 02);
+* a run's learning curves (notebook 02); the forest plot of paired comparisons (notebook 03);
 * the hypothesis shown (notebook 01): example images, class evidence maps, SPAT's step weights
   per rule, PGD vs SPAT perturbations, the oracle measurements vs eps.
 
@@ -10,7 +10,10 @@ Accuracies come in as fractions and are drawn in percent.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 import pandas as pd
 import torch
@@ -18,6 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .config import SUITE_ATTACKS as ATTACKS
+from .compare import ATTACK_LABELS as COMPARISON_LABELS
+from .compare import GROUP_COLUMNS
 from .config import format_eps
 from .evaluate import ATTACK_LABELS
 from .semantics import class_evidence, normalize_maps, shared_pixel_weights
@@ -265,4 +270,52 @@ def plot_semantic_report(report: pd.DataFrame) -> Figure:
         if ax.get_legend():
             ax.get_legend().remove()
     fig.legend(handles, labels, title="attack", loc="outside right upper", fontsize=8)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# the paired comparisons (spatlib.compare): a forest plot
+def plot_forest(df: pd.DataFrame, title: str | None = None) -> Figure:
+    """One panel per comparison, one row per attack: B - A (points) with its interval, a zero
+    line, and a grey band of +- the power line (differences inside it are undetectable)."""
+    if df.empty:
+        raise ValueError("plot_forest: no comparisons to plot")
+    df = df.copy()
+    panel = df["comparison"].astype(str)
+    if all(c in df for c in GROUP_COLUMNS) and len(df[GROUP_COLUMNS].drop_duplicates()) > 1:
+        # several datasets (or models, or eps) in one table: say which panel is which
+        panel = panel + " | " + df["dataset"].astype(str) + ", " + df["model"].astype(str) \
+            + ", eps " + df["eps_str"].astype(str)
+    df["comparison"] = panel
+    comps = list(dict.fromkeys(df["comparison"]))
+    n_att = max(len(part) for _, part in df.groupby("comparison", sort=False))
+    fig = Figure(figsize=(7.5, max(1.6, 0.35 * n_att + 0.9) * len(comps)), layout="constrained")
+    axes = fig.subplots(len(comps), 1, squeeze=False, sharex=True)[:, 0]
+    lo_all = min(df["ci_low_pct"].min(), -np.nanmax(df["mde_pct"].to_numpy(), initial=0.0))
+    hi_all = max(df["ci_high_pct"].max(), np.nanmax(df["mde_pct"].to_numpy(), initial=0.0))
+    pad = 0.08 * max(hi_all - lo_all, 1.0)
+    for ax, comp in zip(axes, comps):
+        part = df[df["comparison"] == comp].reset_index(drop=True)
+        ys = np.arange(len(part))[::-1]
+        for y, (_, r) in zip(ys, part.iterrows()):
+            if not math.isnan(r["mde_pct"]):
+                ax.fill_betweenx([y - 0.35, y + 0.35], -r["mde_pct"], r["mde_pct"], color="0.88", lw=0)
+            color = "C3" if r["p_value"] < 0.05 else "C0"
+            ax.errorbar(r["diff_pct"], y, xerr=[[r["diff_pct"] - r["ci_low_pct"]],
+                                                [r["ci_high_pct"] - r["diff_pct"]]],
+                        fmt="o", color=color, capsize=3, ms=5)
+            ax.annotate(f"p={r['p_value']:.2g}", (1.01, y), xycoords=("axes fraction", "data"),
+                        va="center", fontsize=8)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(ys, [COMPARISON_LABELS.get(a, a) for a in part["attack"]])
+        ax.set_ylim(-0.6, len(part) - 0.4)
+        ax.set_title(f"{comp}  ({part['n_images'].iloc[0]} images x {part['n_seeds'].iloc[0]} seeds)",
+                     fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlim(lo_all - pad, hi_all + pad)
+    level = float(df["level"].iloc[0]) if "level" in df else 0.95
+    axes[-1].set_xlabel(f"B - A (accuracy points); bar: {100 * level:.0f}% paired bootstrap CI, "
+                        "grey: not detectable at 80% power")
+    if title:
+        fig.suptitle(title)
     return fig

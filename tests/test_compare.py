@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from spatlib import compare
+from spatlib import compare, figures
 
 Z = NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.8)     # 1.95996 + 0.84162
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,14 +309,14 @@ def test_plot_forest_one_panel_per_comparison():
             per[(m, s, "pgd20")] = f[s]
             per[(m, s, "worst_case")] = f[s]
     df = compare.compare_methods(per, [("pgd_at", "spat_at"), ("spat_random", "spat_at")], n_boot=500)
-    fig = compare.plot_forest(df)
+    fig = figures.plot_forest(df)
     axes = fig.axes
     assert len(axes) == 2
     assert [t.get_text() for t in axes[0].get_yticklabels()] == ["PGD-20", "worst case"]
     assert "accuracy points" in axes[-1].get_xlabel()
     assert any(list(line.get_xdata()) == [0, 0] for line in axes[0].get_lines())   # zero line
     with pytest.raises(ValueError, match="no comparisons"):
-        compare.plot_forest(df.iloc[0:0])
+        figures.plot_forest(df.iloc[0:0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def test_comparisons_for_runs_common_seeds_groups_and_pairs(tmp_path):
     assert list(dict.fromkeys(zip(df["dataset"], df["seeds"]))) == [("digits", "0, 1"), ("mnist", "0, 1, 2")]
     assert df.loc[df["dataset"] == "digits", "n_seeds"].eq(2).all()
     assert df.loc[df["attack"] == "pgd20", "p_value"].tolist() == pytest.approx([2 * 0.5 ** 10] * 2)
-    fig = compare.plot_forest(df)
+    fig = figures.plot_forest(df)
     assert [ax.get_title().split("  (")[0] for ax in fig.axes] == [
         "spat_at - pgd_at | digits, SmallCNN, eps 0.15", "spat_at - pgd_at | mnist, SmallCNN, eps 0.15"]
     with pytest.raises(ValueError, match=r"pairs \[\('trades', 'spat_at'\)\]: no dataset.*methods: pgd_at, spat_at, spat_random"):
@@ -412,7 +412,7 @@ def test_comparisons_for_runs_common_seeds_groups_and_pairs(tmp_path):
 
 def test_save_comparisons_round_trip(tmp_path):
     df = compare.comparisons_for_runs(_experiment(tmp_path / "runs"), n_boot=200)
-    paths = compare.save_comparisons(tmp_path / "out", df, compare.plot_forest(df))
+    paths = compare.save_comparisons(tmp_path / "out", df, figures.plot_forest(df))
     assert paths["comparisons.csv"] == tmp_path / "out" / "comparisons.csv"
     back = pd.read_csv(paths["comparisons.csv"], dtype={"seeds": str, "eps_str": str})
     pd.testing.assert_frame_equal(back, df, check_dtype=False)
