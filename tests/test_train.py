@@ -111,7 +111,7 @@ def test_schedules_per_iteration():
 # --------------------------------------------------------------------------------------------
 # every method trains
 @pytest.mark.parametrize("method, cls, loss, start", [
-    ("pgd_at", "PGD", "ce", False), ("mart", "PGD", "ce", False), ("trades", "PGD", "kl", "normal"),
+    ("pgd_at", "PGD", "ce", False), ("mart", "PGD", "ce", "normal"), ("trades", "PGD", "kl", "normal"),
     ("spat_at", "SPAT", "ce", False), ("spat_trades", "SPAT", "kl", "normal"),
 ])
 def test_each_method_crafts_with_its_attack(method, cls, loss, start, tmp_path):
@@ -120,7 +120,7 @@ def test_each_method_crafts_with_its_attack(method, cls, loss, start, tmp_path):
     trainer = T.Trainer(cfg, tmp_path, device=torch.device("cpu"))
     attack = trainer.attack(0.05)       # mid warm-up: alpha scales with eps
     assert type(attack).__name__ == cls and attack.loss == loss
-    assert attack.random_start == start  # TRADES' KL needs its 0.001 N(0,1) start to move at all
+    assert attack.random_start == start  # TRADES and MART: the authors' 0.001 N(0,1) start
     assert attack.eps == 0.05 and attack.alpha == pytest.approx(0.02)
     assert attack.generator is trainer.attack_gen and attack.bn_mode == "eval"
     if cls == "SPAT":
