@@ -4,6 +4,7 @@ process. CPU only, on the bundled digits (and the CIFAR-10 prefix when shared/ h
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -199,7 +200,15 @@ def test_clean_training_accuracy_is_measured_without_touching_the_training(metho
     cfg = digits_config(train={"method": method, "epochs": 2})
     sampled = train(cfg, tmp_path / "sampled")
     monkeypatch.setattr(train_mod, "CLEAN_ACC_EVERY", 1)
-    monkeypatch.setattr(train_mod, "_logits_of_clean_x", lambda attack: False)
+    # without SPAT's f(x) the trainer runs its own clean forward (eval mode, no grad)
+    build = train_mod.Trainer.attack
+
+    def attack_without_clean_logits(self, eps):
+        attack = build(self, eps)
+        run = attack.run
+        attack.run = lambda x, y: dataclasses.replace(run(x, y), clean_logits=None)
+        return attack
+    monkeypatch.setattr(train_mod.Trainer, "attack", attack_without_clean_logits)
     every = train(cfg, tmp_path / "every")
     a = torch.load(tmp_path / "sampled" / "checkpoint_last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "every" / "checkpoint_last.pt", weights_only=True)["model"]
