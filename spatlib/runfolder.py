@@ -19,7 +19,10 @@ import csv
 import io
 import json
 import math
+import pickle
+import re
 import socket
+import zipfile
 from pathlib import Path
 
 import torch
@@ -198,6 +201,43 @@ def _model_info(model: nn.Module) -> str:
     return f"{type(model).__name__} with {k} classes"
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _unreadable(path: Path) -> str | None:
+    """What is wrong with a file that cannot be a torch checkpoint (torch.save writes a zip
+    archive), before torch's unpickler sees it; None when it is a whole zip archive."""
+    if zipfile.is_zipfile(path):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == _ZIP_MAGIC:  # a zip that lost its end (the central directory is stored last)
+        return ("is a truncated or damaged PyTorch checkpoint (a zip archive without its "
+                "central directory: the end of the file is missing)")
+    if not head:
+        return "is empty (0 bytes): not a PyTorch checkpoint"
+    return "is not a PyTorch checkpoint (not a zip archive): truncated or another file"
+
+
+def _refusal(e: Exception) -> str:
+    """One line on why torch refused a zip archive, without torch's advice to load it
+    unsafely: a spatlib checkpoint holds only tensors, dicts, lists, numbers and strings."""
+    text = str(e)
+    unsafe = re.findall(r"GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return (f"holds an object of type {unsafe[0]}, which a spatlib checkpoint never does "
+                f"(tensors, dicts, lists, numbers and strings only); not loaded, since unpickling "
+                f"it could run arbitrary code")
+    if "data.pkl" in text:
+        return "is a zip archive but not a PyTorch checkpoint (it holds no data.pkl)"
+    if isinstance(e, pickle.UnpicklingError) or "Unsupported operand" in text:
+        return "is a zip archive but not a PyTorch checkpoint (its data.pkl is not a pickle torch can read)"
+    first = next((ln.strip() for ln in text.splitlines()
+                  if ln.strip() and "weights_only" not in ln.lower()), "")
+    return f"is a damaged PyTorch checkpoint ({type(e).__name__}{': ' + first if first else ''})"
+
+
+
 def load_checkpoint(path: str | Path, model: nn.Module | None = None, *, weights: str = "model",
                     map_location: str | torch.device = "cpu") -> dict:
     """Read a spatlib checkpoint (``torch.load(weights_only=True)``) and optionally load weights.
@@ -210,13 +250,14 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None, *, weights
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, a pickle of arbitrary objects, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint (truncated or corrupt file?): "
-            f"{type(e).__name__}: {first}. Delete it to restart the run from scratch.") from None
+    problem = _unreadable(path)
+    if problem is None:
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # a zip torch refuses: an unsafe type inside, a damaged member
+            problem = _refusal(e)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}. Delete it to restart the run from scratch.")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a spatlib checkpoint (expected a dict with "
                               f"format {CHECKPOINT_FORMAT!r} and model weights)")

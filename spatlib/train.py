@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
@@ -34,19 +35,21 @@ from torch import Tensor, nn
 
 from . import allocator, attacks
 from . import runfolder as rf
-from .config import ConfigError, RunConfig, TrainConfig, format_eps, from_dict, load_config, to_dict
+from .config import (EXPERIMENT_KEYS, ConfigError, RunConfig, TrainConfig, format_eps, from_dict,
+                     load_config, load_experiment, read_yaml, to_dict)
 from .data import DataError, DeviceLoader, augmentation_defaults, dataset_from_config, split_validation
 from .distributed import Distributed, init_distributed
 from .methods import METHODS, Method, kl_divergence, mart_loss, trades_loss, training_attack
 from .models import model_from_config
 from .runfolder import (HISTORY_COLUMNS, CheckpointError, config_diff, load_checkpoint,
                         load_run_model)
-from .util import derive_seed, eval_mode, resolve_device, utc_now
+from .util import derive_seed, did_you_mean, eval_mode, resolve_device, utc_now
 
 __all__ = ["train", "Trainer", "StepStats", "EMA", "load_checkpoint", "load_run_model", "main",
            "cli_main", "METHODS", "Method", "CheckpointError", "TrainingDivergedError", "lr_at",
            "eps_at", "trades_loss", "mart_loss", "kl_divergence", "config_diff",
-           "HISTORY_COLUMNS", "backend_flags", "resolve_precision"]
+           "HISTORY_COLUMNS", "backend_flags", "resolve_precision", "epoch_line",
+           "final_eval_settings", "run_config_from_params"]
 
 VAL_FALLBACK = 512        # test images used for validation when data.val_size is 0
 # Methods that never see f(x) (PGD-AT; SPAT-AT when its class evidence did not run f(x) in eval
@@ -136,6 +139,29 @@ class _NoBar:
     def close(self) -> None: pass
 
 
+def _in_jupyter_kernel() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, papermill), where tqdm.auto draws widgets."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+def _acc(v: float) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.3f}"
+
+
+def epoch_line(row: dict, epochs: int, name: str = "") -> str:
+    """The one line per epoch printed where no progress bar shows (logs, batches, kernels):
+    ``run: epoch 3/15: loss 0.8123, train clean/adv acc 0.912/0.553, val clean/robust acc
+    0.933/0.587, 12.3 s``; ``-`` where the epoch did not measure a value (no attack, no
+    validation that epoch)."""
+    head = f"{name}: " if name else ""
+    return (f"{head}epoch {int(row['epoch'])}/{epochs}: loss {row['train_loss']:.4f}, "
+            f"train clean/adv acc {_acc(row['train_clean_acc'])}/{_acc(row['train_adv_acc'])}, "
+            f"val clean/robust acc {_acc(row.get('val_clean_acc', math.nan))}/"
+            f"{_acc(row.get('val_robust_acc', math.nan))}, {row['epoch_time_s']:.1f} s")
+
+
 def _bar_factory(enabled: bool):
     if not enabled:
         return _NoBar
@@ -188,12 +214,13 @@ class Trainer:
     writes nothing, so ``Trainer(cfg)`` is also the way to time the trainer's own steps
     (``train_epoch(epoch, max_batches=n)``, as ``spat bench`` does). ``run_dir`` is needed by
     :meth:`fit` only. ``device``: None resolves ``train.device``; ``dist``: None is a single
-    process.
+    process; ``progress``: tqdm bars; ``epoch_lines``: a line per epoch on stderr
+    (:func:`epoch_line`).
     """
 
     def __init__(self, cfg: RunConfig | dict, run_dir: str | Path | None = None, *,
                  device: torch.device | None = None, dist: Distributed | None = None,
-                 progress: bool = False):
+                 progress: bool = False, epoch_lines: bool = False):
         self.cfg = _as_config(cfg)
         self.tc = self.cfg.train
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -203,6 +230,7 @@ class Trainer:
         self.method: Method = METHODS[self.tc.method]
         self.precision = resolve_precision(self.tc.precision, self.device)
         self.show = progress
+        self.epoch_lines = epoch_lines   # one line per epoch to stderr (epoch_line)
         self._bar = _bar_factory(progress)
         self.requested = to_dict(self.cfg)
         self._check_settings()
@@ -626,6 +654,8 @@ class Trainer:
                 epochs_bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_clean_acc",
                                                                       "val_robust_acc")
                                         if not math.isnan(row[k])})
+                if self.epoch_lines:
+                    print(epoch_line(row, tc.epochs, self.cfg.name), file=sys.stderr, flush=True)
         finally:
             epochs_bar.close()
 
@@ -643,8 +673,9 @@ class Trainer:
             self.stopped_early = True
         return improved
 
-    def final_metrics(self) -> dict:
-        """Clean and PGD-20 test accuracy of the selected (best) weights + provenance."""
+    def test_metrics(self) -> dict:
+        """Clean and PGD-20 test accuracy of the selected (best) weights of ``run_dir``, with
+        the evaluation settings that produced them (:func:`final_eval_settings`)."""
         self.dist.barrier()  # rank 0 has written checkpoint_best.pt
         t0 = time.perf_counter()
         best_path = self.run_dir / rf.BEST
@@ -657,12 +688,21 @@ class Trainer:
         n = len(ds.y_test) if ev.n_examples is None else min(ev.n_examples, len(ds.y_test))
         clean, robust = self.evaluate(model, ds.x_test[:n], ds.y_test[:n], eps=eps, alpha=eps / 4,
                                       steps=TEST_STEPS, tag="test", amp=False)
-        total = self.elapsed_s + (time.perf_counter() - t0)
+        return {"eps": format_eps(eps), "test_clean_acc": clean, "test_pgd20_acc": robust,
+                "n_test": n, "best_epoch": int(ckpt["epoch"]),
+                "eval_settings": final_eval_settings(self.cfg),
+                "eval_time_s": time.perf_counter() - t0, "evaluated_at": utc_now()}
+
+    def final_metrics(self) -> dict:
+        """Clean and PGD-20 test accuracy of the selected (best) weights + provenance."""
+        test = self.test_metrics()
+        total = self.elapsed_s + test["eval_time_s"]
         return {
             "run": self.cfg.name, "method": self.tc.method, "dataset": self.cfg.data.name,
-            "model": self.cfg.model.name, "eps": format_eps(eps),
-            "test_clean_acc": clean, "test_pgd20_acc": robust, "n_test": n,
-            "selected": "ema" if self.ema else "raw", "best_epoch": int(ckpt["epoch"]),
+            "model": self.cfg.model.name, "eps": test["eps"],
+            "test_clean_acc": test["test_clean_acc"], "test_pgd20_acc": test["test_pgd20_acc"],
+            "n_test": test["n_test"],
+            "selected": "ema" if self.ema else "raw", "best_epoch": test["best_epoch"],
             "best_val_clean_acc": self.best["val_clean_acc"],
             "best_val_robust_acc": self.best["val_robust_acc"],
             "selection_metric": "val_clean_acc" if self.tc.method == "standard" else "val_robust_acc",
@@ -673,7 +713,37 @@ class Trainer:
             **rf.provenance(self.device), "world_size": self.dist.world,
             "precision": self.precision, "deterministic": self.tc.deterministic,
             "seed": self.cfg.seed, "started_at": self.started_at, "finished_at": utc_now(),
+            "eval_settings": test["eval_settings"], "eval_time_s": test["eval_time_s"],
+            "evaluated_at": test["evaluated_at"],
         }
+
+    def reevaluate(self, metrics: dict) -> dict:
+        """``metrics`` (a finished run's) with the test metrics recomputed from
+        checkpoint_best.pt under this config's evaluation settings; nothing is trained."""
+        with backend_flags(self.tc.deterministic, self.device):
+            test = self.test_metrics()
+        return {**metrics, **test, "reevaluated": True}
+
+
+def final_eval_settings(cfg: RunConfig) -> dict:
+    """The settings the final test metrics depend on (recorded in metrics.json): a finished
+    run whose recorded settings differ from the requested ones is re-evaluated, not retrained."""
+    ev = cfg.eval
+    return {"eps": ev.eps if ev.eps is not None else cfg.attack.eps, "n_examples": ev.n_examples,
+            "batch_size": ev.batch_size, "pgd_steps": TEST_STEPS}
+
+
+def _recorded_eval_settings(metrics: dict, saved: dict | None) -> dict | None:
+    """The eval settings of a finished run: metrics.json's record, or (for a run finished
+    before they were recorded) those of its config.yaml; None when neither says."""
+    if "eval_settings" in metrics:
+        return metrics["eval_settings"]
+    if saved is None:
+        return None
+    try:
+        return final_eval_settings(from_dict(saved))
+    except ConfigError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,11 +751,18 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
     """Train one run into ``run_dir`` and return its metrics (also written to metrics.json).
 
     Resumes from ``run_dir/checkpoint_last.pt`` when present (same config required, else
-    :class:`CheckpointError` naming the differing keys); a finished run (metrics.json) is
-    returned without retraining. Every check (config, data, model, checkpoint) runs before
-    the first file is written. ``progress``: tqdm bars; None shows them on a terminal only,
-    and ``train.progress: false`` hides them always.
-    Raises ConfigError, DataError, CheckpointError, TrainingDivergedError.
+    :class:`CheckpointError` naming the differing keys). A finished run (metrics.json) is not
+    retrained: it is returned as is, or, when its evaluation settings (:func:`final_eval_settings`:
+    eval.eps, eval.n_examples, eval.batch_size) differ from ``config``'s, its test metrics are
+    recomputed from checkpoint_best.pt and metrics.json and config.yaml rewritten. Every check
+    (config, data, model, checkpoint) runs before the first file is written, and config.yaml
+    is written before the first step (an unwritable folder fails there, as an OSError).
+
+    What it shows: ``progress`` True/False forces the tqdm bars on or off; None shows them on a
+    terminal and in a Jupyter kernel (widgets); ``train.progress: false`` hides them always.
+    Wherever no bar shows, and in a kernel too (papermill's ``--log-output`` log of a batch
+    gets it), one line per epoch goes to stderr (:func:`epoch_line`).
+    Raises ConfigError, DataError, CheckpointError, TrainingDivergedError, OSError.
     """
     cfg = _as_config(config)
     requested = to_dict(cfg)
@@ -695,10 +772,11 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
     if saved is not None:  # a run folder: it must be this run
         rf.check_same_run(saved, requested, run_dir / rf.CONFIG)
     finished = rf.read_finished_metrics(run_dir)
-    if finished is not None:  # a finished run is not retrained
-        return finished
+    if finished is not None and _recorded_eval_settings(finished, saved) in (
+            None, final_eval_settings(cfg)):
+        return finished   # a finished run is not retrained, nor re-evaluated alike
     last = None
-    if (run_dir / rf.LAST).is_file():
+    if finished is None and (run_dir / rf.LAST).is_file():
         last = load_checkpoint(run_dir / rf.LAST)
         rf.check_same_run(last["config"], requested, run_dir / rf.LAST)
 
@@ -706,23 +784,32 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS reads it at first use
     dist, device = init_distributed(cfg.train.device)
     try:
-        show = (cfg.train.progress and dist.main
-                and (progress if progress is not None else sys.stderr.isatty()))
-        trainer = Trainer(cfg, run_dir, device=device, dist=dist, progress=bool(show))
-        if last is not None:
-            trainer.restore(last, run_dir / rf.LAST)
-        if dist.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            rf.clean_temps(run_dir)
+        in_kernel = _in_jupyter_kernel()
+        bars = progress if progress is not None else (sys.stderr.isatty() or in_kernel)
+        show = bool(cfg.train.progress and dist.main and bars)
+        lines = dist.main and (not show or in_kernel)
+        trainer = Trainer(cfg, run_dir, device=device, dist=dist, progress=show,
+                          epoch_lines=lines)
+        if finished is not None:   # evaluation settings changed: re-evaluate, never retrain
+            metrics = trainer.reevaluate(finished)
+            if dist.main:   # metrics first: they record the settings the next call compares
+                rf.write_metrics(run_dir, metrics)
+                rf.write_config(run_dir, cfg)
+        else:
             if last is not None:
-                rf.repair_best(run_dir, last)
-                # a kill between the checkpoint and history.csv: the checkpoint is the truth
-                rf.write_history(run_dir, trainer.history, trainer.columns)
-            rf.write_config(run_dir, cfg)
-        del last
-        metrics = trainer.fit()
-        if dist.main:
-            rf.write_metrics(run_dir, metrics)
+                trainer.restore(last, run_dir / rf.LAST)
+            if dist.main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                rf.clean_temps(run_dir)
+                if last is not None:
+                    rf.repair_best(run_dir, last)
+                    # a kill between the checkpoint and history.csv: the checkpoint is the truth
+                    rf.write_history(run_dir, trainer.history, trainer.columns)
+                rf.write_config(run_dir, cfg)
+            del last
+            metrics = trainer.fit()
+            if dist.main:
+                rf.write_metrics(run_dir, metrics)
         metrics = dist.broadcast_object(metrics)
     except BaseException:
         dist.close(barrier=False)
@@ -732,28 +819,90 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
 
 
 # --------------------------------------------------------------------------------------------
-# command line: python -m spatlib.train params.yaml --run-dir DIR [--set key=value ...]
+# command line: spat train PARAMS [--run NAME] [--run-dir DIR] [--set key=value ...]
+_EXPERIMENT_ONLY = set(EXPERIMENT_KEYS) - {"name", "seed", "data", "model", "attack", "train", "eval"}
+
+
+def run_config_from_params(params: str | None, overrides: list[str], run: str | None = None
+                           ) -> tuple[RunConfig, str | None]:
+    """(the run's config, its experiment's name or None) from a params file: a run params file
+    (a RunConfig YAML; defaults when ``params`` is None), or with ``run`` one run of an
+    experiment file (:func:`spatlib.config.load_experiment`). ConfigError names what is wrong:
+    an unknown run (with the runs it has), or an experiment file given without ``run``."""
+    if run is not None:
+        if params is None:
+            raise ConfigError("--run: needs the experiment params file it names a run of")
+        exp = load_experiment(params, overrides)
+        if run not in exp.runs:
+            raise ConfigError(f"{params}: no run named '{run}'{did_you_mean(run, exp.runs)}; "
+                              f"runs: {', '.join(exp.runs)}")
+        cfg = exp.runs[run]
+        if cfg.data.path and not Path(cfg.data.path).expanduser().is_absolute():
+            # spat batch makes it absolute too, so that the two share the run folder
+            cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+        return cfg, exp.name
+    if params is not None:
+        data = read_yaml(params)
+        found = sorted(_EXPERIMENT_ONLY & set(data))
+        if found:
+            runs = ", ".join(load_experiment(params, overrides).runs)
+            raise ConfigError(f"{params}: an experiment file (it has {', '.join(found)}), not one "
+                              f"run's params: pick a run with --run NAME; runs: {runs}")
+    return load_config(params, overrides), None
+
+
+def _os_error_line(e: OSError, run_dir: Path | None) -> str:
+    """One line for a file system error: the path, the reason and its errno name."""
+    name = errno.errorcode.get(e.errno, "") if e.errno else ""
+    reason = f"{e.strerror or e}" + (f" ({name})" if name else "")
+    where = e.filename if e.filename is not None else run_dir
+    need = f"; spat train needs a writable run folder ({run_dir})" if run_dir is not None else ""
+    return f"error: {where}: {reason}{need}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Train from a params file; works under ``torchrun --nproc_per_node N -m spatlib.train``."""
-    parser = argparse.ArgumentParser(prog="python -m spatlib.train",
-                                     description="Train one spat-kit run into a run folder "
-                                                 "(resumes from its last checkpoint).")
-    parser.add_argument("params", nargs="?", help="run params YAML (defaults when omitted)")
-    parser.add_argument("--run-dir", required=True, help="the run folder")
+    """``spat train``: one run from a params file; works under ``torchrun --nproc_per_node N
+    -m spatlib.train``."""
+    parser = argparse.ArgumentParser(
+        prog="spat train",
+        description="Train one spat-kit run into a run folder (resumes from its last checkpoint; "
+                    "a finished run is returned, re-evaluated when eval settings changed). "
+                    "Also run as: python -m spatlib.train.",
+        epilog="examples: spat train params/digits.yaml --run pgd_at-digits-s0 --set train.epochs=2\n"
+               "          spat train my_run.yaml --run-dir outputs/one-run",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("params", nargs="?",
+                        help="an experiment params file (with --run) or one run's params file "
+                             "(a RunConfig YAML); defaults when omitted")
+    parser.add_argument("--run", metavar="NAME",
+                        help="the run of the experiment file to train, e.g. pgd_at-digits-s0")
+    parser.add_argument("--run-dir", help="the run folder (with --run, default "
+                                          "OUT/<experiment>/runs/<run>: the folder spat batch uses)")
+    parser.add_argument("--out", default="outputs",
+                        help="output root for the default --run-dir (default: ./outputs, as spat batch)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                         metavar="KEY=VALUE", help="override params, e.g. train.epochs=2")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: only on a terminal)")
+                        help="progress bars (default: on a terminal or in a Jupyter kernel; "
+                             "without bars, one line per epoch on stderr)")
     args = parser.parse_args(argv)
+    if args.run_dir is None and args.run is None:
+        parser.error("--run-dir is required (or --run NAME with an experiment file)")
+    run_dir = Path(args.run_dir) if args.run_dir is not None else None
     try:
-        cfg = load_config(args.params, args.overrides)
-        metrics = train(cfg, args.run_dir, progress=args.progress)
+        cfg, experiment = run_config_from_params(args.params, args.overrides, args.run)
+        if run_dir is None:
+            run_dir = Path(args.out) / experiment / "runs" / args.run
+        metrics = train(cfg, run_dir, progress=args.progress)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:   # a read-only or full disk, a file where a folder should be
+        print(_os_error_line(e, run_dir), file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, indent=2))
     return 0

@@ -92,3 +92,35 @@ def test_provenance_names_code_device_and_host():
                       "hostname"}
     assert p["device"] == "cpu" and p["torch_version"] == torch.__version__
     assert p["device_name"].startswith("cpu (")
+
+
+class _NotAllowed:
+    """A type no checkpoint may hold (module-level, so torch.save can pickle it)."""
+
+
+def test_unreadable_checkpoints_say_what_is_wrong_without_torchs_unsafe_advice(tmp_path):
+    import pickle
+    good = tmp_path / "good.pt"
+    rf.save_checkpoint(good, _last_state(2, 1, 0.5))
+    data = good.read_bytes()
+    cases = {
+        "random.pt": (torch.Generator().manual_seed(0), None),
+        "truncated.pt": (data[: len(data) // 2], r"truncated .*end of the file is missing"),
+        "object.pt": (None, r"object of type .*_NotAllowed"),
+        "pickle.pt": (pickle.dumps(_NotAllowed()), r"not a PyTorch checkpoint \(not a zip archive\)"),
+        "empty.pt": (b"", "empty"),
+    }
+    rnd = torch.randint(0, 256, (4096,), generator=cases["random.pt"][0], dtype=torch.uint8)
+    cases["random.pt"] = (bytes(rnd.tolist()), r"not a PyTorch checkpoint \(not a zip archive\)")
+    for name, (content, pattern) in cases.items():
+        path = tmp_path / name
+        if content is None:
+            torch.save({"format": rf.CHECKPOINT_FORMAT, "model": {}, "extra": _NotAllowed()}, path)
+        else:
+            path.write_bytes(content)
+        with pytest.raises(rf.CheckpointError, match=pattern) as info:
+            rf.load_checkpoint(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and "weights_only" not in message, message
+        assert len(message.splitlines()) == 1, message
+    assert rf.load_checkpoint(good)["epoch"] == 2   # a whole checkpoint still loads

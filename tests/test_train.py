@@ -4,6 +4,7 @@ process. CPU only, on the bundled digits (and the CIFAR-10 prefix when shared/ h
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -111,7 +112,7 @@ def test_schedules_per_iteration():
 # --------------------------------------------------------------------------------------------
 # every method trains
 @pytest.mark.parametrize("method, cls, loss, start", [
-    ("pgd_at", "PGD", "ce", False), ("mart", "PGD", "ce", False), ("trades", "PGD", "kl", "normal"),
+    ("pgd_at", "PGD", "ce", False), ("mart", "PGD", "ce", "normal"), ("trades", "PGD", "kl", "normal"),
     ("spat_at", "SPAT", "ce", False), ("spat_trades", "SPAT", "kl", "normal"),
 ])
 def test_each_method_crafts_with_its_attack(method, cls, loss, start, tmp_path):
@@ -120,7 +121,7 @@ def test_each_method_crafts_with_its_attack(method, cls, loss, start, tmp_path):
     trainer = T.Trainer(cfg, tmp_path, device=torch.device("cpu"))
     attack = trainer.attack(0.05)       # mid warm-up: alpha scales with eps
     assert type(attack).__name__ == cls and attack.loss == loss
-    assert attack.random_start == start  # TRADES' KL needs its 0.001 N(0,1) start to move at all
+    assert attack.random_start == start  # TRADES and MART: the authors' 0.001 N(0,1) start
     assert attack.eps == 0.05 and attack.alpha == pytest.approx(0.02)
     assert attack.generator is trainer.attack_gen and attack.bn_mode == "eval"
     if cls == "SPAT":
@@ -199,7 +200,15 @@ def test_clean_training_accuracy_is_measured_without_touching_the_training(metho
     cfg = digits_config(train={"method": method, "epochs": 2})
     sampled = train(cfg, tmp_path / "sampled")
     monkeypatch.setattr(train_mod, "CLEAN_ACC_EVERY", 1)
-    monkeypatch.setattr(train_mod, "_logits_of_clean_x", lambda attack: False)
+    # without SPAT's f(x) the trainer runs its own clean forward (eval mode, no grad)
+    build = train_mod.Trainer.attack
+
+    def attack_without_clean_logits(self, eps):
+        attack = build(self, eps)
+        run = attack.run
+        attack.run = lambda x, y: dataclasses.replace(run(x, y), clean_logits=None)
+        return attack
+    monkeypatch.setattr(train_mod.Trainer, "attack", attack_without_clean_logits)
     every = train(cfg, tmp_path / "every")
     a = torch.load(tmp_path / "sampled" / "checkpoint_last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "every" / "checkpoint_last.pt", weights_only=True)["model"]
@@ -510,3 +519,122 @@ def test_evaluation_settings_do_not_make_a_different_run():
     assert config_diff(a, b) == []
     b["train"]["lr"] = 0.05
     assert config_diff(a, b) == ["train.lr: 0.1 -> 0.05"]
+
+
+# --------------------------------------------------------------------------------------------
+# spat train on the command line: experiment runs, progress lines, re-evaluation, disk errors
+def test_spat_train_trains_one_run_of_an_experiment_into_the_batch_folder(tmp_path, monkeypatch,
+                                                                          capsys):
+    from spatlib.batch import plan_experiment
+    from spatlib.runfolder import config_diff
+    monkeypatch.chdir(tmp_path)
+    params = str(ROOT / "params" / "smoke.yaml")
+    over = ["train.epochs=1", "train.max_batches=2", "eval.n_examples=20"]
+    assert T.main([params, "--run", "spat_at-digits-s0", "--set", *over]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    run_dir = tmp_path / "outputs" / "smoke" / "runs" / "spat_at-digits-s0"
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert metrics["run"] == "spat_at-digits-s0" and metrics["method"] == "spat_at"
+    # the very run spat batch plans, in the folder it uses: the two share the run
+    plan = plan_experiment(params, over)
+    assert plan.run_dir("spat_at-digits-s0") == run_dir
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config_diff(saved, plan.configs["spat_at-digits-s0"], ignore=()) == []
+    # a misspelt run: the closest name and the runs there are; nothing written
+    assert T.main([params, "--run", "spat-digits-s0", "--run-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no run named 'spat-digits-s0'" in err and "did you mean 'spat_at-digits-s0'" in err
+    assert "runs: standard-digits-s0, spat_at-digits-s0" in err
+    # an experiment file without --run says so
+    assert T.main([params, "--run-dir", str(tmp_path / "x")]) == 2
+    assert "experiment file" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_spat_train_still_takes_one_runs_params_file(tmp_path, capsys):
+    params = tmp_path / "run.yaml"
+    params.write_text(yaml.safe_dump(digits_config(train={"epochs": 1, "max_batches": 2},
+                                                   eval={"n_examples": 20})))
+    assert T.main([str(params), "--run-dir", str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out)["n_test"] == 20
+
+
+def test_spat_train_help_names_spat_train(capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: spat train")
+    out = subprocess.run([sys.executable, "-m", "spatlib.train", "--help"], capture_output=True,
+                         text=True, env=subprocess_env(), timeout=120).stdout
+    assert out.startswith("usage: spat train") and "python -m spatlib.train" in out
+
+
+def test_a_line_per_epoch_where_no_bar_shows(tmp_path, capsys):
+    cfg = digits_config(train={"epochs": 2, "max_batches": 2, "eval_every": 2, "progress": True},
+                        eval={"n_examples": 20})
+    train(cfg, tmp_path / "run")          # stderr is not a terminal here: no bar, lines
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith("test: epoch 1/2: loss ")
+    assert ", val clean/robust acc -/-, " in err[0]     # no validation in epoch 1
+    rows = read_history(tmp_path / "run")
+    assert err[1] == T.epoch_line(rows[1], 2, "test")
+    assert err[1].endswith(f", {rows[1]['epoch_time_s']:.1f} s")
+    assert (f"train clean/adv acc {rows[1]['train_clean_acc']:.3f}/{rows[1]['train_adv_acc']:.3f}, "
+            f"val clean/robust acc {rows[1]['val_clean_acc']:.3f}/{rows[1]['val_robust_acc']:.3f}"
+            in err[1])
+    train(cfg, tmp_path / "bars", progress=True)   # bars asked for: no lines
+    assert "epoch 1/2: loss" not in capsys.readouterr().err
+    assert not T._in_jupyter_kernel()
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_changed_eval_settings_reevaluate_a_finished_run_without_training(tmp_path, monkeypatch):
+    cfg = digits_config(train={"epochs": 1, "max_batches": 3}, eval={"n_examples": 50})
+    run_dir = tmp_path / "run"
+    first = train(cfg, run_dir)
+    assert first["n_test"] == 50 and first["eval_settings"]["n_examples"] == 50
+    weights = {n: sha256(run_dir / n) for n in ("checkpoint_best.pt", "checkpoint_last.pt")}
+    history = (run_dir / "history.csv").read_bytes()
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was retrained")
+    monkeypatch.setattr(T.Trainer, "train_epoch", no_training)
+    again = train(deep_merge(cfg, {"eval": {"n_examples": 20}}), run_dir)
+    assert again["n_test"] == 20 and again["eval_settings"]["n_examples"] == 20
+    assert json.loads((run_dir / "metrics.json").read_text()) == again
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["n_examples"] == 20
+    assert {n: sha256(run_dir / n) for n in weights} == weights
+    assert (run_dir / "history.csv").read_bytes() == history
+    for key in ("best_epoch", "started_at", "train_time_s", "best_val_robust_acc"):
+        assert again[key] == first[key], key
+    # the numbers are those of the selected weights on the first 20 test images
+    model, _, ds = load_run_model(run_dir)
+    with torch.no_grad():
+        acc = (model(ds.x_test[:20].float() / 255).argmax(1) == ds.y_test[:20]).float().mean().item()
+    assert again["test_clean_acc"] == pytest.approx(acc, abs=1e-6)
+    # the same settings again: returned as they are, nothing recomputed
+    stamp = (run_dir / "metrics.json").stat().st_mtime_ns
+    assert train(deep_merge(cfg, {"eval": {"n_examples": 20}}), run_dir) == again
+    assert (run_dir / "metrics.json").stat().st_mtime_ns == stamp
+    # and the eps too
+    third = train(deep_merge(cfg, {"eval": {"n_examples": 20, "eps": 0.0}}), run_dir)
+    assert third["eps"] == "0" and third["test_pgd20_acc"] == third["test_clean_acc"] == again["test_clean_acc"]
+
+
+def test_unwritable_run_folder_is_one_line_before_training(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should be")
+    params = tmp_path / "run.yaml"
+    params.write_text(yaml.safe_dump(digits_config(train={"epochs": 1, "max_batches": 2})))
+
+    def no_training(*a, **k):
+        raise AssertionError("training started before the run folder was checked")
+    monkeypatch.setattr(T.Trainer, "train_epoch", no_training)
+    run_dir = blocker / "runs" / "one"
+    assert T.main([str(params), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {run_dir}: Not a directory (ENOTDIR)") and str(run_dir) in err
