@@ -7,8 +7,10 @@ expected numbers come from the run itself (metrics.json) and from report.evaluat
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,11 +36,26 @@ def run_dir(tmp_path_factory):
     return d
 
 
-def _eval(*args: str, out: Path) -> tuple[subprocess.CompletedProcess, dict | None]:
-    proc = subprocess.run([sys.executable, "-m", "spatlib.cli", "eval", *args, "--device", "cpu",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
-    card = json.loads(out.read_text()) if proc.returncode == 0 else None
-    return proc, card
+@pytest.fixture
+def spat_eval(capsys, monkeypatch, tmp_path):
+    """``spat eval ARGS --device cpu --out FILE`` in this process: (exit code, stdout, stderr, card)."""
+    monkeypatch.syspath_prepend(str(tmp_path))       # the factory modules the tests write
+    calls = iter(range(100))
+
+    def run(*args: str):
+        out = tmp_path / f"card{next(calls)}.json"
+        code = cards.cli_main([*args, "--device", "cpu", "--out", str(out)])
+        captured = capsys.readouterr()
+        card = json.loads(out.read_text()) if out.exists() else None
+        return code, captured.out, captured.err, card
+    return run
+
+
+def _script(model, x, path: Path) -> None:
+    """A TorchScript export of ``model`` (torch 2.x marks tracing deprecated; it still works)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(model, x).save(str(path))
 
 
 def _numbers(card: dict) -> dict:
@@ -46,10 +63,10 @@ def _numbers(card: dict) -> dict:
                                  "n_examples", "eps", "max_linf", "threat_model_ok")}
 
 
-def test_run_folder_reproduces_its_metrics_and_evaluate_run(run_dir, tmp_path):
+def test_run_folder_reproduces_its_metrics_and_evaluate_run(run_dir, spat_eval):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    proc, card = _eval(str(run_dir), out=tmp_path / "card.json")
-    assert proc.returncode == 0, proc.stderr
+    code, out, err, card = spat_eval(str(run_dir))
+    assert code == 0, err
     assert card["source"] == "computed"
     assert not list(run_dir.glob("eval_*.json"))          # spat eval writes nothing into the run
     # the run's own final clean accuracy, on the same test images
@@ -61,34 +78,32 @@ def test_run_folder_reproduces_its_metrics_and_evaluate_run(run_dir, tmp_path):
     assert card["max_linf"] <= 0.1 + 1e-6
     assert card["robust_acc"] == card["acc_pgd20"] <= card["acc_fgsm"] <= card["clean_acc"]
     assert len(card["target_sha256"]) == 64 and card["target_file"].endswith("checkpoint_best.pt")
-    assert "PGD-20" in proc.stdout and "threat model" in proc.stdout
+    assert "PGD-20" in out and "threat model" in out
     # notebook 02's evaluation of the run: the same suite numbers, then spat eval reads its cache
     ev = report.evaluate_run(run_dir, device="cpu")
     assert not ev.cached
     assert card["acc_fgsm"] == ev.result.accuracy["fgsm"]
     assert card["acc_pgd20"] == ev.result.accuracy["pgd20"]
     assert card["robust_acc"] == ev.result.robust_accuracy
-    proc, cached = _eval(str(run_dir), out=tmp_path / "card2.json")
-    assert proc.returncode == 0, proc.stderr
+    code, _, err, cached = spat_eval(str(run_dir))
+    assert code == 0, err
     assert cached["source"] == "cache" and _numbers(cached) == _numbers(card)
 
 
-def test_checkpoint_torchscript_and_factory_give_the_run_numbers(run_dir, tmp_path):
-    proc, ref = _eval(str(run_dir), "--suite", SUITE, out=tmp_path / "run.json")
-    assert proc.returncode == 0, proc.stderr
-
-    proc, ck = _eval(str(run_dir / "checkpoint_best.pt"), out=tmp_path / "ckpt.json")
-    assert proc.returncode == 0, proc.stderr
+def test_checkpoint_torchscript_and_factory_give_the_run_numbers(run_dir, spat_eval, tmp_path):
+    code, _, err, ref = spat_eval(str(run_dir), "--suite", SUITE)
+    assert code == 0, err
+    code, _, err, ck = spat_eval(str(run_dir / "checkpoint_best.pt"))
+    assert code == 0, err
     assert ck["target_kind"] == "checkpoint" and _numbers(ck) == _numbers(ref)
 
     model, cfg, ds = load_run_model(run_dir, device="cpu")
-    scripted = torch.jit.trace(model, ds.x_test[:2].float() / 255)
     ts_path = tmp_path / "model.ts"
-    scripted.save(str(ts_path))
+    _script(model, ds.x_test[:2].float() / 255, ts_path)
     ext = ["--dataset", "digits", "--eps", "0.1", "--suite", SUITE, "--n-examples", str(N),
            "--batch-size", "50", "--seed", "0"]
-    proc, ts = _eval(str(ts_path), *ext, out=tmp_path / "ts.json")
-    assert proc.returncode == 0, proc.stderr
+    code, _, err, ts = spat_eval(str(ts_path), *ext)
+    assert code == 0, err
     assert ts["target_kind"] == "torchscript" and _numbers(ts) == _numbers(ref)
 
     weights = tmp_path / "weights.pt"
@@ -98,63 +113,63 @@ def test_checkpoint_torchscript_and_factory_give_the_run_numbers(run_dir, tmp_pa
         "def small_cnn_digits():\n"
         "    return build_model('small_cnn', 10, 1, mean=%r, std=%r, image_size=8)\n"
         % (list(ds.mean), list(ds.std)))
-    env_path = f"{tmp_path}:{Path(cards.__file__).parents[1]}"
-    proc = subprocess.run([sys.executable, "-m", "spatlib.cli", "eval", "tiny_factory:small_cnn_digits",
-                           "--weights", str(weights), *ext, "--device", "cpu",
-                           "--out", str(tmp_path / "fac.json")], capture_output=True, text=True,
-                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": env_path})
-    assert proc.returncode == 0, proc.stderr
-    fac = json.loads((tmp_path / "fac.json").read_text())
+    code, _, err, fac = spat_eval("tiny_factory:small_cnn_digits", "--weights", str(weights), *ext)
+    assert code == 0, err
     assert fac["target_kind"] == "factory" and _numbers(fac) == _numbers(ref)
 
 
-def _error(*args: str, tmp_path: Path) -> str:
-    proc, _ = _eval(*args, out=tmp_path / "bad.json")
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr   # no traceback
-    assert not (tmp_path / "bad.json").exists()
-    return lines[0]
+def test_the_spat_command_runs_eval(run_dir, tmp_path):
+    """The installed entry point dispatches to spat eval (one real subprocess)."""
+    out = tmp_path / "card.json"
+    proc = subprocess.run([sys.executable, "-m", "spatlib.cli", "eval", str(run_dir), "--suite",
+                           "clean", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    card = json.loads(out.read_text())
+    assert card["suite"] == ["clean"] and card["robust_acc"] == card["clean_acc"]
 
 
-def test_bad_targets_get_one_clear_error(run_dir, tmp_path):
-    assert "no such file or folder" in _error(str(tmp_path / "missing.pt"), tmp_path=tmp_path)
+def test_bad_targets_get_one_clear_error(run_dir, spat_eval, tmp_path):
+    def error(*args: str) -> str:
+        code, out, err, card = spat_eval(*args)
+        lines = err.strip().splitlines()
+        assert code == 2 and card is None, (out, err)
+        assert len(lines) == 1 and lines[0].startswith("error: "), err   # one line, no traceback
+        return lines[0]
+
+    assert "no such file or folder" in error(str(tmp_path / "missing.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model at all")
-    assert "neither a TorchScript file nor a spatlib checkpoint" in _error(str(junk), tmp_path=tmp_path)
-    # a state_dict of another architecture
+    assert "neither a TorchScript file nor a spatlib checkpoint" in error(str(junk))
+    (tmp_path / "nocfg").mkdir()
+    assert "not a spatlib run folder" in error(str(tmp_path / "nocfg"))
     model, _, ds = load_run_model(run_dir, device="cpu")
-    wrong = tmp_path / "wrong.pt"
-    torch.save({k: v for k, v in model.state_dict().items() if "classifier" not in k}, wrong)
     (tmp_path / "fac_mod.py").write_text(
         "from spatlib.models import build_model\n"
         "def digits():\n    return build_model('small_cnn', 10, 1, image_size=8)\n"
         "def three():\n    return build_model('small_cnn', 3, 1, image_size=8)\n")
-    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{Path(cards.__file__).parents[1]}"}
-
-    def factory_error(spec: str, weights: Path) -> str:
-        proc = subprocess.run([sys.executable, "-m", "spatlib.cli", "eval", spec, "--weights",
-                               str(weights), "--dataset", "digits", "--device", "cpu", "--out",
-                               str(tmp_path / "bad.json")], capture_output=True, text=True,
-                              timeout=300, env=env)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1, proc.stderr
-        return lines[0]
-
-    assert "does not fit fac_mod:digits" in factory_error("fac_mod:digits", wrong)
-    assert "Missing key(s)" in factory_error("fac_mod:digits", wrong)
+    # a state_dict that does not fit the architecture (the classifier left out)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({k: v for k, v in model.state_dict().items() if "classifier" not in k}, wrong)
+    msg = error("fac_mod:digits", "--weights", str(wrong), "--dataset", "digits")
+    assert "does not fit fac_mod:digits" in msg and "Missing key(s)" in msg
+    assert "needs --weights" in error("fac_mod:digits", "--dataset", "digits")
     # a model whose output width is not the dataset's class count
     three = tmp_path / "three.pt"
     from spatlib.models import build_model
     torch.save(build_model("small_cnn", 3, 1, image_size=8).state_dict(), three)
-    msg = factory_error("fac_mod:three", three)
+    msg = error("fac_mod:three", "--weights", str(three), "--dataset", "digits")
     assert "digits has 10 classes" in msg and "(2, 3)" in msg
     ts = tmp_path / "m.ts"
-    torch.jit.trace(model, ds.x_test[:2].float() / 255).save(str(ts))
-    assert "unknown_set" in _error(str(ts), "--dataset", "unknown_set", tmp_path=tmp_path)
-    assert "outside [0, 1]" in _error(str(ts), "--dataset", "digits", "--eps", "1.5", tmp_path=tmp_path)
-    assert "needs --dataset" in _error(str(ts), tmp_path=tmp_path)
-    assert "unknown attack(s) pgd7" in _error(str(run_dir), "--suite", "clean,pgd7", tmp_path=tmp_path)
-    (tmp_path / "nocfg").mkdir()
-    assert "not a spatlib run folder" in _error(str(tmp_path / "nocfg"), tmp_path=tmp_path)
+    _script(model, ds.x_test[:2].float() / 255, ts)
+    assert "unknown_set" in error(str(ts), "--dataset", "unknown_set")
+    assert "outside [0, 1]" in error(str(ts), "--dataset", "digits", "--eps", "1.5")
+    assert "needs --dataset" in error(str(ts))
+    assert "unknown attack(s) pgd7" in error(str(run_dir), "--suite", "clean,pgd7")
+    # a 1-channel 8x8 model cannot take 3x32x32 images (an .npz given by --data-path)
+    rng = np.random.default_rng(0)
+    cifar_like = tmp_path / "rgb.npz"
+    np.savez(cifar_like, x_train=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(4) % 10, x_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(4) % 10, class_names=np.array([str(k) for k in range(10)]))
+    assert "cannot take npz images of shape (3, 32, 32)" in error(str(ts), "--data-path", str(cifar_like))
