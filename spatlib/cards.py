@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import report
-from .config import SUITE_ATTACKS, ConfigError, DataConfig, RunConfig, format_eps, from_dict, parse_eps
+from .config import SUITE_ATTACKS, ConfigError, DataConfig, RunConfig, from_dict, parse_eps
 from .data import DataError, Dataset, dataset_from_config
 from .evaluate import RobustnessResult, robustness
 from .models import model_from_config

@@ -7,8 +7,9 @@ precision (bf16 autocast; on the CPU too, as a check of the CPU autocast path), 
 (``train.channels_last``) and, with ``--compile``, ``torch.compile`` for one model. Checks, one
 named row each, PASS or FAIL with a detail:
 
-* ``attack float32 in threat model``: each method's training attack, run under autocast,
-  returns float32 images inside the eps-ball and [0, 1] (:func:`spatlib.attacks.check_threat_model`);
+* ``attack under autocast``: each method's training attack, run under autocast, returns
+  float32 images inside the eps-ball and [0, 1] (:func:`spatlib.attacks.check_threat_model`)
+  at which the model's logits are finite (NaN gradients would leave x_adv at its random start);
 * ``loss finite`` and ``loss decreasing``: ``--steps`` training steps of every method on ONE
   fixed batch (a fixed batch at a moderate lr makes "the last loss is below the first" a
   reliable check in 2-3 steps, which fresh batches are not); the row also gives images/s and
@@ -66,10 +67,12 @@ NUM_CLASSES = 10
 # every method (measured on SmallCNN and PreActResNet-18 at batch 8-16); lr 0.05 or 0.1 overshoot
 # on the second or third step, even without momentum
 LR = 0.02
-# per device: CPU small enough for the test suite on 2 shared cores (PreActResNet-18 at batch
-# 16 and 2-step attacks); CUDA the paper's batch and attack, both architectures, compile on
+# per device. CPU: SmallCNN at CIFAR shape, about a minute on 2 cores; PreActResNet-18 is
+# --models preact_resnet18 (its bf16 forward+backward measured ~15 s at batch 8 on a 2-core
+# CPU without AVX512-BF16, ~5x its fp32 time, so all six methods take half an hour there).
+# CUDA: the paper's batch and attack, both architectures, compile on.
 DEFAULTS = {
-    "cpu": dict(models=["preact_resnet18"], batch_size=16, steps=3, attack_steps=2, compile=False),
+    "cpu": dict(models=["small_cnn"], batch_size=8, steps=3, attack_steps=2, compile=False),
     "cuda": dict(models=["preact_resnet18", "wide_resnet"], batch_size=128, steps=3,
                  attack_steps=10, compile=True),
 }
@@ -222,6 +225,16 @@ class _Doctor:
             self.hook(t.model)
         return t
 
+    def built(self, model: str, method: str) -> Trainer | None:
+        """A trainer, or None after a FAIL row ``build trainer`` saying why it cannot be built."""
+        try:
+            return self.trainer(model, method)
+        except Exception as e:  # e.g. a model that cannot take CIFAR-shaped images
+            r = CheckRow("build trainer", f"{model} {method}", ok=False, detail=_first_line(e))
+            self.rows.append(r)
+            self.log(f"  FAIL  build trainer ({r.subject}): {r.detail}")
+            return None
+
     @contextlib.contextmanager
     def row(self, check: str, subject: str) -> Iterator[CheckRow]:
         """A row that fails with the error's first line when its block raises."""
@@ -236,26 +249,28 @@ class _Doctor:
         self.log(f"  {'PASS' if r.ok else 'FAIL'}  {check} ({subject}): {r.detail}")
 
     # -- per model and method ---------------------------------------------------------------
-    def method_checks(self, model: str, method: str) -> Trainer | None:
+    def method_checks(self, model: str, method: str) -> None:
         subject = f"{model} {method}"
-        try:
-            t = self.trainer(model, method)
-        except Exception as e:  # e.g. a model that cannot take CIFAR-shaped images
-            self.rows.append(CheckRow("build trainer", subject, ok=False, detail=_first_line(e)))
-            self.log(f"  FAIL  build trainer ({subject}): {self.rows[-1].detail}")
-            return None
+        t = self.built(model, method)
+        if t is None:
+            return
         x, y = next(iter(t.loader))                        # the one fixed batch
         eps = t.cfg.attack.eps
         if METHODS[method].attack is not None:
-            with self.row("attack float32 in threat model", subject) as r:
+            with self.row("attack under autocast", subject) as r:
                 with t.amp():
                     x_adv = t.attack(eps).run(x, y).x_adv
+                    with torch.no_grad(), eval_mode(t.model):
+                        # NaN gradients do not show in x_adv (sign(NaN) is 0): the attack would
+                        # silently return its random start; the logits at x_adv show them
+                        finite = bool(torch.isfinite(t.model(x_adv)).all())
                 tm = check_threat_model(x, x_adv, eps)
-                r.ok = x_adv.dtype == torch.float32 and tm["ok"]
-                r.values = {"dtype": str(x_adv.dtype).replace("torch.", ""), **tm}
-                r.detail = (f"under {t.precision} autocast: x_adv {r.values['dtype']}, max |x_adv - x| "
+                r.ok = x_adv.dtype == torch.float32 and tm["ok"] and finite
+                r.values = {"dtype": str(x_adv.dtype).replace("torch.", ""), "logits_finite": finite, **tm}
+                r.detail = (f"{t.precision}: x_adv {r.values['dtype']}, max |x_adv - x| "
                             f"{tm['max_linf']:.5f} (eps {eps:.5f}), NaN {tm['n_nan']}, pixels "
-                            f"[{tm['min_pixel']:.3f}, {tm['max_pixel']:.3f}]")
+                            f"[{tm['min_pixel']:.3f}, {tm['max_pixel']:.3f}], logits at x_adv "
+                            f"{'finite' if finite else 'NOT finite'}")
         losses: list[float] = []
         times: list[float] = []
         with self.row("loss finite", subject) as r:
@@ -279,10 +294,13 @@ class _Doctor:
                     and losses[-1] < losses[0])
             r.detail = (f"{self.s.steps} steps on one fixed batch at lr {LR:g}: "
                         f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no step ran")
-        return t
 
     # -- per model ----------------------------------------------------------------------------
-    def model_checks(self, model_name: str, t: Trainer) -> None:
+    def model_checks(self, model_name: str) -> None:
+        """On a fresh model: each check stands alone, whatever the training checks did."""
+        t = self.built(model_name, "standard")
+        if t is None:
+            return
         model = t.model
         x, y = next(iter(t.loader))
         xs, ys = x[:4], y[:4]
@@ -351,7 +369,7 @@ class _Doctor:
                         f"{loss_a!r} vs {loss_b!r}" + (f"; differ: {', '.join(differ[:3])}"
                                                         if differ else "; weights, EMA, momentum equal"))
 
-    def ddp_check(self, t: Trainer) -> None:
+    def ddp_check(self, model_name: str) -> None:
         import torch.distributed as dist
         cuda = self.device.type == "cuda"
         backend = "nccl" if cuda else "gloo"
@@ -361,6 +379,7 @@ class _Doctor:
             if dist.is_initialized():
                 raise RuntimeError("a process group is already initialised (run the doctor "
                                    "outside torchrun)")
+            t = self.trainer(model_name, "standard")
             x, _ = next(iter(t.loader))
             x = x[:4]
             plain = copy.deepcopy(t.model)
@@ -453,23 +472,16 @@ def run_doctor(settings: DoctorSettings | None = None, *,
         torch.cuda.set_device(device)
     doc = _Doctor(s, device, model_hook, log)
     t0 = time.perf_counter()
-    first: Trainer | None = None
     for model in s.models:
         log(f"{model}:")
-        last = None
         for method in s.methods:
-            t = doc.method_checks(model, method)
-            last = t or last
-            first = first or t
-        if last is not None:
-            doc.model_checks(model, last)
-        del last
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            doc.method_checks(model, method)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        doc.model_checks(model)
     log(f"{device.type}:")
     doc.resume_check(s.models[0])
-    if first is not None:
-        doc.ddp_check(first)
+    doc.ddp_check(s.models[0])
     if s.compile:
         doc.compile_check(s.models[0])
     rows = [asdict(r) for r in doc.rows]
@@ -515,9 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also check torch.compile on the first model (default: on CUDA only)")
     p.add_argument("--models", type=_list, default=None,
-                   help="comma-separated models (default: preact_resnet18; on CUDA also wide_resnet, WRN-34-10)")
+                   help="comma-separated models (default: small_cnn on CPU; preact_resnet18 and "
+                        "wide_resnet (WRN-34-10) on CUDA)")
     p.add_argument("--methods", type=_list, default=None, help="comma-separated methods (default: all)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 128 on CUDA")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
     p.add_argument("--attack-steps", type=int, default=None,
                    help="steps of the training attack (default: 2 on CPU, the paper's 10 on CUDA)")
     p.add_argument("--precision", default="bf16", help="autocast precision: bf16 (default), fp16, fp32")
