@@ -58,7 +58,7 @@ from .semantics import class_evidence
 from .train import AMP_DTYPES, Trainer, backend_flags
 from .util import atomic_write_text, device_name, eval_mode, git_commit, resolve_device, utc_now
 
-__all__ = ["DoctorSettings", "CheckRow", "DEFAULTS", "run_doctor", "doctor_config",
+__all__ = ["DoctorSettings", "CheckRow", "DEFAULTS", "run_doctor", "resolve_settings", "doctor_config",
            "format_table", "machine_info", "build_parser", "cli_main"]
 
 IMAGE_SHAPE = [3, 32, 32]       # CIFAR's (C, H, W)
