@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import re
 import sys
@@ -222,11 +223,9 @@ def _suite(text: str | list[str] | None, default: list[str]) -> list[str]:
     if unknown:
         raise TargetError(f"--suite: unknown attack(s) {', '.join(unknown)}; allowed: {', '.join(SUITE_ATTACKS)}")
     if "autoattack" in names:
-        try:
-            import pyautoattack  # noqa: F401  (the authors' AutoAttack)
-        except ImportError:
+        if importlib.util.find_spec("pyautoattack") is None:   # the authors' AutoAttack
             raise TargetError("--suite: autoattack needs the pyautoattack package "
-                              "(pip install pyautoattack), or leave it out of --suite") from None
+                              "(pip install pyautoattack), or leave it out of --suite")
     return [a for a in SUITE_ATTACKS if a in names or a == "clean"]   # clean always: the card's clean_acc
 
 
