@@ -1,4 +1,4 @@
-"""The ``spat`` command: ``spat train``, ``spat batch``, ``spat bench``, ``spat eval``.
+"""The ``spat`` command: ``spat train``, ``spat batch``, ``spat bench``, ``spat eval``, ``spat doctor``.
 
 Each subcommand lives in its module (``cli_main(argv)``); this file only dispatches, so that
 ``spat --help`` stays fast and nothing heavy is imported before it is needed.
@@ -13,6 +13,8 @@ COMMANDS = {
     "batch": ("spatlib.launch", "execute the notebooks for every run of an experiment with papermill"),
     "status": ("spatlib.slurm", "state of every job of a batch folder: queued, running, done, failed"),
     "bench": ("spatlib.benchmark", "trainer throughput, SPAT overhead and memory figures"),
+    "eval": ("spatlib.cards", "evaluate a run, checkpoint or external model; a JSON result card"),
+    "doctor": ("spatlib.doctor", "check this machine's training path (PASS/FAIL table, JSON)"),
 }
 
 

@@ -67,18 +67,6 @@ class RobustnessResult:
                      "seconds": sum(self.seconds.values()), "threat_model_ok": self.threat_model_ok})
         return pd.DataFrame(rows)
 
-    def to_card(self) -> dict:
-        """A flat JSON-safe result card (RobustBench style)."""
-        card = {"eps": self.eps_str, "eps_float": self.eps, "n_examples": self.n,
-                "cascade": self.cascade, "robust_accuracy": self.robust_accuracy,
-                "threat_model_ok": self.threat_model_ok}
-        for a, acc in self.accuracy.items():
-            card[f"acc_{a}"] = acc
-            card[f"seconds_{a}"] = self.seconds.get(a, 0.0)
-        card["threat_model"] = self.threat_model
-        card["per_class"] = self.per_class
-        return card
-
     def __str__(self) -> str:
         lines = [f"eps {self.eps_str} on {self.n} examples ({'cascade' if self.cascade else 'standalone'})"]
         lines += [f"  {ATTACK_LABELS.get(a, a):<11} {100 * v:6.2f}%" for a, v in self.accuracy.items()]

@@ -151,13 +151,14 @@ def _cam_maps(model: nn.Module, x: Tensor, y: Tensor, spec, class_chunk: int) ->
 
 def class_evidence(model: nn.Module, x: Tensor, y: Tensor, classes: str | Tensor = "all",
                    saliency: str = "input_grad", class_chunk: int = 16, *,
-                   keep_grads: bool = True) -> Evidence:
+                   keep_grads: bool = True, batched: bool | None = None) -> Evidence:
     """Class evidence maps A_k (N, S, H, W) for the class set S (docs/design.md step 1).
 
     ``input_grad`` (exact): ``A_k = sum_c |d z_k / d x|``, one backward per class (batched in
     chunks of ``class_chunk`` off the CPU, see ``_class_vjps``). ``keep_grads=False`` keeps
     only the maps, not the (N, S, C, H, W) gradients (``Evidence.grads`` is then None): C x
-    less memory, for every rule but ``agreement``.
+    less memory, for every rule but ``agreement``. ``batched``: force the vmapped backward
+    (True) or the per-class loop (False); None decides by device (``spat doctor`` compares both).
     ``cam`` (fast): class activation maps of the last conv block (see ``_cam_maps``).
     The model's train/eval mode is left as the caller set it.
     """
@@ -173,13 +174,13 @@ def class_evidence(model: nn.Module, x: Tensor, y: Tensor, classes: str | Tensor
         cls = resolve_classes(logits, y, classes)
         z = logits.gather(1, cls)
         if keep_grads:
-            grads = _input_gradients(z, xg, class_chunk)
+            grads = _input_gradients(z, xg, class_chunk, batched)
             maps = grads.abs().sum(2)
         else:
             grads = None
             n, _, h, w = xg.shape
             maps = xg.new_empty((cls.shape[1], n, h, w))
-            for start, g in _class_vjps(z, xg, class_chunk):
+            for start, g in _class_vjps(z, xg, class_chunk, batched):
                 maps[start:start + len(g)] = g.abs().sum(2)
             maps = maps.transpose(0, 1)
     return Evidence(maps=maps, classes=cls, grads=grads, logits=logits.detach())

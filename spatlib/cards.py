@@ -1,0 +1,387 @@
+"""``spat eval TARGET``: the robustness suite on any model, and its flat JSON result card.
+
+TARGET is one of
+
+* a **run folder** of the kit: its config gives the dataset, the eval settings (``eval``
+  section) and the seed; ``--which best|last|ema`` picks the weights;
+* a **kit checkpoint** file (``checkpoint_*.pt``): its config is inside;
+* a **TorchScript** file (``torch.jit.save`` of a traced or scripted model);
+* ``module:factory`` with ``--weights state_dict.pt``: the module is imported, the factory
+  called without arguments, the state_dict loaded strictly.
+
+External models (TorchScript, factory) take images in [0, 1] (normalization inside the model,
+as RobustBench's models and the kit's own) and need ``--dataset`` or ``--data-path``.
+
+A run folder is evaluated exactly as :func:`spatlib.report.evaluate_run` evaluates it (same
+weights, settings, seed and batches, hence the same numbers): when its ``eval_<eps>.json``
+cache matches the settings, the card is read from it (``source: cache``, no attack runs);
+otherwise :func:`spatlib.evaluate.robustness` runs with evaluate_run's arguments, and nothing
+is written into the run folder (``spat eval`` reads its target; it does not pay for notebook
+03's robustness curve either).
+
+The card (:func:`make_card`) is flat, RobustBench style: dataset, threat model, eps, clean and
+worst-case robust accuracy, per-attack accuracy (``acc_<attack>``: cascaded, see
+:mod:`spatlib.evaluate`), n, the threat-model check and provenance.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import re
+import sys
+import time
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import report
+from .config import SUITE_ATTACKS, ConfigError, DataConfig, RunConfig, from_dict, parse_eps
+from .data import DataError, Dataset, dataset_from_config
+from .evaluate import RobustnessResult, robustness
+from .models import model_from_config
+from .runfolder import (BEST, CONFIG, LAST, CheckpointError, eval_cache_path, load_checkpoint,
+                        load_weights, spatlib_version)
+from .util import device_name, eval_mode, git_commit, resolve_device, sha256_file, utc_now
+
+__all__ = ["CARD_FORMAT", "TargetError", "Target", "load_target", "evaluate_target",
+           "make_card", "build_parser", "cli_main"]
+
+CARD_FORMAT = "spatlib-card/1"
+EXTERNAL_EPS = 8 / 255        # RobustBench's CIFAR L-inf budget: the default without a kit config
+EXTERNAL_BATCH = 256
+WHICH = {"best": (BEST, "selected"), "last": (LAST, "model"), "ema": (LAST, "ema_model")}
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class TargetError(ValueError):
+    """A target that cannot be evaluated; the message says why in one line."""
+
+
+@dataclass
+class Target:
+    """A loaded target: the model (eval mode, on its device) and what the kit knows about it."""
+    kind: str                     # run | checkpoint | torchscript | factory
+    spec: str                     # as given on the command line
+    model: nn.Module
+    file: Path                    # the file whose sha256 identifies the weights
+    config: RunConfig | None      # kit targets only
+    which: str | None             # kit targets only
+    description: str
+    dataset: Dataset | None = None   # kit targets: the data of their config
+
+
+# --------------------------------------------------------------------------------------------
+# loading a target
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips holding ``<name>/code/`` and ``constants.pkl``."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _kit_model(ckpt: dict, weights: str, path: Path) -> tuple[nn.Module, RunConfig, Dataset]:
+    cfg = from_dict(ckpt["config"])
+    ds = dataset_from_config(cfg.data)
+    model = model_from_config(cfg.model, ds, seed=cfg.seed)   # seeded: the caller's RNG untouched
+    load_weights(model, ckpt, weights, path)
+    return model, cfg, ds
+
+
+def load_target(spec: str, *, weights: str | None = None, which: str = "best",
+                device: str | torch.device = "cpu") -> Target:
+    """Load a run folder, kit checkpoint, TorchScript file or ``module:factory`` (+ ``weights``).
+    Raises :class:`TargetError` (one line) when it cannot be loaded."""
+    if which not in WHICH:
+        raise TargetError(f"--which: expected one of {', '.join(WHICH)}, got {which!r}")
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    path = Path(spec)
+    if weights is not None and not _FACTORY.match(spec):
+        raise TargetError(f"--weights: only a module:factory target takes a state_dict "
+                          f"({spec} is not one)")
+    if _FACTORY.match(spec) and not path.exists():
+        return _load_factory(spec, weights, device)
+    if not path.exists():
+        raise TargetError(f"{spec}: no such file or folder (a run folder, checkpoint_*.pt, "
+                          f"TorchScript file, or module:factory with --weights)")
+    if path.is_dir():
+        if not (path / CONFIG).is_file():
+            raise TargetError(f"{spec}: a folder without {CONFIG}: not a spatlib run folder")
+        name, key = WHICH[which]
+        ckpt_path = path / name
+        ckpt = load_checkpoint(ckpt_path)      # CheckpointError names a missing/damaged file
+        model, cfg, ds = _kit_model(ckpt, key, ckpt_path)
+        return Target("run", spec, model.to(device).eval(), ckpt_path, cfg, which,
+                      f"run {cfg.name} ({cfg.train.method}, {cfg.model.name}, {which} weights)", ds)
+    if _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():   # torch 2.x marks TorchScript deprecated; it still loads
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(str(path), map_location=device)
+        except Exception as e:  # a damaged archive: any of torch's reader errors
+            raise TargetError(f"{spec}: a TorchScript archive that cannot be loaded: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        return Target("torchscript", spec, model.eval(), path, None, None,
+                      f"TorchScript {path.name}")
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError:
+        raise TargetError(f"{spec}: neither a TorchScript file nor a spatlib checkpoint (for a "
+                          f"state_dict, give module:factory --weights {spec})") from None
+    model, cfg, ds = _kit_model(ckpt, WHICH[which][1], path)
+    return Target("checkpoint", spec, model.to(device).eval(), path, cfg, which,
+                  f"checkpoint {path.name} of run {cfg.name} ({cfg.train.method}, "
+                  f"{cfg.model.name}, {which} weights)", ds)
+
+
+def _load_factory(spec: str, weights: str | None, device: torch.device) -> Target:
+    if weights is None:
+        raise TargetError(f"{spec}: a module:factory target needs --weights STATE_DICT.pt")
+    module_name, factory_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module raises at import
+        raise TargetError(f"{spec}: cannot import {module_name!r}: {type(e).__name__}: {e}") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise TargetError(f"{spec}: {module_name!r} has no callable {factory_name!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise TargetError(f"{spec}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    wpath = Path(weights)
+    if not wpath.is_file():
+        raise TargetError(f"--weights {weights}: no such file")
+    try:
+        state = torch.load(wpath, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TargetError(f"--weights {weights}: cannot be read as a state_dict "
+                          f"({type(e).__name__})") from None
+    if not isinstance(state, Mapping):
+        raise TargetError(f"--weights {weights}: holds a {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        raise TargetError(f"--weights {weights}: does not fit {spec}: "
+                          f"{'; '.join(lines[1:3]) or lines[0]}") from None
+    return Target("factory", spec, model.to(device).eval(), wpath, None, None,
+                  f"{spec} with {wpath.name}")
+
+
+# --------------------------------------------------------------------------------------------
+# data and settings
+def _dataset(target: Target, dataset: str | None, data_path: str | None) -> Dataset:
+    if dataset is not None and data_path is not None:
+        raise TargetError("--dataset and --data-path: give one of them")
+    if data_path is not None:
+        if not Path(data_path).is_file():
+            raise TargetError(f"--data-path {data_path}: no such file")
+        cfg = from_dict({"name": "npz", "path": data_path}, DataConfig)
+    elif dataset is not None:
+        try:
+            cfg = from_dict({"name": dataset}, DataConfig)
+        except ConfigError as e:
+            raise TargetError(f"--dataset: {e}".replace("name: ", "")) from None
+        if dataset == "npz":
+            raise TargetError("--dataset npz: give the file with --data-path X.npz")
+    elif target.dataset is not None:
+        return target.dataset
+    else:
+        raise TargetError(f"{target.spec}: an external model needs --dataset NAME or --data-path X.npz")
+    return dataset_from_config(cfg)
+
+
+def _check_output(target: Target, ds: Dataset, device: torch.device) -> None:
+    """One forward on two test images: the model must take them and give K logits."""
+    x = ds.x_test[:2].float().div(255).to(device)
+    try:
+        with torch.no_grad(), eval_mode(target.model):
+            out = target.model(x)
+    except Exception as e:  # wrong channels / size: the model's own error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TargetError(f"{target.spec}: cannot take {ds.name} images of shape "
+                          f"{tuple(x.shape[1:])}: {first}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != ds.num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TargetError(f"{target.spec}: gives outputs of shape {shape} for 2 images; "
+                          f"{ds.name} has {ds.num_classes} classes, so logits must be (2, {ds.num_classes})")
+
+
+def _suite(text: str | list[str] | None, default: list[str]) -> list[str]:
+    names = default if text is None else ([t.strip() for t in text.split(",") if t.strip()]
+                                           if isinstance(text, str) else list(text))
+    unknown = [a for a in names if a not in SUITE_ATTACKS]
+    if unknown:
+        raise TargetError(f"--suite: unknown attack(s) {', '.join(unknown)}; allowed: {', '.join(SUITE_ATTACKS)}")
+    if "autoattack" in names:
+        if importlib.util.find_spec("pyautoattack") is None:   # the authors' AutoAttack
+            raise TargetError("--suite: autoattack needs the pyautoattack package "
+                              "(pip install pyautoattack), or leave it out of --suite")
+    return [a for a in SUITE_ATTACKS if a in names or a == "clean"]   # clean always: the card's clean_acc
+
+
+# --------------------------------------------------------------------------------------------
+def make_card(result: RobustnessResult, *, target: Target, dataset: Dataset, suite: list[str],
+              seed: int, batch_size: int, device: torch.device, source: str,
+              seconds: float) -> dict:
+    """The flat JSON result card of one evaluation (accuracies as fractions in [0, 1])."""
+    tm = list(result.threat_model.values())
+    card = {
+        "format": CARD_FORMAT, "dataset": dataset.name, "num_classes": dataset.num_classes,
+        "threat_model": "Linf", "eps": result.eps_str, "eps_float": result.eps,
+        "clean_acc": result.accuracy.get("clean"), "robust_acc": result.robust_accuracy,
+        **{f"acc_{a}": v for a, v in result.accuracy.items()},
+        "n_examples": result.n, "suite": list(suite), "cascade": result.cascade,
+        "threat_model_ok": result.threat_model_ok,
+        "max_linf": max((r["max_linf"] for r in tm), default=0.0),
+        "n_nan": sum(r["n_nan"] for r in tm),
+        "min_pixel": min((r["min_pixel"] for r in tm), default=None),
+        "max_pixel": max((r["max_pixel"] for r in tm), default=None),
+        "model": target.description, "target": str(target.spec), "target_kind": target.kind,
+        "which": target.which, "target_file": str(target.file),
+        "target_sha256": sha256_file(target.file), "seed": seed, "batch_size": batch_size,
+        "source": source, "seconds": seconds,
+        "spatlib_version": spatlib_version(), "git_commit": git_commit(),
+        "torch_version": str(torch.__version__), "device": str(device),
+        "device_name": device_name(device), "date": utc_now(),
+    }
+    return card
+
+
+def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | None = None,
+                    data_path: str | None = None, eps: str | float | None = None,
+                    suite: str | list[str] | None = None, n_examples: int | None = None,
+                    batch_size: int | None = None, seed: int | None = None,
+                    which: str = "best", device: str | torch.device = "auto",
+                    progress: bool = False) -> tuple[dict, RobustnessResult]:
+    """Evaluate a target (see the module doc); returns (card, result).
+
+    Every check (the target, the data, the model's output width, eps, the suite) runs before
+    any attack. Raises :class:`TargetError`, ConfigError, DataError or CheckpointError.
+    """
+    dev = resolve_device(device, key="--device")
+    if eps is not None:
+        eps_f = parse_eps(eps, "--eps")
+        if not 0.0 <= eps_f <= 1.0:
+            raise TargetError(f"--eps: {eps!r} is outside [0, 1] (pixel units, e.g. 8/255)")
+    if n_examples is not None and n_examples < 1:
+        raise TargetError(f"--n-examples: expected an integer >= 1, got {n_examples}")
+    if batch_size is not None and batch_size < 1:
+        raise TargetError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    target = load_target(spec, weights=weights, which=which, device=dev)
+    ds = _dataset(target, dataset, data_path)
+    _check_output(target, ds, dev)
+
+    cfg = target.config
+    overrides: dict = {}
+    if eps is not None:
+        overrides["eps"] = eps_f
+    if n_examples is not None:
+        overrides["n_examples"] = n_examples
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    if cfg is not None:
+        ev = report.resolve_eval(cfg, {**overrides, "suite": _suite(suite, list(cfg.eval.suite))})
+        eps_v = report.eval_eps(cfg, ev)
+        seed_v = cfg.seed if seed is None else seed
+        n_req, bs, restarts, cw_steps = ev.n_examples, ev.batch_size, ev.pgd100_restarts, ev.cw_steps
+        suite_v = list(ev.suite)
+    else:
+        ev = None
+        eps_v = eps_f if eps is not None else EXTERNAL_EPS
+        seed_v = 0 if seed is None else seed
+        n_req = n_examples
+        bs = batch_size or EXTERNAL_BATCH
+        restarts, cw_steps = 5, 30
+        suite_v = _suite(suite, list(SUITE_ATTACKS))
+
+    t0 = time.perf_counter()
+    same_as_run = (target.kind == "run" and dataset is None and data_path is None
+                   and seed_v == cfg.seed)
+    if same_as_run and _cache_matches(Path(spec), cfg, ev, target.which):
+        result = report.evaluate_run(spec, ev, which=target.which, device=dev).result
+        source = "cache"
+    else:
+        n = len(ds.y_test) if n_req is None else min(n_req, len(ds.y_test))
+        # evaluate_run's call: the same arguments give the same numbers
+        result = robustness(target.model, ds.x_test[:n], ds.y_test[:n], suite_v, eps=eps_v,
+                            batch_size=bs, pgd100_restarts=restarts, cw_steps=cw_steps,
+                            seed=seed_v, num_classes=ds.num_classes, progress=progress)
+        source = "computed"
+    card = make_card(result, target=target, dataset=ds, suite=suite_v, seed=seed_v,
+                     batch_size=bs, device=dev, source=source,
+                     seconds=time.perf_counter() - t0)
+    return card, result
+
+
+def _cache_matches(run_dir: Path, cfg: RunConfig, ev, which: str) -> bool:
+    path = eval_cache_path(run_dir, report.eval_eps(cfg, ev))
+    if not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text()).get("key")
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return saved == report.eval_cache_key(run_dir, cfg, ev, which)
+
+
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """``spat eval``'s arguments."""
+    p = argparse.ArgumentParser(
+        prog="spat eval",
+        description="Evaluate a model under the L-inf robustness suite and write a flat JSON "
+                    "result card. TARGET: a run folder, a kit checkpoint (checkpoint_*.pt), a "
+                    "TorchScript file, or module:factory with --weights STATE_DICT.pt. External "
+                    "models (TorchScript, factory) take images in [0, 1] (normalize inside the "
+                    "model) and need --dataset or --data-path.")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("--weights", help="state_dict file of a module:factory target (loaded strictly)")
+    p.add_argument("--dataset", help="dataset name (digits, cifar10, cifar100, mnist, "
+                                     "fashion_mnist, synthetic); default: the run's")
+    p.add_argument("--data-path", help="an .npz dataset (x_test, y_test) instead of --dataset")
+    p.add_argument("--eps", help="L-inf budget in pixel units, e.g. 8/255 (default: the run's "
+                                 "eval eps; 8/255 for external models)")
+    p.add_argument("--suite", help="comma-separated attacks of clean,fgsm,pgd20,pgd100,cw,autoattack "
+                                   "(default: the run's eval.suite; all for external models)")
+    p.add_argument("--n-examples", type=int, help="first N test images (default: the run's; all)")
+    p.add_argument("--batch-size", type=int, help=f"default: the run's eval.batch_size; {EXTERNAL_BATCH}")
+    p.add_argument("--seed", type=int, help="attack noise seed (default: the run's seed; 0)")
+    p.add_argument("--which", default="best", choices=list(WHICH),
+                   help="weights of a run folder or checkpoint: best (selected), last, ema")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--out", default="card.json", help="the result card (default: card.json)")
+    p.add_argument("--progress", action="store_true", help="a progress bar over the attacks")
+    return p
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``spat eval``: 0 evaluated (card written), 2 a bad target or setting (one error line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        card, result = evaluate_target(
+            args.target, weights=args.weights, dataset=args.dataset, data_path=args.data_path,
+            eps=args.eps, suite=args.suite, n_examples=args.n_examples,
+            batch_size=args.batch_size, seed=args.seed, which=args.which, device=args.device,
+            progress=args.progress)
+    except (TargetError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{card['model']} on {card['dataset']} ({card['n_examples']} test images), "
+          f"{card['device_name']}, {card['source']}")
+    print(result)
+    print(result.table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"threat model {'OK' if card['threat_model_ok'] else 'VIOLATED'}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0

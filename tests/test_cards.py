@@ -1,0 +1,175 @@
+"""spat eval: a run folder, a kit checkpoint, a TorchScript export and module:factory + state_dict
+of the same model give the run's own numbers; every bad target is one error line (exit 2).
+
+One tiny digits run (SmallCNN, PGD-AT, 1 epoch of 3 batches) is trained once per module; the
+expected numbers come from the run itself (metrics.json) and from report.evaluate_run.
+"""
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spatlib import cards, report
+from spatlib.runfolder import load_run_model
+from spatlib.train import train
+
+SUITE = "clean,fgsm,pgd20"
+N = 120
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    cfg = {"name": "tiny-digits", "seed": 0, "data": {"name": "digits"},
+           "model": {"name": "small_cnn"},
+           "attack": {"eps": 0.1, "alpha": 0.025, "steps": 2},
+           "train": {"method": "pgd_at", "epochs": 1, "batch_size": 64, "max_batches": 3,
+                     "val_steps": 1, "progress": False, "device": "cpu"},
+           "eval": {"suite": ["clean", "fgsm", "pgd20"], "n_examples": N, "batch_size": 50,
+                    "eps_curve": [0.0, 0.1]}}
+    d = tmp_path_factory.mktemp("runs") / "tiny-digits"
+    train(cfg, d)
+    return d
+
+
+@pytest.fixture
+def spat_eval(capsys, monkeypatch, tmp_path):
+    """``spat eval ARGS --device cpu --out FILE`` in this process: (exit code, stdout, stderr, card)."""
+    monkeypatch.syspath_prepend(str(tmp_path))       # the factory modules the tests write
+    calls = iter(range(100))
+
+    def run(*args: str):
+        out = tmp_path / f"card{next(calls)}.json"
+        code = cards.cli_main([*args, "--device", "cpu", "--out", str(out)])
+        captured = capsys.readouterr()
+        card = json.loads(out.read_text()) if out.exists() else None
+        return code, captured.out, captured.err, card
+    return run
+
+
+def _script(model, x, path: Path) -> None:
+    """A TorchScript export of ``model`` (torch 2.x marks tracing deprecated; it still works)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(model, x).save(str(path))
+
+
+def _numbers(card: dict) -> dict:
+    return {k: card[k] for k in ("clean_acc", "robust_acc", "acc_clean", "acc_fgsm", "acc_pgd20",
+                                 "n_examples", "eps", "max_linf", "threat_model_ok")}
+
+
+def test_run_folder_reproduces_its_metrics_and_evaluate_run(run_dir, spat_eval):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    code, out, err, card = spat_eval(str(run_dir))
+    assert code == 0, err
+    assert card["source"] == "computed"
+    assert not list(run_dir.glob("eval_*.json"))          # spat eval writes nothing into the run
+    # the run's own final clean accuracy, on the same test images
+    assert card["n_examples"] == metrics["n_test"] == N
+    assert card["clean_acc"] == pytest.approx(metrics["test_clean_acc"], abs=1e-12)
+    assert card["dataset"] == "digits" and card["threat_model"] == "Linf"
+    assert card["eps"] == "0.1" and card["eps_float"] == pytest.approx(0.1)
+    assert card["suite"] == ["clean", "fgsm", "pgd20"] and card["threat_model_ok"] is True
+    assert card["max_linf"] <= 0.1 + 1e-6
+    assert card["robust_acc"] == card["acc_pgd20"] <= card["acc_fgsm"] <= card["clean_acc"]
+    assert len(card["target_sha256"]) == 64 and card["target_file"].endswith("checkpoint_best.pt")
+    assert "PGD-20" in out and "threat model" in out
+    # notebook 02's evaluation of the run: the same suite numbers, then spat eval reads its cache
+    ev = report.evaluate_run(run_dir, device="cpu")
+    assert not ev.cached
+    assert card["acc_fgsm"] == ev.result.accuracy["fgsm"]
+    assert card["acc_pgd20"] == ev.result.accuracy["pgd20"]
+    assert card["robust_acc"] == ev.result.robust_accuracy
+    code, _, err, cached = spat_eval(str(run_dir))
+    assert code == 0, err
+    assert cached["source"] == "cache" and _numbers(cached) == _numbers(card)
+
+
+def test_checkpoint_torchscript_and_factory_give_the_run_numbers(run_dir, spat_eval, tmp_path):
+    code, _, err, ref = spat_eval(str(run_dir), "--suite", SUITE)
+    assert code == 0, err
+    code, _, err, ck = spat_eval(str(run_dir / "checkpoint_best.pt"))
+    assert code == 0, err
+    assert ck["target_kind"] == "checkpoint" and _numbers(ck) == _numbers(ref)
+
+    model, cfg, ds = load_run_model(run_dir, device="cpu")
+    ts_path = tmp_path / "model.ts"
+    _script(model, ds.x_test[:2].float() / 255, ts_path)
+    ext = ["--dataset", "digits", "--eps", "0.1", "--suite", SUITE, "--n-examples", str(N),
+           "--batch-size", "50", "--seed", "0"]
+    code, _, err, ts = spat_eval(str(ts_path), *ext)
+    assert code == 0, err
+    assert ts["target_kind"] == "torchscript" and _numbers(ts) == _numbers(ref)
+
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    (tmp_path / "tiny_factory.py").write_text(
+        "from spatlib.models import build_model\n"
+        "def small_cnn_digits():\n"
+        "    return build_model('small_cnn', 10, 1, mean=%r, std=%r, image_size=8)\n"
+        % (list(ds.mean), list(ds.std)))
+    code, _, err, fac = spat_eval("tiny_factory:small_cnn_digits", "--weights", str(weights), *ext)
+    assert code == 0, err
+    assert fac["target_kind"] == "factory" and _numbers(fac) == _numbers(ref)
+
+
+def test_the_spat_command_runs_eval(run_dir, tmp_path):
+    """The installed entry point dispatches to spat eval (one real subprocess)."""
+    out = tmp_path / "card.json"
+    proc = subprocess.run([sys.executable, "-m", "spatlib.cli", "eval", str(run_dir), "--suite",
+                           "clean", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    card = json.loads(out.read_text())
+    assert card["suite"] == ["clean"] and card["robust_acc"] == card["clean_acc"]
+
+
+def test_bad_targets_get_one_clear_error(run_dir, spat_eval, tmp_path):
+    def error(*args: str) -> str:
+        code, out, err, card = spat_eval(*args)
+        lines = err.strip().splitlines()
+        assert code == 2 and card is None, (out, err)
+        assert len(lines) == 1 and lines[0].startswith("error: "), err   # one line, no traceback
+        return lines[0]
+
+    assert "no such file or folder" in error(str(tmp_path / "missing.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model at all")
+    assert "neither a TorchScript file nor a spatlib checkpoint" in error(str(junk))
+    (tmp_path / "nocfg").mkdir()
+    assert "not a spatlib run folder" in error(str(tmp_path / "nocfg"))
+    model, _, ds = load_run_model(run_dir, device="cpu")
+    (tmp_path / "fac_mod.py").write_text(
+        "from spatlib.models import build_model\n"
+        "def digits():\n    return build_model('small_cnn', 10, 1, image_size=8)\n"
+        "def three():\n    return build_model('small_cnn', 3, 1, image_size=8)\n")
+    # a state_dict that does not fit the architecture (the classifier left out)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({k: v for k, v in model.state_dict().items() if "classifier" not in k}, wrong)
+    msg = error("fac_mod:digits", "--weights", str(wrong), "--dataset", "digits")
+    assert "does not fit fac_mod:digits" in msg and "Missing key(s)" in msg
+    assert "needs --weights" in error("fac_mod:digits", "--dataset", "digits")
+    # a model whose output width is not the dataset's class count
+    three = tmp_path / "three.pt"
+    from spatlib.models import build_model
+    torch.save(build_model("small_cnn", 3, 1, image_size=8).state_dict(), three)
+    msg = error("fac_mod:three", "--weights", str(three), "--dataset", "digits")
+    assert "digits has 10 classes" in msg and "(2, 3)" in msg
+    ts = tmp_path / "m.ts"
+    _script(model, ds.x_test[:2].float() / 255, ts)
+    assert "unknown_set" in error(str(ts), "--dataset", "unknown_set")
+    assert "outside [0, 1]" in error(str(ts), "--dataset", "digits", "--eps", "1.5")
+    assert "needs --dataset" in error(str(ts))
+    assert "unknown attack(s) pgd7" in error(str(run_dir), "--suite", "clean,pgd7")
+    # a 1-channel 8x8 model cannot take 3x32x32 images (an .npz given by --data-path)
+    rng = np.random.default_rng(0)
+    cifar_like = tmp_path / "rgb.npz"
+    np.savez(cifar_like, x_train=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(4) % 10, x_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(4) % 10, class_names=np.array([str(k) for k in range(10)]))
+    assert "cannot take npz images of shape (3, 32, 32)" in error(str(ts), "--data-path", str(cifar_like))
