@@ -157,7 +157,9 @@ def test_spat_batch_prints_a_status_line_with_the_running_runs_epoch(tmp_path):
 # --------------------------------------------------------------------------------------------
 # one GPU per job, the device count faked (no GPU needed; nothing of torch is mocked)
 def sleeper_notebook(path: Path) -> Path:
-    nb = nbformat.v4.new_notebook()
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"},
+                                            "language_info": {"name": "python"}})
     params = nbformat.v4.new_code_cell('record = ""\nname = ""')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(
