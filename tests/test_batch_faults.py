@@ -151,7 +151,7 @@ def test_spat_batch_prints_a_status_line_with_the_running_runs_epoch(tmp_path):
                                  r"standard-digits-s0 epoch (\d+)/12$", ln))]
     assert epochs and max(epochs) >= 1, out.stdout        # seen while it trained
     assert epochs == sorted(epochs)
-    assert re.search(r"1 done, 1 running, 0 queued, 0 failed; running: 03_robustness$", out.stdout)
+    assert re.search(r"1 done, 1 running, 0 queued, 0 failed; running: 03_robustness$", out.stdout, re.M)
 
 
 # --------------------------------------------------------------------------------------------
