@@ -11,10 +11,17 @@
    batch down), ``--jobs`` at a time: 01_hypothesis once, 02_training once per run, then
    03_robustness on the runs that finished. On CPU each job gets ``cpu_count // jobs`` threads
    (more would oversubscribe the cores: tiny-model attacks get several times slower); on CUDA
-   the jobs take the GPUs round-robin through ``CUDA_VISIBLE_DEVICES``.
+   each job holds one GPU of its own (``CUDA_VISIBLE_DEVICES``) while it runs, so ``--jobs``
+   is capped at the GPU count, and a finished job hands its GPU to the next.
 3. A failed job is recorded and the others go on; the failures are listed at the end and the
    exit status is 1. A rerun skips the jobs that finished with the same parameters and resumes
    the others (the trainer continues from its last checkpoint, evaluations are cached).
+4. One batch per experiment folder: ``<out>/<experiment>/.batch.lock`` (``fcntl.flock``, held
+   for the batch's life, naming its holder) makes a second batch fail at once. Every job dies
+   with the batch, even under SIGKILL: papermill gets ``PR_SET_PDEATHSIG`` and its kernel's
+   parent poller ends the kernel within a second; a rerun waits for such leftovers first.
+5. Every ``status_every`` seconds one line tells runs done / running (with their epoch) /
+   queued / failed.
 
 Layout of ``<out>/<experiment>/``::
 
@@ -27,6 +34,7 @@ Layout of ``<out>/<experiment>/``::
     logs/<job>.log           each job's output; logs/<job>.params.yaml its parameters
     results.csv, results.md, runs.csv, figures/*.png   (written by 03)
     batch_summary.json       status, time, log and error of every job; the failures
+    .batch.lock              the running batch's pid, host, start and command
 """
 from __future__ import annotations
 
@@ -35,10 +43,14 @@ import concurrent.futures as cf
 import contextlib
 import copy
 import difflib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import queue
+import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -62,6 +74,13 @@ EXPERIMENT_FILE = "experiment.yaml"
 HYPOTHESIS_JOB, ROBUSTNESS_JOB = "01_hypothesis", "03_robustness"
 DEFAULT_KERNEL = "spat"       # registered by `make` inside the venv; python3 otherwise
 LOG_TAIL_LINES = 15
+LOCK_FILE = ".batch.lock"
+# every job's environment names its batch folder: how a rerun finds a killed batch's leftovers
+BATCH_DIR_ENV = "SPAT_BATCH_DIR"
+# test hook: pretend this many CUDA devices exist (placement is tested on machines without one)
+FAKE_GPUS_ENV = "SPAT_FAKE_GPUS"
+STATUS_EVERY = 30.0
+LEFTOVER_WAIT = 15.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,8 +132,20 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def gpu_count() -> int:
-    """Visible CUDA devices; 0 without torch/CUDA. Counts devices without creating a context."""
+def gpu_count(override: int | None = None) -> int:
+    """Visible CUDA devices; 0 without torch/CUDA. Counts devices without creating a context.
+
+    ``override`` (or, for tests of the placement on machines without a GPU, the environment
+    variable ``SPAT_FAKE_GPUS``) replaces the count."""
+    if override is None and os.environ.get(FAKE_GPUS_ENV, "").strip():
+        try:
+            override = int(os.environ[FAKE_GPUS_ENV])
+        except ValueError:
+            raise ConfigError(f"{FAKE_GPUS_ENV}={os.environ[FAKE_GPUS_ENV]!r}: expected an integer") from None
+    if override is not None:
+        if override < 0:
+            raise ConfigError(f"fake GPU count: expected an integer >= 0, got {override}")
+        return override
     try:
         import torch
         return torch.cuda.device_count()
@@ -426,6 +457,129 @@ def _log_tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
+# --------------------------------------------------------------------------------------------
+# one batch per experiment folder, writable before anything runs, nothing left behind
+class BatchLocked(ConfigError):
+    """Another batch holds the experiment folder (or its killed jobs are still running)."""
+
+
+class OutputNotWritable(ConfigError):
+    """The output folder cannot be created or written."""
+
+
+def not_writable(out_dir: Path, err: OSError) -> OutputNotWritable:
+    """One line naming the folder, the reason and its errno (and the path, when another)."""
+    where = f" (at {err.filename})" if err.filename and str(err.filename) != str(out_dir) else ""
+    return OutputNotWritable(f"cannot write to {out_dir}: {err.strerror or err} "
+                             f"(errno {err.errno}){where}; choose another --out or fix the folder")
+
+
+class BatchLock:
+    """An exclusive ``flock`` on ``<out>/<experiment>/.batch.lock``, held until :meth:`release`
+    (or the holder's death: the kernel drops a flock with the last descriptor, so a lock left by
+    a killed batch is free). The file names the holder: pid, host, start, command."""
+
+    def __init__(self, path: Path, fd: int, holder: dict):
+        self.path, self.fd, self.holder = path, fd, holder
+
+    def release(self) -> None:
+        """Drop the lock (closing the descriptor releases the flock)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "BatchLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        h = {}
+    if not h.get("pid"):
+        return "a batch that has not written its details yet"
+    return (f"pid {h['pid']} on {h.get('host', '?')}, started {h.get('started', '?')}: "
+            f"{h.get('command', '?')}")
+
+
+def lock_experiment(out_dir: str | Path, command: list[str] | None = None) -> BatchLock:
+    """Create ``out_dir`` and take its batch lock, or fail at once: :class:`BatchLocked` naming
+    the holder, or :class:`OutputNotWritable` when the folder cannot be written."""
+    out_dir = Path(out_dir)
+    path = out_dir / LOCK_FILE
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise not_writable(out_dir, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BatchLocked(f"another spat batch is running on {out_dir} ({_describe_holder(path)}); "
+                          "wait for it to finish or stop it, then rerun") from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now(),
+              "command": shlex.join(command if command is not None else sys.argv)}
+    try:
+        os.ftruncate(fd, 0)
+        data = (json.dumps(holder) + "\n").encode()
+        if os.pwrite(fd, data, 0) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    except OSError as e:
+        os.close(fd)
+        if e.filename is None:
+            e.filename = str(path)
+        raise not_writable(out_dir, e) from None
+    return BatchLock(path, fd, holder)
+
+
+def leftover_processes(out_dir: str | Path) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes started for the batch in ``out_dir``: their
+    environment names it (``SPAT_BATCH_DIR``, which kernels inherit from papermill). Linux
+    (``/proc``); elsewhere, and for processes this user may not read, nothing is found."""
+    marker = f"{BATCH_DIR_ENV}={Path(out_dir)}".encode()
+    found = []
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":   # exited, not yet reaped
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue
+        found.append((pid, cmd))
+    return found
+
+
+def wait_for_leftovers(out_dir: Path, wait: float = LEFTOVER_WAIT) -> None:
+    """Give the jobs of a killed batch on ``out_dir`` ``wait`` seconds to die (their kernels
+    notice the lost parent within a second); raise BatchLocked naming them if they do not."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = leftover_processes(out_dir)
+        if not left:
+            return
+        if time.monotonic() >= deadline:
+            names = "; ".join(f"pid {pid}: {cmd[:120]}" for pid, cmd in left[:5])
+            raise BatchLocked(f"processes of an earlier batch on {out_dir} are still running "
+                              f"({names}); stop them before rerunning")
+        time.sleep(0.2)
+
+
 class _Running:
     """The papermill processes in flight, so an interrupt can end exactly them."""
 
@@ -446,25 +600,42 @@ class _Running:
             procs = list(self.procs)
         for p in procs:
             with contextlib.suppress(ProcessLookupError, OSError):
-                os.killpg(p.pid, 15)        # the papermill process and its kernel (own group)
+                os.killpg(p.pid, 15)        # the papermill process (own group); its kernel
+                                            # ends with it (ipykernel's parent poller)
+
+
+# Runs first in the job's process, then becomes papermill (exec keeps the setting): on Linux
+# the job gets SIGKILL when the thread that started it dies, so a killed batch takes its jobs
+# along (a preexec_fn would do the same, but is unsafe with the launcher's threads). If the
+# batch died before prctl took effect, the parent is already another process: stop there.
+_DIE_WITH_PARENT = (
+    "import os, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    import ctypes\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)\n"
+    "    if os.getppid() != int(sys.argv[1]):\n"
+    "        os._exit(137)\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n")
 
 
 def run_job(job: Job, *, kernel: str, env: dict, timeout: float | None = None,
             running: _Running | None = None) -> JobResult:
-    """Execute one notebook with ``python -m papermill`` in its own process group; the
-    notebook's output goes to ``job.log``. Never raises for a failing notebook."""
+    """Execute one notebook with ``python -m papermill`` in its own process group, killed
+    with this process (see ``_DIE_WITH_PARENT``); the notebook's output goes to ``job.log``.
+    Never raises for a failing notebook."""
     job.output.parent.mkdir(parents=True, exist_ok=True)
     job.log.parent.mkdir(parents=True, exist_ok=True)
     job.cwd.mkdir(parents=True, exist_ok=True)
     job.params_file.write_text(yaml.safe_dump(job.parameters, sort_keys=False))
-    cmd = [sys.executable, "-m", "papermill", str(job.notebook), str(job.output),
-           "-f", str(job.params_file), "-k", kernel, "--cwd", str(job.cwd),
-           "--log-output", "--no-progress-bar", "--log-level", "INFO"]
+    papermill = ["-m", "papermill", str(job.notebook), str(job.output),
+                 "-f", str(job.params_file), "-k", kernel, "--cwd", str(job.cwd),
+                 "--log-output", "--no-progress-bar", "--log-level", "INFO"]
     if timeout:
-        cmd += ["--execution-timeout", str(int(timeout))]
+        papermill += ["--execution-timeout", str(int(timeout))]
+    cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *papermill]
     t0 = time.perf_counter()
     with open(job.log, "w") as logf:
-        logf.write(f"$ {' '.join(cmd)}\n")
+        logf.write(f"$ {shlex.join([sys.executable, *papermill])}\n")
         logf.flush()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -483,32 +654,45 @@ def run_job(job: Job, *, kernel: str, env: dict, timeout: float | None = None,
     return result
 
 
-def job_env(threads: int | None, gpu: int | None) -> dict:
-    """The environment of one job: its thread budget, its GPU, unbuffered output."""
+def job_env(threads: int | None, gpu: int | None, batch_dir: Path | None = None) -> dict:
+    """The environment of one job: its thread budget, its GPU, unbuffered output, and the
+    batch folder it belongs to (how a rerun finds the jobs of a killed batch)."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if batch_dir is not None:
+        env[BATCH_DIR_ENV] = str(batch_dir)
     return env
 
 
 def run_jobs(jobs: list[Job], *, n_parallel: int, kernel: str, threads: int | None,
              gpus: list[int], timeout: float | None = None,
-             on_done: Callable[[JobResult], None] = lambda r: None) -> list[JobResult]:
-    """Run jobs ``n_parallel`` at a time; a job takes a free slot, slot i -> GPU gpus[i % len]."""
-    slots: queue.Queue[int] = queue.Queue()
-    for i in range(max(1, n_parallel)):
-        slots.put(i)
+             on_done: Callable[[JobResult], None] = lambda r: None,
+             on_start: Callable[[Job], None] = lambda j: None,
+             batch_dir: Path | None = None) -> list[JobResult]:
+    """Run jobs ``n_parallel`` at a time. With GPUs, a job holds one GPU of its own from start
+    to end (a pool of free devices: two running jobs never share one, a finished job frees
+    its GPU for the next), so at most ``len(gpus)`` jobs run at once whatever ``n_parallel``."""
+    free: queue.Queue[int | None] = queue.Queue()
+    if gpus:
+        n_parallel = min(max(1, n_parallel), len(gpus))
+        for g in gpus:
+            free.put(g)
+    else:
+        n_parallel = max(1, n_parallel)
+        for _ in range(n_parallel):
+            free.put(None)
     running = _Running()
 
     def work(job: Job) -> JobResult:
-        slot = slots.get()
+        gpu = free.get()
         try:
-            gpu = gpus[slot % len(gpus)] if gpus else None
+            on_start(job)
             try:
-                res = run_job(job, kernel=kernel, env=job_env(None if gpus else threads, gpu),
+                res = run_job(job, kernel=kernel, env=job_env(None if gpus else threads, gpu, batch_dir),
                               timeout=timeout, running=running)
             except Exception as e:   # e.g. an unwritable output folder: this job fails, not the batch
                 res = JobResult(job.name, "failed", log=str(job.log), output=str(job.output),
@@ -516,10 +700,12 @@ def run_jobs(jobs: list[Job], *, n_parallel: int, kernel: str, threads: int | No
             res.device = f"cuda:{gpu}" if gpu is not None else f"cpu ({threads or 'all'} threads)"
             return res
         finally:
-            slots.put(slot)
+            free.put(gpu)
 
     results = []
-    with cf.ThreadPoolExecutor(max_workers=max(1, n_parallel)) as pool:
+    # the pool's threads start the papermill processes and live until every job has ended
+    # (a job dies with the thread that started it)
+    with cf.ThreadPoolExecutor(max_workers=n_parallel) as pool:
         futures = [pool.submit(work, j) for j in jobs]
         try:
             for fut in cf.as_completed(futures):
@@ -533,6 +719,71 @@ def run_jobs(jobs: list[Job], *, n_parallel: int, kernel: str, threads: int | No
             raise
     order = {j.name: i for i, j in enumerate(jobs)}
     return sorted(results, key=lambda r: order[r.name])
+
+
+# --------------------------------------------------------------------------------------------
+# the live view
+def epochs_done(job: Job) -> tuple[int, int] | None:
+    """(epochs in the job's ``history.csv``, epochs asked for) of a training job (and of 01's
+    standard model); None for a job that trains nothing."""
+    if job.kind == "training" and job.run_dir is not None:
+        folder = job.run_dir
+    elif job.kind == "hypothesis" and job.parameters.get("model_dir"):
+        folder = Path(job.parameters["model_dir"])
+    else:
+        return None
+    total = int((job.parameters.get("train") or {}).get("epochs") or 0)
+    try:
+        lines = [ln for ln in (folder / "history.csv").read_text().splitlines() if ln.strip()]
+        done = max(0, len(lines) - 1)
+    except OSError:
+        done = 0
+    return done, total
+
+
+class Progress:
+    """The state of every job of a batch (queued, running, done, failed, skipped) and the one
+    status line :func:`run_batch` prints every ``status_every`` seconds."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.state: dict[str, str] = {}
+        self.jobs: dict[str, Job] = {}
+        self.t0 = time.perf_counter()
+
+    def queued(self, job: Job) -> None:
+        with self.lock:
+            self.jobs[job.name], self.state[job.name] = job, "queued"
+
+    def skipped(self, name: str) -> None:
+        with self.lock:
+            self.state[name] = "skipped"
+
+    def started(self, job: Job) -> None:
+        with self.lock:
+            self.jobs[job.name], self.state[job.name] = job, "running"
+
+    def finished(self, res: JobResult) -> None:
+        with self.lock:
+            self.state[res.name] = "failed" if res.status == "failed" else "done"
+
+    def line(self) -> str:
+        """``[status 2m05s] 1 done, 2 running, 3 queued, 0 failed; running: RUN epoch 1/5, ...``"""
+        with self.lock:
+            state = dict(self.state)
+            jobs = dict(self.jobs)
+        count = {k: 0 for k in ("done", "running", "queued", "failed")}
+        for s in state.values():
+            count["done" if s == "skipped" else s] += 1
+        running = []
+        for name, s in state.items():
+            if s == "running":
+                ep = epochs_done(jobs[name])
+                running.append(f"{name} epoch {ep[0]}/{ep[1]}" if ep else name)
+        m, sec = divmod(int(time.perf_counter() - self.t0), 60)
+        text = (f"[status {m}m{sec:02d}s] {count['done']} done, {count['running']} running, "
+                f"{count['queued']} queued, {count['failed']} failed")
+        return text + ("; running: " + ", ".join(running) if running else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,56 +814,88 @@ def write_summary(outcome: BatchOutcome, started: str, finished: str | None = No
 
 def run_batch(plan: Plan, *, jobs: int = 1, kernel: str | None = None, hypothesis: bool = True,
               timeout: float | None = None, notebooks: Path | None = None,
-              log: Callable[[str], None] = print) -> BatchOutcome:
-    """Execute the plan (see the module doc); returns what happened to every job."""
+              log: Callable[[str], None] = print, status_every: float | None = STATUS_EVERY,
+              gpus: list[int] | None = None, command: list[str] | None = None) -> BatchOutcome:
+    """Execute the plan (see the module doc); returns what happened to every job.
+
+    Before any notebook runs, the experiment folder is created and locked (BatchLocked when
+    another batch holds it, OutputNotWritable when it cannot be written). ``gpus`` (default:
+    every visible device, :func:`gpu_count`) are handed one per running job; ``status_every``
+    seconds between status lines (None or 0: none); ``command`` goes into the lock file."""
     t0 = time.perf_counter()
     started = utc_now()
     nb_dir = notebooks or notebooks_dir()
     kernel = kernel or kernel_name()
-    gpus = list(range(gpu_count()))
-    n_parallel = max(1, jobs)
+    gpus = list(range(gpu_count())) if gpus is None else list(gpus)
+    n_parallel = min(max(1, jobs), len(gpus)) if gpus else max(1, jobs)
     threads = None if gpus else max(1, cpu_count() // n_parallel)
-    previous = load_summary(plan.out_dir)
-    write_experiment_file(plan)
-    outcome = BatchOutcome(plan)
-    todo = []
-    for job in build_jobs(plan, nb_dir, threads=threads, hypothesis=hypothesis):
-        if is_done(job, previous):
-            outcome.results[job.name] = JobResult(job.name, "skipped", 0.0, str(job.log), str(job.output),
-                                                  fingerprint=job.fingerprint())
-        else:
-            todo.append(job)
-    n_skip = len(outcome.results)
-    where = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {threads} thread(s) per job"
-    log(f"spat batch: {plan.name}: {len(plan.runs)} run(s), {len(todo)} job(s) to execute"
-        + (f", {n_skip} already finished" if n_skip else "")
-        + f"; {n_parallel} at a time on {where}; kernel {kernel}; output {plan.out_dir}")
-    done = [0]
+    with lock_experiment(plan.out_dir, command):
+        wait_for_leftovers(plan.out_dir)
+        previous = load_summary(plan.out_dir)
+        try:
+            write_experiment_file(plan)
+            (plan.out_dir / "logs").mkdir(exist_ok=True)
+        except OSError as e:
+            raise not_writable(plan.out_dir, e) from None
+        outcome = BatchOutcome(plan)
+        progress = Progress()
+        todo = []
+        for job in build_jobs(plan, nb_dir, threads=threads, hypothesis=hypothesis):
+            if is_done(job, previous):
+                outcome.results[job.name] = JobResult(job.name, "skipped", 0.0, str(job.log),
+                                                      str(job.output), fingerprint=job.fingerprint())
+                progress.skipped(job.name)
+            else:
+                todo.append(job)
+                progress.queued(job)
+        n_skip = len(outcome.results)
+        where = f"{len(gpus)} GPU(s), one per job" if gpus else f"CPU, {threads} thread(s) per job"
+        capped = f" (--jobs {jobs} capped at the GPU count)" if gpus and jobs > len(gpus) else ""
+        log(f"spat batch: {plan.name}: {len(plan.runs)} run(s), {len(todo)} job(s) to execute"
+            + (f", {n_skip} already finished" if n_skip else "")
+            + f"; {n_parallel} at a time{capped} on {where}; kernel {kernel}; output {plan.out_dir}")
+        done = [0]
+        stop = threading.Event()
 
-    def on_done(res: JobResult) -> None:
-        done[0] += 1
-        outcome.results[res.name] = res
+        def report_status() -> None:
+            while not stop.wait(status_every):
+                log(progress.line())
+
+        ticker = threading.Thread(target=report_status, name="spat-batch-status", daemon=True)
+        if status_every:
+            ticker.start()
+
+        def on_done(res: JobResult) -> None:
+            done[0] += 1
+            progress.finished(res)
+            outcome.results[res.name] = res
+            outcome.seconds = time.perf_counter() - t0
+            write_summary(outcome, started)
+            mark = "ok    " if res.status == "ok" else "FAILED"
+            extra = f": {res.error.splitlines()[0]}" if res.error else ""
+            log(f"[{done[0]}/{len(todo)}] {mark} {res.name} ({res.seconds:.0f} s){extra}")
+
+        try:
+            run_jobs(todo, n_parallel=n_parallel, kernel=kernel, threads=threads, gpus=gpus,
+                     timeout=timeout, on_done=on_done, on_start=progress.started,
+                     batch_dir=plan.out_dir)
+            finished_runs = [r for r in plan.runs if (plan.run_dir(r) / "metrics.json").is_file()]
+            if finished_runs:
+                job = robustness_job(plan, nb_dir, threads=None if gpus else cpu_count())
+                progress.queued(job)
+                log(f"03_robustness on {len(finished_runs)} finished run(s) ...")
+                res = run_jobs([job], n_parallel=1, kernel=kernel, threads=cpu_count(), gpus=gpus[:1],
+                               timeout=timeout, on_start=progress.started, on_done=progress.finished,
+                               batch_dir=plan.out_dir)[0]
+                outcome.results[res.name] = res
+                mark = "ok    " if res.status == "ok" else "FAILED"
+                log(f"[03] {mark} {res.name} ({res.seconds:.0f} s)" + (f": {res.error}" if res.error else ""))
+            else:
+                log("no run finished: 03_robustness not executed")
+        finally:
+            stop.set()
         outcome.seconds = time.perf_counter() - t0
-        write_summary(outcome, started)
-        mark = "ok    " if res.status == "ok" else "FAILED"
-        extra = f": {res.error.splitlines()[0]}" if res.error else ""
-        log(f"[{done[0]}/{len(todo)}] {mark} {res.name} ({res.seconds:.0f} s){extra}")
-
-    run_jobs(todo, n_parallel=n_parallel, kernel=kernel, threads=threads, gpus=gpus,
-             timeout=timeout, on_done=on_done)
-    finished_runs = [r for r in plan.runs if (plan.run_dir(r) / "metrics.json").is_file()]
-    if finished_runs:
-        job = robustness_job(plan, nb_dir, threads=None if gpus else cpu_count())
-        log(f"03_robustness on {len(finished_runs)} finished run(s) ...")
-        res = run_jobs([job], n_parallel=1, kernel=kernel, threads=cpu_count(), gpus=gpus[:1],
-                       timeout=timeout)[0]
-        outcome.results[res.name] = res
-        mark = "ok    " if res.status == "ok" else "FAILED"
-        log(f"[03] {mark} {res.name} ({res.seconds:.0f} s)" + (f": {res.error}" if res.error else ""))
-    else:
-        log("no run finished: 03_robustness not executed")
-    outcome.seconds = time.perf_counter() - t0
-    write_summary(outcome, started, utc_now())
+        write_summary(outcome, started, utc_now())
     return outcome
 
 
