@@ -546,8 +546,10 @@ def run_from_cli(plan: B.Plan, args: argparse.Namespace, nb_dir: Path) -> int:
     """``spat batch ... --launcher slurm``: validate, submit, wait, report; the exit status."""
     try:
         cfg = launcher_config(plan.experiment.launcher, flag_values(args))
-        outcome = run_slurm_batch(plan, cfg, kernel=args.kernel, hypothesis=not args.no_hypothesis,
-                                  notebooks=nb_dir, log=lambda s: print(s, flush=True))
+        # one driver per experiment folder, whichever launcher: the local batch's lock
+        with B.lock_experiment(plan.out_dir, sys.argv):
+            outcome = run_slurm_batch(plan, cfg, kernel=args.kernel, hypothesis=not args.no_hypothesis,
+                                      notebooks=nb_dir, log=lambda s: print(s, flush=True))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
