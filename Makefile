@@ -30,8 +30,10 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# the unit tests without the slow ones (end-to-end batches, Slurm, the browser, the killed-run and
+# torchrun tests) and without nbval's notebook runs (minutes of training): a few minutes
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" tests
 
 # Jupyter refuses to start as root unless told so, and root is the usual user in containers and
 # CI images. Everything else (token, port, browser) is left to Jupyter's defaults or LAB_ARGS,
