@@ -338,7 +338,7 @@ class _Doctor:
             x, y = next(iter(a.loader))
             a.train_step(x, y, 0)
             path = Path(tmp) / rf.LAST
-            rf.save_checkpoint(path, a.state("last"))
+            rf.save_checkpoint(path, a.state())
             ckpt = rf.load_checkpoint(path)
             b = self.trainer(model, method, ema=0.99)
             b.restore(ckpt, path)
