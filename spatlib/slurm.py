@@ -256,6 +256,9 @@ def squeue_states() -> dict[str, tuple[str, str]]:
 
 # --------------------------------------------------------------------------------------------
 # what runs inside the allocation
+STEP_END_WAIT_S = 180   # longer than any KillWait a cluster sets (Slurm's default: 30 s)
+
+
 class NotebookJob:
     """A submitit callable: one batch job (papermill), requeue-safe. Picklable by reference."""
 
@@ -274,6 +277,12 @@ class NotebookJob:
             return self._train_follower()
         t0 = time.perf_counter()
         res = B.run_job(self.job, kernel=self.kernel, env=B.job_env(self.threads, None))
+        if res.returncode is not None and res.returncode < 0 and "SLURM_JOB_ID" in env:
+            # papermill was signalled: Slurm is ending this step (requeue, preemption, time
+            # limit) and SIGKILL follows after KillWait. Returning now would write a "failed"
+            # result that the driver could read before the requeued job runs: wait to be
+            # killed instead; a signal from elsewhere is reported after STEP_END_WAIT_S
+            time.sleep(STEP_END_WAIT_S)
         res.device = _device_label(self.threads, tasks)
         res.seconds = time.perf_counter() - t0
         return res
