@@ -299,6 +299,18 @@ class SharedPixels:
     logits: Tensor | None
 
 
+def _score(model: nn.Module, x: Tensor, y: Tensor, rule: str, saliency: str,
+           classes: str | Tensor, class_chunk: int,
+           generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+    """(score s, f(x) of the class-evidence forward or None for ``none``), settings checked."""
+    r = RULES[rule]
+    if r.score is None:
+        return torch.ones_like(x[:, :1], dtype=torch.float32), None
+    # only a rule that reads the gradients keeps them; the others need the maps alone
+    ev = class_evidence(model, x, y, classes, saliency, class_chunk, keep_grads=r.needs_grads)
+    return r.score(ev, y, generator), ev.logits
+
+
 def shared_pixels(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
                   saliency: str = "input_grad", gamma: float = 1.0,
                   classes: str | Tensor = "all", eps: float | None = None,
@@ -309,13 +321,7 @@ def shared_pixels(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersect
     x: (N, C, H, W) in [0, 1]; y: (N,). The weights are capped at eps/alpha when both are given.
     """
     check_spat_settings(rule, saliency, gamma, classes)
-    r = RULES[rule]
-    if r.score is None:
-        score, logits = torch.ones_like(x[:, :1], dtype=torch.float32), None
-    else:
-        # only a rule that reads the gradients keeps them; the others need the maps alone
-        ev = class_evidence(model, x, y, classes, saliency, class_chunk, keep_grads=r.needs_grads)
-        score, logits = r.score(ev, y, generator), ev.logits
+    score, logits = _score(model, x, y, rule, saliency, classes, class_chunk, generator)
     cap = eps / alpha if (eps is not None and alpha) else None
     return SharedPixels(score, budget_preserving_weights(score, gamma, cap), logits)
 
@@ -323,10 +329,10 @@ def shared_pixels(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersect
 def shared_pixel_score(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
                        saliency: str = "input_grad", classes: str | Tensor = "all",
                        class_chunk: int = 16, generator: torch.Generator | None = None) -> Tensor:
-    """The score s of :func:`shared_pixels` alone: (N, 1, H, W) for the pixel rules,
-    (N, C, H, W) for ``agreement``; all ones for ``none``."""
-    return shared_pixels(model, x, y, rule, saliency, 1.0, classes, class_chunk=class_chunk,
-                         generator=generator).score
+    """The score s of :func:`shared_pixels` alone (no weights computed): (N, 1, H, W) for the
+    pixel rules, (N, C, H, W) for ``agreement``; all ones for ``none``."""
+    check_spat_settings(rule, saliency, 1.0, classes)
+    return _score(model, x, y, rule, saliency, classes, class_chunk, generator)[0]
 
 
 def budget_preserving_weights(score: Tensor, gamma: float = 1.0, cap: float | None = None) -> Tensor:
