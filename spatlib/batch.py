@@ -42,7 +42,6 @@ import ast
 import concurrent.futures as cf
 import contextlib
 import copy
-import difflib
 import errno
 import fcntl
 import hashlib
@@ -62,7 +61,7 @@ from typing import Callable
 import yaml
 
 from .config import ConfigError, Experiment, load_experiment, read_yaml, to_dict
-from .util import utc_now
+from .util import atomic_write_text, did_you_mean, utc_now
 
 NOTEBOOKS = {"hypothesis": "01_hypothesis.ipynb", "training": "02_training.ipynb",
              "robustness": "03_robustness.ipynb"}
@@ -198,9 +197,8 @@ def check_section(section: str, values: dict, defaults: dict, notebook: str) -> 
     e.g. eps written as 0.3 where 8/255 is the default)."""
     for key, value in values.items():
         if key not in defaults:
-            close = difflib.get_close_matches(str(key), list(defaults), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{section}.{key}'{hint}; notebook {notebook} takes: "
+            raise ConfigError(f"unknown key '{section}.{key}'{did_you_mean(key, defaults)}; "
+                              f"notebook {notebook} takes: "
                               + ", ".join(k for k in defaults if k not in RESERVED.get(section, ())))
         if key in RESERVED.get(section, ()):
             raise ConfigError(f"{section}.{key}: set by spat batch itself; leave it out of the params file")
@@ -284,9 +282,8 @@ def plan_experiment(params: str | Path, overrides: list[str] | None = None,
     if only:
         unknown = [r for r in only if r not in configs]
         if unknown:
-            close = difflib.get_close_matches(unknown[0], list(configs), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"--only: no run named '{unknown[0]}'{hint}; runs: {', '.join(configs)}")
+            raise ConfigError(f"--only: no run named '{unknown[0]}'{did_you_mean(unknown[0], configs)}; "
+                              f"runs: {', '.join(configs)}")
         configs = {r: c for r, c in configs.items() if r in only}
     labels = run_labels(exp, list((raw.get("variants") or {"default": {}}).keys()))
     out = Path(out_dir) if out_dir is not None else Path(out_root) / exp.name
@@ -806,9 +803,7 @@ def write_summary(outcome: BatchOutcome, started: str, finished: str | None = No
            "seconds": round(outcome.seconds, 1),
            "jobs": {n: r.__dict__ for n, r in outcome.results.items()},
            "failures": [{"job": r.name, "error": r.error, "log": r.log} for r in outcome.failures]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     return path
 
 
