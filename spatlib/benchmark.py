@@ -11,7 +11,13 @@ One run measures, on the current device:
   Rice et al.'s ``attack_pgd`` written out, no compile), so trainer / reference is one run's ratio;
 * the **SPAT overhead**: spat_at step time / pgd_at step time at equal steps, for 10 classes
   (cam and input_grad) and for a 100-class model (input_grad, classes all and topk:10);
-* **peak memory** of every configuration.
+* **peak memory** of every configuration;
+* the **floor** of the PGD-AT step: the arithmetic of a PGD-k step alone (k + 1 forwards, k
+  backwards to the input only and 1 full backward, on the trainer's model, layout and
+  precision, one fixed batch already on the device; no data loading, no projection, no
+  optimizer step), so ``pgd_at/floor`` says how far the trainer sits from what its arithmetic
+  costs, and ``reference/floor`` the same for the reference loop. ``--floor-precision bf16``
+  times the floor at other precisions too (``floor:fp32/floor:bf16``: what bf16 would save).
 
 Every configuration runs once per round, rounds alternate the order (ABBA), so drift on a shared
 machine hits all of them alike; the spread of the slices and of the per-round ratios is reported.
@@ -87,6 +93,8 @@ BENCH_METHODS = {
     "spat_at:input_grad": ("spat_at", "input_grad"),
 }
 REFERENCE = "reference"              # the reference loop's "method" (PGD-AT)
+FLOOR = "floor"                      # the arithmetic of the PGD-AT step alone
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -100,12 +108,15 @@ class Case:
     num_classes: int = CLASSES
     classes: str = "all"        # SPAT class set
     class_chunk: int | None = None   # None: the config default
+    floor_precision: str | None = None   # floor cases: None = the run's precision, else this one
 
     @property
     def key(self) -> str:
         parts = [self.model, self.method, f"k{self.num_classes}"]
         if self.method.startswith("spat"):
             parts.append(self.classes)
+        if self.floor_precision is not None:
+            parts.append(self.floor_precision)
         return "/".join(parts)
 
     @property
@@ -113,6 +124,8 @@ class Case:
         """The method as the table shows it, e.g. ``spat_at (input_grad, topk:10)``."""
         if self.method == REFERENCE:
             return "reference PGD-AT"
+        if self.method == FLOOR:
+            return "floor (PGD-AT arithmetic)"
         name, saliency = BENCH_METHODS[self.method]
         if saliency is None:
             return name
@@ -142,6 +155,8 @@ class BenchSettings:
     max_wait: float = 1800.0          # seconds spent waiting for a quiet machine, in all
     precision: str = "auto"           # the trainer's train.precision
     compile: bool = False             # the trainer's train.compile
+    floor: bool = True                # time the PGD-AT step's arithmetic alone (with pgd_at)
+    floor_precisions: list[str] | None = None   # the floor at these precisions too
     out: str | None = None            # JSON path; None: bench/results/<device>.json
 
 
@@ -236,6 +251,46 @@ class TrainerSlice:
 
     def run(self, epoch: int, batches: int) -> None:
         self.trainer.train_epoch(epoch, max_batches=batches)
+
+
+class FloorSlice:
+    """The arithmetic of one PGD-AT step alone, ``batches`` times: PGD-k's k forwards with a
+    backward to the input only (the model in eval mode, as the attack's ``bn_mode: eval``),
+    the forward of the update (train mode, through ``train.compile`` when set; the fixed batch
+    stands in for the last iterate, at the same cost) and one full backward through the
+    weights, all on one fixed batch of the
+    trainer's loader. The model, its layout (the attack's :func:`~spatlib.attacks.compute_layout`
+    for the k attack passes, the loader's for the update), autocast and ``train.compile`` are
+    the trainer's: a :class:`TrainerSlice` of pgd_at is built and its parts reused. What the
+    step does besides (random start, sign and projection, loader, optimizer, logging) is left
+    out, so step time / floor time is the trainer's distance to its floor."""
+
+    def __init__(self, case: Case, data_path: Path, device: torch.device, *, precision: str = "auto",
+                 compile: bool = False):
+        pgd = replace(case, method="pgd_at", floor_precision=None)
+        self.trainer = TrainerSlice(pgd, data_path, device, precision=case.floor_precision or precision,
+                                    compile=compile).trainer
+        self.precision = self.trainer.precision
+        self.steps = case.steps
+        x, y = next(iter(self.trainer.loader))   # one augmented batch, already on the device
+        self.x, self.y = x, y
+
+    def run(self, epoch: int, batches: int) -> None:
+        from .attacks import compute_layout
+        from .util import eval_mode
+        t, model, y = self.trainer, self.trainer.model, self.y
+        for _ in range(batches):
+            x_attack = compute_layout(model, self.x)
+            with eval_mode(model), t.amp():
+                for _ in range(self.steps):
+                    x_in = x_attack.detach().requires_grad_(True)
+                    loss = F.cross_entropy(model(x_in).float(), y)
+                    torch.autograd.grad(loss, x_in)
+            model.train()
+            with t.amp():
+                loss = F.cross_entropy(t.fwd(self.x), y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +453,8 @@ def build_runner(case: Case, data_path: Path, dataset: Dataset, device: torch.de
         if device.type == "cpu" and threads is not None:
             return ReferenceProcess(case, data_path, threads, workers)
         return ReferenceSlice(case, data_path, dataset, device, workers)
+    if case.method == FLOOR:
+        return FloorSlice(case, data_path, device, precision=precision, compile=compile)
     return TrainerSlice(case, data_path, device, precision=precision, compile=compile)
 
 
@@ -550,6 +607,12 @@ def resolve_settings(s: BenchSettings) -> tuple[BenchSettings, torch.device]:
     for m in s.methods:
         if m not in BENCH_METHODS:
             raise ValueError(f"--methods: unknown method {m!r}; allowed: {', '.join(BENCH_METHODS)}")
+    for p in s.floor_precisions or []:
+        if p not in PRECISIONS:
+            raise ValueError(f"--floor-precision: unknown precision {p!r}; allowed: {', '.join(PRECISIONS)}")
+    if s.floor_precisions and not (s.floor and "pgd_at" in s.methods):
+        raise ValueError("--floor-precision: the floor is timed beside pgd_at; add pgd_at to "
+                         "--methods (and leave out --no-floor)")
     if min(s.steps, s.batches, s.repeats) < 1 or s.warmup < 0:
         raise ValueError("--steps, --batches, --repeats must be >= 1 and --warmup >= 0")
     return s, device
@@ -557,6 +620,9 @@ def resolve_settings(s: BenchSettings) -> tuple[BenchSettings, torch.device]:
 
 def plan_cases(s: BenchSettings, device: torch.device) -> list[Case]:
     """The configurations of a run: method x model (+ reference), then the overhead cases."""
+    from .train import resolve_precision   # the trainer's precision of this run
+    run_precision = resolve_precision(s.precision, device)
+
     def batch(model: str) -> int:
         return s.batch_size or DEFAULTS[device.type]["batch_size"][model]
 
@@ -567,6 +633,10 @@ def plan_cases(s: BenchSettings, device: torch.device) -> list[Case]:
         cases += [Case(method=m, **common) for m in s.methods]
         if s.reference:
             cases.append(Case(method=REFERENCE, **common))
+        if s.floor and "pgd_at" in s.methods:
+            cases.append(Case(method=FLOOR, **common))
+            cases += [Case(method=FLOOR, floor_precision=p, **common)
+                      for p in dict.fromkeys(s.floor_precisions or []) if p != run_precision]
     if s.overhead:
         for model in s.overhead_models:
             common = dict(model=model, batch_size=batch(model), steps=s.steps, batches=s.batches,
@@ -615,6 +685,8 @@ def _run(s: BenchSettings, device: torch.device, log: Callable[[str], None]) -> 
         memory = {k: t.pop("memory") for k, t in timing.items() if "memory" in t}
         if s.memory and device.type == "cpu":
             for c in cases:
+                if c.method == FLOOR:
+                    continue           # the floor's memory is not a figure of the trainer
                 log(f"memory {c.key}")
                 memory[c.key] = _cpu_memory_subprocess(c, data[c.num_classes][0], s.threads,
                                                        s.precision, s.compile)
@@ -624,7 +696,7 @@ def _run(s: BenchSettings, device: torch.device, log: Callable[[str], None]) -> 
         t = timing[c.key]["times_s"]
         med = _median(t)
         rows.append({**asdict(c), "key": c.key, "label": c.label,
-                     "impl": "reference" if c.method == REFERENCE else "trainer",
+                     "impl": {REFERENCE: "reference", FLOOR: "floor"}.get(c.method, "trainer"),
                      "precision": precision[c.key], **timing[c.key],
                      "images_per_s": c.batch_size * c.batches / med,
                      "best_images_per_s": c.batch_size * c.batches / min(t),
@@ -684,7 +756,8 @@ def _time_cases(cases: list[Case], runners: dict, s: BenchSettings, device: torc
 
 
 def compute_ratios(rows: list[dict]) -> list[dict]:
-    """trainer / reference (pgd_at), SPAT overhead and memory ratios, per model."""
+    """trainer / reference (pgd_at), SPAT overhead and memory ratios, and the distances to
+    the floor (pgd_at / floor, reference / floor, floor / floor at another precision), per model."""
     by_key = {r["key"]: r for r in rows}
     out = []
 
@@ -704,6 +777,15 @@ def compute_ratios(rows: list[dict]) -> list[dict]:
         if r["method"] == REFERENCE:
             # speed-up: reference time over trainer time
             add("trainer/reference", model, k, r, pgd)
+            floor = by_key.get(f"{model}/{FLOOR}/k{k}")
+            if floor is not None:
+                add("reference/floor", model, k, r, floor)
+        elif r["method"] == FLOOR and r["floor_precision"] is None:
+            add("pgd_at/floor", model, k, pgd, r)
+        elif r["method"] == FLOOR:
+            floor = by_key.get(f"{model}/{FLOOR}/k{k}")
+            if floor is not None:
+                add(f"floor:{floor['precision']}/floor:{r['precision']}", model, k, floor, r)
         elif r["method"].startswith("spat"):
             saliency = BENCH_METHODS[r["method"]][1]
             suffix = "" if r["classes"] == "all" else f":{r['classes']}"
@@ -745,7 +827,14 @@ def markdown_report(result: dict) -> str:
                      f"{r['precision']} | {_f(r['images_per_s'], '.1f')} | {_f(r['step_ms'], '.0f')} | "
                      f"{_f(100 * r['spread'], '.0f')}% | {others} | {_f(r.get('peak_mem_mb'), '.0f')} |")
     lines += ["", "spread: (slowest - fastest) / median slice. others: the most of the machine that "
-              "other processes used during a kept slice (slices beside other jobs are redone).", "",
+              "other processes used during a kept slice (slices beside other jobs are redone)."]
+    if any(r["method"] == FLOOR for r in result["rows"]):
+        lines += ["floor: the PGD-AT step's arithmetic alone (k + 1 forwards, k backwards to the "
+                  "input only, 1 full backward; one fixed batch, no data loading, projection or "
+                  "optimizer step). pgd_at/floor = the trainer's step time over it: 1 means the "
+                  "step costs no more than its arithmetic; floor:A/floor:B = the floor's time at "
+                  "precision A over its time at B (above 1: B is faster)."]
+    lines += ["",
               "| ratio | model | classes | median | fastest slices | per-round range |",
               "|---|---|---|---|---|---|"]
     for q in result["ratios"]:
@@ -772,9 +861,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spat bench",
         description="Trainer throughput (images/s, peak memory) per method x model, the same PGD-AT "
-                    "in a reference loop written like public adversarial-training code, and the SPAT "
-                    "overhead (spat_at / pgd_at step time at equal steps), on CIFAR-shaped synthetic "
-                    "data. Prints a markdown table and writes JSON (+ .md beside it).",
+                    "in a reference loop written like public adversarial-training code, the SPAT "
+                    "overhead (spat_at / pgd_at step time at equal steps) and the PGD-AT step's "
+                    "distance to its floor (step time / its arithmetic timed alone), on "
+                    "CIFAR-shaped synthetic data. Prints a markdown table and writes JSON (+ .md beside it).",
         epilog="Defaults (CPU): small_cnn batch 128 and preact_resnet18 batch 32, PGD-10, slices of 2 "
                "batches, 1 warm-up batch, median of 3; wide_resnet (34-10) only with --models. "
                "Defaults (CUDA): all three models, batch 512 (WRN 256), PGD-10, 20 batches, 3 warm-up, "
@@ -827,6 +917,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "reference loop is always float32")
     p.add_argument("--compile", action="store_true", help="the trainer's train.compile (the training "
                    "forward/backward; the attack stays eager)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the floor (the PGD-AT step's arithmetic timed alone, beside pgd_at)")
+    p.add_argument("--floor-precision", dest="floor_precisions", type=_list, default=None,
+                   help="comma list of fp32, bf16, fp16: time the floor at these precisions too "
+                        "(e.g. bf16 on a CPU that runs fp32: what bf16 would save; the trainer "
+                        "stays at --precision)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: CPU memory probe
     p.add_argument("--reference-worker", default=None, help=argparse.SUPPRESS)  # internal

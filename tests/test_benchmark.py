@@ -41,12 +41,14 @@ def test_bench_reports_finite_throughput_ratios_and_targets(tmp_path, capsys, be
     keys = {r["key"] for r in result["rows"]}
     assert keys == {"small_cnn/pgd_at/k10", "small_cnn/spat_at:cam/k10/all",
                     "small_cnn/spat_at:input_grad/k10/all", "small_cnn/reference/k10",
+                    "small_cnn/floor/k10",
                     "small_cnn/pgd_at/k100", "small_cnn/spat_at:input_grad/k100/all",
                     "small_cnn/spat_at:input_grad/k100/topk:10"}
     for r in result["rows"]:
         assert len(r["times_s"]) == 1 and math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
     ratios = {(q["name"], q["num_classes"]) for q in result["ratios"]}
-    assert ratios == {("trainer/reference", 10), ("spat_overhead:cam", 10),
+    assert ratios == {("trainer/reference", 10), ("pgd_at/floor", 10), ("reference/floor", 10),
+                      ("spat_overhead:cam", 10),
                       ("spat_overhead:input_grad", 10), ("spat_overhead:input_grad", 100),
                       ("spat_overhead:input_grad:topk:10", 100)}
     assert all(math.isfinite(q["ratio"]) and q["ratio"] > 0 for q in result["ratios"])
@@ -57,6 +59,8 @@ def test_bench_reports_finite_throughput_ratios_and_targets(tmp_path, capsys, be
     printed = capsys.readouterr().out
     assert "| small_cnn | spat_at (input_grad, topk:10) | 100 (topk:10) |" in printed
     assert "| trainer/reference | CPU (small_cnn, preact_resnet18) | small_cnn | >= 1.5 |" in printed
+    assert "| small_cnn | floor (PGD-AT arithmetic) | 10 | 4 | 1 | fp32 |" in printed
+    assert "| pgd_at/floor | small_cnn | 10 |" in printed
     assert out.with_suffix(".md").read_text() in printed
     assert torch.get_num_threads() == 1      # the benchmark gives the thread count back
 
@@ -139,9 +143,54 @@ def test_bench_help_documents_the_options():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for option in ("--models", "--methods", "--batch-size", "--steps", "--batches", "--repeats",
-                   "--device", "--out", "--no-reference", "--no-memory"):
+                   "--device", "--out", "--no-reference", "--no-memory", "--no-floor",
+                   "--floor-precision"):
         assert option in out.stdout
     assert "--probe" not in out.stdout
+
+
+class _Counted(torch.nn.Module):
+    """A model that counts its forwards, its backwards (any gradient through its input) and
+    the backwards that reach its weights."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.forwards = self.backwards = self.weight_backwards = 0
+        model.register_full_backward_hook(lambda *_: setattr(self, "backwards", self.backwards + 1))
+        first = next(model.parameters())
+        first.register_hook(lambda g: setattr(self, "weight_backwards", self.weight_backwards + 1))
+
+    def forward(self, x):
+        self.forwards += 1
+        return self.model(x)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_the_floor_is_k_plus_1_forwards_k_input_backwards_and_1_full_backward(tmp_path):
+    path, ds = benchmark.write_data(tmp_path, 10, 8)
+    case = Case(model="small_cnn", method="floor", batch_size=4, steps=3, batches=1)
+    runner = benchmark.build_runner(case, path, ds, torch.device("cpu"), threads=1)
+    assert isinstance(runner, benchmark.FloorSlice) and runner.precision == "fp32"
+    counted = _Counted(runner.trainer.model)
+    runner.trainer.model = runner.trainer.fwd = counted
+    before = [p.detach().clone() for p in counted.parameters()]
+    runner.run(1, 2)
+    # per batch: 3 attack forwards + 1 update forward, 4 backwards, only the last one to weights
+    assert (counted.forwards, counted.backwards, counted.weight_backwards) == (8, 8, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, counted.parameters()))   # no update
+    assert all(p.grad is None for p in counted.parameters())
+    bf16 = benchmark.build_runner(Case(model="small_cnn", method="floor", batch_size=4, steps=1,
+                                       batches=1, floor_precision="bf16"),
+                                  path, ds, torch.device("cpu"), threads=1)
+    assert bf16.precision == "bf16"
+
+
+def test_floor_precision_is_checked(capsys):
+    assert benchmark.cli_main(TINY + ["--floor-precision", "int8"]) == 2
+    assert "--floor-precision: unknown precision 'int8'; allowed: fp32, bf16, fp16" in capsys.readouterr().err
+    assert benchmark.cli_main(TINY + ["--methods", "standard", "--floor-precision", "bf16"]) == 2
+    assert "add pgd_at to --methods" in capsys.readouterr().err
 
 
 def test_unknown_model_or_method_is_an_error_naming_the_allowed_ones(capsys):
