@@ -48,6 +48,7 @@ TINY_BASE = {"data": {"name": "digits", "val_size": 50},
 
 # --------------------------------------------------------------------------------------------
 # validation: before anything executes
+@pytest.mark.slow
 def test_a_params_typo_fails_before_any_notebook_executes_naming_the_key(tmp_path):
     doc = yaml.safe_load((PARAMS / "smoke.yaml").read_text())
     doc["base"]["train"]["epohcs"] = 3
@@ -255,6 +256,7 @@ def test_smoke_batch_end_to_end_and_a_rerun_retrains_nothing(tmp_path):
     assert jobs["spat_at-digits-s0"]["status"] == "ok" and jobs["standard-digits-s0"]["status"] == "skipped"
 
 
+@pytest.mark.slow
 def test_a_broken_run_fails_alone_and_is_reported(tmp_path):
     doc = {"experiment": "broken", "base": TINY_BASE,
            "variants": {"good": {}, "bad": {"data": {"name": "npz", "path": "no/such/file.npz"}}},

@@ -63,6 +63,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_a_second_batch_on_a_locked_folder_fails_naming_the_holder(tmp_path):
     exp = tmp_path / "out" / "smoke"
     with batch.lock_experiment(exp, ["spat", "batch", "params/smoke.yaml"]) as lock:
@@ -97,6 +98,7 @@ def test_a_second_batch_on_a_locked_folder_fails_naming_the_holder(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # unwritable and full output folders
+@pytest.mark.slow
 def test_an_unwritable_output_folder_is_one_error_line_before_any_notebook(tmp_path):
     # root writes through chmod 0o555: a regular file where a folder is expected stops anyone
     (tmp_path / "blocker").write_text("a file, not a folder")

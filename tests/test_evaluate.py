@@ -96,6 +96,7 @@ def test_evaluation_is_seeded_and_restores_train_mode(digits_model):
     model.eval()
 
 
+@pytest.mark.slow
 def test_autoattack_is_at_most_pgd20(digits_model):
     model, ds = digits_model
     x, y = ds.x_test[:80].float() / 255, ds.y_test[:80]

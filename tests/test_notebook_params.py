@@ -46,6 +46,7 @@ def test_papermill_api_fails_on_a_bad_value(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_papermill_cli_fails_on_an_unknown_parameter_of_02(tmp_path):
     out = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS / "02_training.ipynb"),
                           str(tmp_path / "out.ipynb"), "-k", "spat", "-p", "run_dri", str(tmp_path / "run")],

@@ -190,6 +190,7 @@ def test_each_method_trains_and_loss_decreases(method, tmp_path):
     assert from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())).train.method == method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pgd_at", "spat_at"])
 def test_clean_training_accuracy_is_measured_without_touching_the_training(method, tmp_path,
                                                                            monkeypatch):
@@ -237,6 +238,7 @@ def trained_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_adversarial_training_beats_standard_under_pgd(trained_runs):
     std = trained_runs["standard"][1]
     assert std["test_clean_acc"] > 0.9
