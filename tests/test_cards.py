@@ -1,7 +1,7 @@
 """spat eval: a run folder, a kit checkpoint, a TorchScript export and module:factory + state_dict
 of the same model give the run's own numbers; every bad target is one error line (exit 2).
-Cards as notebook 03 reads them: a run's card written from its evaluation is the card spat eval
-writes, and a card of an external model joins the results table with the numbers it holds.
+Notebook 03 reads the same cards: it writes a run's card as spat eval does, and a card of an
+external model joins its results table with the numbers it holds.
 
 One tiny digits run (SmallCNN, PGD-AT, 1 epoch of 3 batches) is trained once per module; the
 expected numbers come from the run itself (metrics.json) and from report.evaluate_run.
@@ -17,12 +17,13 @@ import pandas as pd
 import pytest
 import torch
 
-from spatlib import cards, report
+from spatlib import batch, cards, config, report
 from spatlib.runfolder import load_run_model
 from spatlib.train import train
 
 SUITE = "clean,fgsm,pgd20"
 N = 120
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +284,49 @@ def test_bad_cards_get_one_clear_error(ts_card, tmp_path):
     loaded = cards.load_cards([str(ts_card), str(ts_card.parent / "*.json"), str(tmp_path / "old" / "*.json")])
     assert [c["card_file"] for c in loaded] == [str(ts_card.resolve()), str((tmp_path / "old" / "legacy.json").resolve())]
     assert [cards.card_row(c)["method"] for c in loaded] == ["tiny-ts", "legacy"]
+
+
+def test_the_cards_parameter_is_a_list_of_files_or_globs(tmp_path, monkeypatch):
+    with pytest.raises(config.ConfigError, match=r"robustness\.cards: expected a list, got 3"):
+        config.check_notebook_parameters("robustness", {"cards": 3})
+    with pytest.raises(config.ConfigError, match=r"robustness\.cards: expected a list, got 'a\.json'"):
+        config.check_notebook_parameters("robustness", {"cards": "a.json"})
+    config.check_notebook_parameters("robustness", {"cards": ["a.json", "cards/*.json"]})
+    # spat batch: a params file's robustness.cards, relative to where the command runs
+    monkeypatch.chdir(tmp_path)
+    plan = batch.plan_experiment(ROOT / "params" / "smoke.yaml", ["robustness.cards=[mine/*.json]"],
+                                 out_root=tmp_path / "out")
+    assert plan.experiment.robustness["cards"] == [str(tmp_path / "mine" / "*.json")]
+    job = batch.robustness_job(plan, ROOT / "notebooks", threads=1)
+    assert job.parameters["cards"] == [str(tmp_path / "mine" / "*.json")]
+    with pytest.raises(config.ConfigError, match="robustness.cards"):
+        batch.plan_experiment(ROOT / "params" / "smoke.yaml", ["robustness.cards=3"], out_root=tmp_path)
+
+
+@pytest.mark.slow
+def test_notebook_03_puts_a_card_in_its_results_table(ts_card, tmp_path):
+    import papermill as pm
+    out = tmp_path / "exp"
+    pm.execute_notebook(str(ROOT / "notebooks" / "03_robustness.ipynb"), str(tmp_path / "03.ipynb"),
+                        parameters={"out_dir": str(out), "cards": [str(ts_card.parent / "*.json")],
+                                    "device": "cpu"},
+                        kernel_name="spat", progress_bar=False, cwd=str(tmp_path))
+    card = json.loads(ts_card.read_text())
+    runs = pd.read_csv(out / "runs.csv")
+    # every run's card, as spat eval RUN_DIR writes it
+    assert sorted(p.name for p in (out / "cards").glob("*.json")) == sorted(f"{r}.json" for r in runs["run"])
+    for r in runs.itertuples():
+        run_card = cards.load_card(out / "cards" / f"{r.run}.json")
+        assert run_card["clean_acc"] == pytest.approx(r.clean, abs=1e-12)
+    # the card's row in results.csv and results.md
+    results = pd.read_csv(out / "results.csv")
+    mine = results[results["source"] == "card: tiny-ts.json"]
+    assert list(mine["method"]) == ["tiny-ts"] and list(mine["model"]) == ["TorchScript model.ts"]
+    assert mine["clean_mean"].iloc[0] == pytest.approx(100 * card["clean_acc"])
+    assert mine["pgd20_mean"].iloc[0] == pytest.approx(100 * card["acc_pgd20"])
+    assert set(results.loc[results["method"] != "tiny-ts", "source"]) == {"measured"}
+    md = (out / "results.md").read_text()
+    row = (f"| tiny-ts | digits | TorchScript model.ts | 0.1 | {N} | {100 * card['clean_acc']:.2f} | "
+           f"{100 * card['acc_fgsm']:.2f} | {100 * card['acc_pgd20']:.2f} |  | 1 | card: tiny-ts.json |")
+    assert row in md, md
+    assert "Result cards: 1 (card: tiny-ts.json); threat-model check passed: True." in md
