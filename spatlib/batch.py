@@ -244,6 +244,15 @@ def _absolute_data_paths(cfg: dict, base: Path) -> dict:
     return cfg
 
 
+def _absolute_card_paths(section: dict, base: Path) -> dict:
+    """robustness.cards (files or globs) relative to where the user typed the command, made
+    absolute, like data.path: notebook 03 runs in the experiment's folder."""
+    cards = section.get("cards")
+    if not cards:
+        return section
+    return {**section, "cards": [str(base / Path(c).expanduser()) for c in cards]}
+
+
 def absolute_overrides(overrides: list[str], base: Path) -> list[str]:
     """``data.path=rel/x.npz`` -> ``data.path=/abs/rel/x.npz`` (and data.root): notebook 03
     re-reads the experiment with these overrides from another working folder."""
@@ -278,6 +287,7 @@ def plan_experiment(params: str | Path, overrides: list[str] | None = None,
         values = getattr(exp, section)
         if values:
             check_section(section, values, notebook_parameters(nb_dir / nb), nb)
+    exp.robustness = _absolute_card_paths(exp.robustness, Path.cwd())
     configs = {name: _absolute_data_paths(to_dict(cfg), Path.cwd()) for name, cfg in exp.runs.items()}
     if only:
         unknown = [r for r in only if r not in configs]

@@ -19,13 +19,20 @@ otherwise :func:`spatlib.evaluate.robustness` runs with evaluate_run's arguments
 is written into the run folder (``spat eval`` reads its target; it does not pay for notebook
 03's robustness curve either).
 
-The card (:func:`make_card`) is flat, RobustBench style: dataset, threat model, eps, clean and
-worst-case robust accuracy, per-attack accuracy (``acc_<attack>``: cascaded, see
-:mod:`spatlib.evaluate`), n, the threat-model check and provenance.
+The card (:func:`make_card`) is flat, RobustBench style: the model's name in tables
+(``--name``), dataset, threat model, eps, clean and worst-case robust accuracy, per-attack
+accuracy (``acc_<attack>``: cascaded, see :mod:`spatlib.evaluate`), n, the threat-model check and
+provenance.
+
+Notebook 03 reads the same cards: :func:`write_run_cards` writes the card of every run it
+evaluated (the card ``spat eval RUN_DIR`` writes, from the same numbers), and
+:func:`load_cards` + :func:`card_row` turn cards of models the kit did not train into rows of
+its results table (:func:`spatlib.report.aggregate`, :func:`spatlib.report.results_table`).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import importlib.util
 import json
@@ -50,14 +57,19 @@ from .runfolder import (BEST, CONFIG, LAST, CheckpointError, eval_cache_path, lo
                         load_weights, spatlib_version)
 from .util import device_name, eval_mode, git_commit, resolve_device, sha256_file, utc_now
 
-__all__ = ["CARD_FORMAT", "TargetError", "Target", "load_target", "evaluate_target",
-           "make_card", "build_parser", "cli_main"]
+__all__ = ["CARD_FORMAT", "CARD_KEYS", "TargetError", "Target", "load_target", "run_target",
+           "evaluate_target", "make_card", "write_card", "write_run_cards", "load_card",
+           "load_cards", "card_row", "card_lines", "build_parser", "cli_main"]
 
 CARD_FORMAT = "spatlib-card/1"
 EXTERNAL_EPS = 8 / 255        # RobustBench's CIFAR L-inf budget: the default without a kit config
 EXTERNAL_BATCH = 256
 WHICH = {"best": (BEST, "selected"), "last": (LAST, "model"), "ema": (LAST, "ema_model")}
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# the keys every card holds (load_card checks them); "name" is not among them: a card written
+# before --name existed is named by its file's stem
+CARD_KEYS = ("format", "dataset", "num_classes", "threat_model", "eps", "eps_float", "clean_acc",
+             "robust_acc", "n_examples", "suite", "threat_model_ok", "model", "seed")
 
 
 class TargetError(ValueError):
@@ -69,12 +81,20 @@ class Target:
     """A loaded target: the model (eval mode, on its device) and what the kit knows about it."""
     kind: str                     # run | checkpoint | torchscript | factory
     spec: str                     # as given on the command line
-    model: nn.Module
+    model: nn.Module | None       # None: a run evaluated elsewhere (run_target), only carded
     file: Path                    # the file whose sha256 identifies the weights
     config: RunConfig | None      # kit targets only
     which: str | None             # kit targets only
     description: str
     dataset: Dataset | None = None   # kit targets: the data of their config
+
+    @property
+    def default_name(self) -> str:
+        """The card's name of the model when ``--name`` is not given: the run's name (kit
+        targets), the file's stem (TorchScript), the ``module:factory`` spec."""
+        if self.config is not None:
+            return self.config.name
+        return Path(self.spec).stem if self.kind == "torchscript" else self.spec
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +141,7 @@ def load_target(spec: str, *, weights: str | None = None, which: str = "best",
         ckpt = load_checkpoint(ckpt_path)      # CheckpointError names a missing/damaged file
         model, cfg, ds = _kit_model(ckpt, key, ckpt_path)
         return Target("run", spec, model.to(device).eval(), ckpt_path, cfg, which,
-                      f"run {cfg.name} ({cfg.train.method}, {cfg.model.name}, {which} weights)", ds)
+                      _run_description(cfg, which), ds)
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():   # torch 2.x marks TorchScript deprecated; it still loads
@@ -139,8 +159,21 @@ def load_target(spec: str, *, weights: str | None = None, which: str = "best",
                           f"state_dict, give module:factory --weights {spec})") from None
     model, cfg, ds = _kit_model(ckpt, WHICH[which][1], path)
     return Target("checkpoint", spec, model.to(device).eval(), path, cfg, which,
-                  f"checkpoint {path.name} of run {cfg.name} ({cfg.train.method}, "
-                  f"{cfg.model.name}, {which} weights)", ds)
+                  f"checkpoint {path.name} of {_run_description(cfg, which)}", ds)
+
+
+def _run_description(cfg: RunConfig, which: str) -> str:
+    return f"run {cfg.name} ({cfg.train.method}, {cfg.model.name}, {which} weights)"
+
+
+def run_target(run_dir: str | Path, config: RunConfig, which: str = "best") -> Target:
+    """A run folder as :func:`load_target` describes it, without loading its model: what
+    :func:`make_card` needs for a run evaluated elsewhere (notebook 03's
+    :func:`spatlib.report.collect_results`)."""
+    if which not in WHICH:
+        raise TargetError(f"which: expected one of {', '.join(WHICH)}, got {which!r}")
+    return Target("run", str(run_dir), None, Path(run_dir) / WHICH[which][0], config, which,
+                  _run_description(config, which))
 
 
 def _load_factory(spec: str, weights: str | None, device: torch.device) -> Target:
@@ -230,13 +263,15 @@ def _suite(text: str | list[str] | None, default: list[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-def make_card(result: RobustnessResult, *, target: Target, dataset: Dataset, suite: list[str],
-              seed: int, batch_size: int, device: torch.device, source: str,
-              seconds: float) -> dict:
-    """The flat JSON result card of one evaluation (accuracies as fractions in [0, 1])."""
+def make_card(result: RobustnessResult, *, target: Target, dataset: str, num_classes: int,
+              suite: list[str], seed: int, batch_size: int, device: torch.device, source: str,
+              seconds: float, name: str | None = None) -> dict:
+    """The flat JSON result card of one evaluation (accuracies as fractions in [0, 1]);
+    ``name``: the model's label in tables (default: ``target.default_name``)."""
     tm = list(result.threat_model.values())
     card = {
-        "format": CARD_FORMAT, "dataset": dataset.name, "num_classes": dataset.num_classes,
+        "format": CARD_FORMAT, "name": name or target.default_name,
+        "dataset": dataset, "num_classes": num_classes,
         "threat_model": "Linf", "eps": result.eps_str, "eps_float": result.eps,
         "clean_acc": result.accuracy.get("clean"), "robust_acc": result.robust_accuracy,
         **{f"acc_{a}": v for a, v in result.accuracy.items()},
@@ -262,12 +297,15 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
                     suite: str | list[str] | None = None, n_examples: int | None = None,
                     batch_size: int | None = None, seed: int | None = None,
                     which: str = "best", device: str | torch.device = "auto",
-                    progress: bool = False) -> tuple[dict, RobustnessResult]:
-    """Evaluate a target (see the module doc); returns (card, result).
+                    progress: bool = False, name: str | None = None) -> tuple[dict, RobustnessResult]:
+    """Evaluate a target (see the module doc); returns (card, result). ``name``: the card's
+    label of the model in tables (default: :attr:`Target.default_name`).
 
     Every check (the target, the data, the model's output width, eps, the suite) runs before
     any attack. Raises :class:`TargetError`, ConfigError, DataError or CheckpointError.
     """
+    if name is not None and not name.strip():
+        raise TargetError("--name: expected a non-empty label for the model in tables")
     dev = resolve_device(device, key="--device")
     if eps is not None:
         eps_f = parse_eps(eps, "--eps")
@@ -317,9 +355,9 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
                             batch_size=bs, pgd100_restarts=restarts, cw_steps=cw_steps,
                             seed=seed_v, num_classes=ds.num_classes, progress=progress)
         source = "computed"
-    card = make_card(result, target=target, dataset=ds, suite=suite_v, seed=seed_v,
-                     batch_size=bs, device=dev, source=source,
-                     seconds=time.perf_counter() - t0)
+    card = make_card(result, target=target, dataset=ds.name, num_classes=ds.num_classes,
+                     suite=suite_v, seed=seed_v, batch_size=bs, device=dev, source=source,
+                     seconds=time.perf_counter() - t0, name=name and name.strip())
     return card, result
 
 
@@ -332,6 +370,169 @@ def _cache_matches(run_dir: Path, cfg: RunConfig, ev, which: str) -> bool:
     except (json.JSONDecodeError, AttributeError):
         return False
     return saved == report.eval_cache_key(run_dir, cfg, ev, which)
+
+
+# --------------------------------------------------------------------------------------------
+# notebook 03: the cards of its runs, and cards of other models as rows of its table
+def write_card(path: str | Path, card: dict) -> Path:
+    """Write a card as ``spat eval --out`` does (indented JSON); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+def write_run_cards(collected: report.Collected, folder: str | Path, *, which: str = "best",
+                    device: str | torch.device = "auto") -> list[Path]:
+    """``<folder>/<run>.json``: the card of every run :func:`spatlib.report.collect_results`
+    evaluated, from its numbers (no attack runs): the card ``spat eval RUN_DIR`` writes for
+    the same weights (``which``) and eval settings. Returns the paths, in run order."""
+    dev = resolve_device(device)
+    paths = []
+    for run, ev in collected.evaluations.items():
+        card = make_card(ev.result, target=run_target(ev.run_dir, ev.config, which),
+                         dataset=ev.config.data.name, num_classes=len(ev.class_names),
+                         suite=[a for a in SUITE_ATTACKS if a in ev.result.accuracy],
+                         seed=ev.config.seed, batch_size=ev.eval.batch_size, device=dev,
+                         source="cache" if ev.cached else "computed", seconds=ev.seconds)
+        paths.append(write_card(Path(folder) / f"{run}.json", card))
+    return paths
+
+
+def _fraction(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+
+def _card_problem(card: dict) -> str | None:
+    """What is wrong with a card's values (None: nothing), in a few words."""
+    if card["threat_model"] != "Linf":
+        return f"threat_model {card['threat_model']!r}: the kit's tables are L-inf ('Linf')"
+    for key in ("dataset", "eps", "model"):
+        if not isinstance(card[key], str) or not card[key]:
+            return f"{key}: expected a non-empty string, got {card[key]!r}"
+    if "name" in card and (not isinstance(card["name"], str) or not card["name"].strip()):
+        return f"name: expected a non-empty string, got {card['name']!r}"
+    for key in ("n_examples", "num_classes"):
+        if isinstance(card[key], bool) or not isinstance(card[key], int) or card[key] < 1:
+            return f"{key}: expected an integer >= 1, got {card[key]!r}"
+    if not isinstance(card["eps_float"], (int, float)) or isinstance(card["eps_float"], bool):
+        return f"eps_float: expected a number, got {card['eps_float']!r}"
+    if not isinstance(card["threat_model_ok"], bool):
+        return f"threat_model_ok: expected true or false, got {card['threat_model_ok']!r}"
+    if not isinstance(card["suite"], list) or any(a not in SUITE_ATTACKS for a in card["suite"]):
+        return f"suite: expected a list drawn from {', '.join(SUITE_ATTACKS)}, got {card['suite']!r}"
+    for key in ("clean_acc", "robust_acc", *(f"acc_{a}" for a in SUITE_ATTACKS)):
+        if key in card and not (_fraction(card[key]) or (key == "clean_acc" and card[key] is None)):
+            return f"{key}: expected an accuracy in [0, 1], got {card[key]!r}"
+    return None
+
+
+def load_card(path: str | Path) -> dict:
+    """Read and check a result card (``spat eval --out``, :func:`write_run_cards`).
+
+    Returns the card, with ``card_file`` (the path it was read from) added. Raises
+    :class:`TargetError`, one line naming the file and the problem: no such file, not JSON,
+    not a card (``format``), a missing key, a value of the wrong kind."""
+    path = Path(path)
+    if path.is_dir():
+        raise TargetError(f"{path}: a folder, not a result card (spat eval --out FILE.json)")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise TargetError(f"{path}: no such result card") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TargetError(f"{path}: cannot be read as a result card ({type(e).__name__})") from None
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TargetError(f"{path}: not JSON ({e.msg} at line {e.lineno}): not a result card") from None
+    if not isinstance(card, dict):
+        raise TargetError(f"{path}: a JSON {type(card).__name__}, not a result card (a JSON object)")
+    if "format" not in card:
+        raise TargetError(f"{path}: no 'format' key: not a result card ({CARD_FORMAT}, as "
+                          f"spat eval --out writes)")
+    if card["format"] != CARD_FORMAT:
+        raise TargetError(f"{path}: format {card['format']!r} is not {CARD_FORMAT!r}, the "
+                          f"result card spat eval --out writes")
+    missing = [k for k in CARD_KEYS if k not in card]
+    if missing:
+        raise TargetError(f"{path}: a {CARD_FORMAT} card without the key(s) {', '.join(missing)}")
+    problem = _card_problem(card)
+    if problem:
+        raise TargetError(f"{path}: {problem}")
+    return {**card, "card_file": str(path)}
+
+
+def load_cards(patterns: str | Path | list[str | Path]) -> list[dict]:
+    """:func:`load_card` on each file or glob (``**`` included), in the order given, globs
+    sorted, each file once. A glob that matches no file is an error (:class:`TargetError`):
+    nothing asked for is left out silently."""
+    if isinstance(patterns, (str, Path)):
+        patterns = [patterns]
+    files: dict[Path, None] = {}
+    for pattern in patterns:
+        text = str(pattern)
+        if glob.has_magic(text):
+            matches = sorted(glob.glob(str(Path(text).expanduser()), recursive=True))
+            if not matches:
+                raise TargetError(f"{text}: no file matches this pattern (cards: files or globs "
+                                  f"of spat eval --out cards)")
+            found = [Path(m) for m in matches]
+        else:
+            found = [Path(text).expanduser()]
+        for f in found:
+            files.setdefault(f.resolve(), None)
+    return [load_card(f) for f in files]
+
+
+def _card_name(card: dict) -> str:
+    """The card's ``name``; a card written before ``--name`` existed: its file's stem."""
+    file = card.get("card_file")
+    return card.get("name") or (Path(file).stem if file else card["model"])
+
+
+def card_row(card: dict) -> dict:
+    """A card as a row of notebook 03's runs frame: the columns of
+    :func:`spatlib.report.evaluation_row` that :func:`spatlib.report.aggregate` and
+    :func:`spatlib.report.results_table` read (accuracies as fractions, NaN for attacks the
+    card's suite left out), plus ``source``: ``card: <file name>``, the table's Source."""
+    file = card.get("card_file")
+    name = _card_name(card)
+    row = {"run": name, "method": name, "train_method": "", "rule": "",
+           "dataset": card["dataset"], "data": card["dataset"], "model": card["model"],
+           "seed": card["seed"], "eps": float(card["eps_float"]), "eps_str": card["eps"],
+           "n_examples": card["n_examples"]}
+    for a in report.ATTACKS:
+        v = card.get(f"acc_{a}")
+        row[a] = float(v) if v is not None else float("nan")
+    row["worst_case"] = float(card["robust_acc"])
+    row["threat_model_ok"] = card["threat_model_ok"]
+    row["source"] = f"card: {Path(file).name}" if file else "card"
+    return row
+
+
+def card_lines(cards: list[dict], runs=None) -> list[str]:
+    """One line per loaded card for notebook 03: its file, name, model, dataset, eps, images
+    and threat-model check, with a note when its dataset or eps is not the runs' (``runs``:
+    :func:`spatlib.report.collect_results`'s runs frame). Such a card still joins the table:
+    its row shows its own dataset and eps."""
+    has_runs = runs is not None and len(runs) > 0
+    datasets = sorted(set(runs["data"])) if has_runs else []
+    eps = [float(e) for e in runs["eps"]] if has_runs else []
+    lines = []
+    for c in cards:
+        line = (f"card {c.get('card_file', '?')}: {_card_name(c)} ({c['model']}), {c['dataset']} "
+                f"at eps {c['eps']}, {c['n_examples']} images, threat model "
+                f"{'OK' if c['threat_model_ok'] else 'VIOLATED'}")
+        other = [what for what, same in (
+            ("dataset", c["dataset"] in datasets),
+            ("eps", any(abs(c["eps_float"] - e) <= 1e-6 for e in eps))) if has_runs and not same]
+        if other:
+            line += (f"; note: its {' and '.join(other)} {'differ' if len(other) > 1 else 'differs'} "
+                     f"from the runs' ({', '.join(datasets)} at eps "
+                     f"{', '.join(dict.fromkeys(runs['eps_str']))})")
+        lines.append(line)
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", default="best", choices=list(WHICH),
                    help="weights of a run folder or checkpoint: best (selected), last, ema")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--name", help="the model's label in results tables (notebook 03's cards "
+                                  "parameter); default: the run's name, the TorchScript file's "
+                                  "stem, or the module:factory spec")
     p.add_argument("--out", default="card.json", help="the result card (default: card.json)")
     p.add_argument("--progress", action="store_true", help="a progress bar over the attacks")
     return p
@@ -372,16 +576,15 @@ def cli_main(argv: list[str] | None = None) -> int:
             args.target, weights=args.weights, dataset=args.dataset, data_path=args.data_path,
             eps=args.eps, suite=args.suite, n_examples=args.n_examples,
             batch_size=args.batch_size, seed=args.seed, which=args.which, device=args.device,
-            progress=args.progress)
+            progress=args.progress, name=args.name)
     except (TargetError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{card['model']} on {card['dataset']} ({card['n_examples']} test images), "
+    print(f"{card['name']}: {card['model']} on {card['dataset']} ({card['n_examples']} test images), "
           f"{card['device_name']}, {card['source']}")
     print(result)
     print(result.table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"threat model {'OK' if card['threat_model_ok'] else 'VIOLATED'}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(args.out, card)
     print(f"wrote {args.out}")
     return 0

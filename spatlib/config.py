@@ -289,6 +289,9 @@ class RobustnessConfig:
     heatmap_attack: str | None = spec(None, optional(choice(SUITE_ATTACKS)))
     comparisons: list[list[str]] | None = spec(None, optional(Check(   # [[A, B], ...]: B - A
         lambda v: all(len(p) == 2 and p[0] != p[1] for p in v), "a list of [A, B] method pairs")))
+    # result cards (spat eval --out) of models the kit did not train: files or globs, a row each
+    cards: list[str] = spec(factory=list, check=Check(
+        lambda v: all(p.strip() for p in v), "a list of result card files or globs (spat eval --out)"))
     device: str = spec("auto", DEVICE)
 
 

@@ -7,7 +7,9 @@
 * :func:`collect_results` turns run folders into one tidy row per run; :func:`aggregate` takes
   mean and standard deviation over seeds per (method, dataset, model); :func:`results_table`
   formats them as ``mean ± std`` (percent) beside the published reference rows
-  (:func:`load_references`, ``spatlib/references.csv``), marked ``(published)``.
+  (:func:`load_references`, ``spatlib/references.csv``), marked ``(published)``. Rows of
+  other origins (``spatlib.cards.card_row``: a result card of a model the kit did not train)
+  carry a ``source`` column: each source is a group of its own, and the table's Source.
 * :func:`save_results` writes ``results.csv``, ``results.md`` and the figures it is given
   (drawn by :mod:`spatlib.figures`) as ``figures/*.png``.
 
@@ -40,6 +42,7 @@ from .runfolder import (BEST, LAST, eval_cache_path, load_history, load_metrics,
 EVAL_FORMAT = "spatlib-eval/1"
 ATTACKS = SUITE_ATTACKS      # the suite's order, defined once in config
 GROUP_KEYS = ["method", "dataset", "model"]
+MEASURED = "measured"        # the source of the rows of run folders (a missing or NaN source)
 REFERENCES_CSV = Path(__file__).with_name("references.csv")
 REFERENCE_COLUMNS = ["dataset", "threat_model", "eps", "method", "model", "clean", "robust",
                      "robust_attack", "source", "note"]
@@ -245,10 +248,15 @@ def aggregate(runs: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFr
 
     One row per ``keys`` group in order of first appearance, with ``n_seeds``, ``seeds``, ``eps_str``,
     and ``<attack>_mean`` / ``<attack>_std`` for each attack the runs measured, plus
-    ``worst_case_mean`` / ``worst_case_std``.
+    ``worst_case_mean`` / ``worst_case_std``. When ``runs`` has a ``source`` column (result
+    cards beside the runs), ``source`` is a key too (missing: ``measured``), so a card never
+    averages with a run.
     """
     if runs.empty:
         return pd.DataFrame(columns=[*keys, "n_seeds"])
+    if "source" in runs and "source" not in keys:
+        runs = runs.assign(source=runs["source"].fillna(MEASURED))
+        keys = [*keys, "source"]
     cols = [a for a in (*ATTACKS, "worst_case") if a in runs and runs[a].notna().any()]
     out = []
     for group, part in runs.groupby(list(keys), sort=False):
@@ -313,12 +321,18 @@ def matching_references(refs: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(keep, columns=refs.columns)
 
 
+def _source(r: pd.Series) -> str:
+    v = r.get("source")
+    return v if isinstance(v, str) and v else MEASURED
+
+
 def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.DataFrame:
     """The results table: measured rows (``mean ± std`` percent over seeds) then the
     published AutoAttack rows of the same datasets and eps, marked ``(published)``.
 
     Columns: Method, Dataset, Model, eps, Images (test images each run was evaluated on),
-    Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack, Seeds, Source. Attacks no measured row
+    Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack, Seeds, Source (``measured``, or the
+    ``source`` of a row that is not a run's, e.g. ``card: FILE``). Attacks no measured row
     ran are left out.
     """
     attacks = [a for a in ATTACKS if f"{a}_mean" in agg]
@@ -329,7 +343,7 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         for a in attacks:
             row[ATTACK_LABELS[a]] = format_mean_std(r[f"{a}_mean"], r.get(f"{a}_std", float("nan")))
         row["Seeds"] = str(r["n_seeds"])
-        row["Source"] = "measured"
+        row["Source"] = _source(r)
         rows.append(row)
     for _, r in matching_references(refs, agg).iterrows():
         row = {"Method": f"{r['method']} (published)", "Dataset": r["dataset"], "Model": r["model"],
@@ -382,8 +396,10 @@ def references_table(refs: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # writing the results
 def results_markdown(table: pd.DataFrame, refs: pd.DataFrame | None, *, experiment: str,
-                     runs: pd.DataFrame | None = None, figures: Sequence[str] = ()) -> str:
-    """The text of results.md: the table, how to read it, every published row with sources."""
+                     runs: pd.DataFrame | None = None, figures: Sequence[str] = (),
+                     cards: pd.DataFrame | None = None) -> str:
+    """The text of results.md: the table, how to read it, every published row with sources.
+    ``cards``: the rows of result cards (``source``, ``threat_model_ok``) that joined the table."""
     lines = [f"# Results: {experiment}", "",
              "Accuracy (%) on the test images, mean ± sample std over seeds. Attacks run as a "
              "cascade (each one on the points still robust after the ones before it), so every "
@@ -395,6 +411,12 @@ def results_markdown(table: pd.DataFrame, refs: pd.DataFrame | None, *, experime
         n = sorted(set(int(v) for v in runs["n_examples"]))
         lines += [f"Runs: {len(runs)}; test images per run: {', '.join(map(str, n))}; threat-model "
                   f"check passed: {bool(runs['threat_model_ok'].all())}.", ""]
+    if cards is not None and not cards.empty:
+        lines += [f"Result cards: {len(cards)} ({', '.join(cards['source'])}); threat-model check "
+                  f"passed: {bool(cards['threat_model_ok'].all())}. A card's row is a model "
+                  f"evaluated by `spat eval` (its own eps, images and seed: see its columns), "
+                  f"one row per card; it has no per-example data, so it is in no paired "
+                  f"comparison and no figure.", ""]
     lines += [to_markdown(table), ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures] + [""]
@@ -408,9 +430,11 @@ def results_markdown(table: pd.DataFrame, refs: pd.DataFrame | None, *, experime
 
 def save_results(out_dir: str | Path, collected: Collected, agg: pd.DataFrame, table: pd.DataFrame,
                  refs: pd.DataFrame | None, figures: Mapping[str, Figure] | None = None, *,
-                 experiment: str = "experiment", dpi: int = 120) -> dict[str, Path]:
+                 experiment: str = "experiment", dpi: int = 120,
+                 cards: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write results.csv (aggregated numbers + published rows), runs.csv (one row per run),
-    results.md and figures/<name>.png into ``out_dir``; returns the paths."""
+    results.md and figures/<name>.png into ``out_dir``; returns the paths. ``cards``: the
+    rows of result cards in ``agg`` (``spatlib.cards.card_row``), named in results.md."""
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -421,7 +445,8 @@ def save_results(out_dir: str | Path, collected: Collected, agg: pd.DataFrame, t
         paths[f"figure:{name}"] = p
         fig_files.append(f"figures/{name}.png")
     measured = agg.copy()
-    measured.insert(0, "source", "measured")
+    source = measured.pop("source").fillna(MEASURED) if "source" in measured else MEASURED
+    measured.insert(0, "source", source)
     published = matching_references(refs, agg) if refs is not None else pd.DataFrame()
     pub = pd.DataFrame({"source": "published", "method": published.get("method", []),
                         "dataset": published.get("dataset", []), "model": published.get("model", []),
@@ -435,7 +460,8 @@ def save_results(out_dir: str | Path, collected: Collected, agg: pd.DataFrame, t
     collected.runs.to_csv(paths["runs.csv"], index=False)
     paths["results.md"] = out / "results.md"
     paths["results.md"].write_text(results_markdown(table, refs, experiment=experiment,
-                                                    runs=collected.runs, figures=fig_files))
+                                                    runs=collected.runs, figures=fig_files,
+                                                    cards=cards))
     return paths
 
 

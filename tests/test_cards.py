@@ -1,5 +1,7 @@
 """spat eval: a run folder, a kit checkpoint, a TorchScript export and module:factory + state_dict
 of the same model give the run's own numbers; every bad target is one error line (exit 2).
+Notebook 03 reads the same cards: it writes a run's card as spat eval does, and a card of an
+external model joins its results table with the numbers it holds.
 
 One tiny digits run (SmallCNN, PGD-AT, 1 epoch of 3 batches) is trained once per module; the
 expected numbers come from the run itself (metrics.json) and from report.evaluate_run.
@@ -11,15 +13,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from spatlib import cards, report
+from spatlib import batch, cards, config, report
 from spatlib.runfolder import load_run_model
 from spatlib.train import train
 
 SUITE = "clean,fgsm,pgd20"
 N = 120
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +177,156 @@ def test_bad_targets_get_one_clear_error(run_dir, spat_eval, tmp_path):
              y_train=np.arange(4) % 10, x_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
              y_test=np.arange(4) % 10, class_names=np.array([str(k) for k in range(10)]))
     assert "cannot take npz images of shape (3, 32, 32)" in error(str(ts), "--data-path", str(cifar_like))
+
+
+# --------------------------------------------------------------------------------------------
+# notebook 03 reads the same cards
+@pytest.fixture(scope="module")
+def ts_card(run_dir, tmp_path_factory):
+    """``spat eval model.ts --name tiny-ts``: the card of a TorchScript export of the run's
+    model at the run's settings (the same numbers as the run, see the test above)."""
+    d = tmp_path_factory.mktemp("ts")
+    model, _, ds = load_run_model(run_dir, device="cpu")
+    _script(model, ds.x_test[:2].float() / 255, d / "model.ts")
+    out = d / "tiny-ts.json"
+    code = cards.cli_main([str(d / "model.ts"), "--name", "tiny-ts", "--dataset", "digits",
+                           "--eps", "0.1", "--suite", SUITE, "--n-examples", str(N),
+                           "--batch-size", "50", "--seed", "0", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_notebook_03s_run_card_is_the_card_spat_eval_writes(run_dir, spat_eval, tmp_path):
+    collected = report.collect_results([run_dir], device="cpu")      # notebook 03's call
+    (path,) = cards.write_run_cards(collected, tmp_path / "cards", which="best", device="cpu")
+    assert path == tmp_path / "cards" / "tiny-digits.json"
+    written = cards.load_card(path)
+    code, _, err, ref = spat_eval(str(run_dir))
+    assert code == 0, err
+    assert _numbers(written) == _numbers(ref)
+    assert written["name"] == ref["name"] == "tiny-digits"           # the run's name by default
+    volatile = {"date", "seconds", "source", "card_file"}          # when and how fast, not what
+    assert {k: v for k, v in written.items() if k not in volatile} == \
+           {k: v for k, v in ref.items() if k not in volatile}
+    # --name labels the card; an empty one is refused
+    code, _, err, named = spat_eval(str(run_dir), "--name", "my label")
+    assert code == 0 and named["name"] == "my label", err
+    code, _, err, _ = spat_eval(str(run_dir), "--name", " ")
+    assert code == 2 and "--name: expected a non-empty label" in err
+
+
+def test_default_names_of_external_targets(ts_card, tmp_path, monkeypatch):
+    assert cards.load_target(str(ts_card.parent / "model.ts")).default_name == "model"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "name_factory.py").write_text(
+        "from spatlib.models import build_model\n"
+        "def net():\n    return build_model('small_cnn', 10, 1, image_size=8)\n")
+    from spatlib.models import build_model
+    torch.save(build_model("small_cnn", 10, 1, image_size=8).state_dict(), tmp_path / "w.pt")
+    target = cards.load_target("name_factory:net", weights=str(tmp_path / "w.pt"))
+    assert target.default_name == "name_factory:net"
+
+
+def test_a_torchscript_card_joins_the_results_table_with_the_run_numbers(run_dir, ts_card):
+    card = cards.load_card(ts_card)
+    assert card["name"] == "tiny-ts" and card["target_kind"] == "torchscript"
+    runs = report.collect_results([run_dir], device="cpu").runs
+    row = cards.card_row(card)
+    assert row["source"] == "card: tiny-ts.json" and row["worst_case"] == card["robust_acc"]
+    assert np.isnan(row["cw"]) and row["pgd20"] == card["acc_pgd20"]
+    agg = report.aggregate(pd.concat([runs, pd.DataFrame([row])], ignore_index=True))
+    table = report.results_table(agg).set_index("Method")
+    assert list(table.index) == ["tiny-digits", "tiny-ts"]          # a group each, never averaged
+    assert table.loc["tiny-ts", "Source"] == "card: tiny-ts.json"
+    assert table.loc["tiny-digits", "Source"] == "measured"
+    assert table.loc["tiny-ts", "Model"] == "TorchScript model.ts"
+    for col in ("Dataset", "eps", "Images", "Clean", "FGSM", "PGD-20", "Seeds"):
+        assert table.loc["tiny-ts", col] == table.loc["tiny-digits", col], col
+    assert table.loc["tiny-ts", "Clean"] == f"{100 * runs.loc[0, 'clean']:.2f}"
+    assert "CW-inf" not in table                                     # neither measured it
+    # a card at another eps joins too; notebook 03 prints a note
+    (line,) = cards.card_lines([card], runs)
+    assert line == (f"card {ts_card}: tiny-ts (TorchScript model.ts), digits at eps 0.1, {N} images, "
+                    f"threat model OK")
+    (line,) = cards.card_lines([{**card, "eps": "8/255", "eps_float": 8 / 255}], runs)
+    assert line.endswith("8/255, 120 images, threat model OK; note: its eps differs from the "
+                         "runs' (digits at eps 0.1)")
+
+
+def test_bad_cards_get_one_clear_error(ts_card, tmp_path):
+    good = json.loads(ts_card.read_text())
+
+    def error(content, name="card.json") -> str:
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(cards.TargetError) as e:
+            cards.load_cards([str(path)])
+        msg = str(e.value)
+        assert msg.startswith(str(path)) and "\n" not in msg, msg
+        return msg
+
+    assert "no such result card" in error(None, "missing.json")
+    assert "not JSON" in error("{'clean_acc': 0.5", "python.json")
+    assert "a JSON list, not a result card" in error([good], "list.json")
+    assert "format 'spatlib-eval/1' is not 'spatlib-card/1'" in error({**good, "format": "spatlib-eval/1"})
+    assert "no 'format' key" in error({k: v for k, v in good.items() if k != "format"})
+    msg = error({k: v for k, v in good.items() if k not in ("robust_acc", "seed")})
+    assert "without the key(s) robust_acc, seed" in msg
+    assert "clean_acc: expected an accuracy in [0, 1], got 57.5" in error({**good, "clean_acc": 57.5})
+    assert "n_examples: expected an integer >= 1" in error({**good, "n_examples": "120"})
+    with pytest.raises(cards.TargetError, match=r"nothing/\*\.json: no file matches this pattern"):
+        cards.load_cards([str(ts_card), str(tmp_path / "nothing" / "*.json")])
+    # a file named twice (itself and by a glob) is one card; a card without a name (written
+    # before --name) is named by its file's stem
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "legacy.json").write_text(json.dumps({k: v for k, v in good.items() if k != "name"}))
+    loaded = cards.load_cards([str(ts_card), str(ts_card.parent / "*.json"), str(tmp_path / "old" / "*.json")])
+    assert [c["card_file"] for c in loaded] == [str(ts_card.resolve()), str((tmp_path / "old" / "legacy.json").resolve())]
+    assert [cards.card_row(c)["method"] for c in loaded] == ["tiny-ts", "legacy"]
+
+
+def test_the_cards_parameter_is_a_list_of_files_or_globs(tmp_path, monkeypatch):
+    with pytest.raises(config.ConfigError, match=r"robustness\.cards: expected a list, got 3"):
+        config.check_notebook_parameters("robustness", {"cards": 3})
+    with pytest.raises(config.ConfigError, match=r"robustness\.cards: expected a list, got 'a\.json'"):
+        config.check_notebook_parameters("robustness", {"cards": "a.json"})
+    config.check_notebook_parameters("robustness", {"cards": ["a.json", "cards/*.json"]})
+    # spat batch: a params file's robustness.cards, relative to where the command runs
+    monkeypatch.chdir(tmp_path)
+    plan = batch.plan_experiment(ROOT / "params" / "smoke.yaml", ["robustness.cards=[mine/*.json]"],
+                                 out_root=tmp_path / "out")
+    assert plan.experiment.robustness["cards"] == [str(tmp_path / "mine" / "*.json")]
+    job = batch.robustness_job(plan, ROOT / "notebooks", threads=1)
+    assert job.parameters["cards"] == [str(tmp_path / "mine" / "*.json")]
+    with pytest.raises(config.ConfigError, match="robustness.cards"):
+        batch.plan_experiment(ROOT / "params" / "smoke.yaml", ["robustness.cards=3"], out_root=tmp_path)
+
+
+@pytest.mark.slow
+def test_notebook_03_puts_a_card_in_its_results_table(ts_card, tmp_path):
+    import papermill as pm
+    out = tmp_path / "exp"
+    pm.execute_notebook(str(ROOT / "notebooks" / "03_robustness.ipynb"), str(tmp_path / "03.ipynb"),
+                        parameters={"out_dir": str(out), "cards": [str(ts_card.parent / "*.json")],
+                                    "device": "cpu"},
+                        kernel_name="spat", progress_bar=False, cwd=str(tmp_path))
+    card = json.loads(ts_card.read_text())
+    runs = pd.read_csv(out / "runs.csv")
+    # every run's card, as spat eval RUN_DIR writes it
+    assert sorted(p.name for p in (out / "cards").glob("*.json")) == sorted(f"{r}.json" for r in runs["run"])
+    for r in runs.itertuples():
+        run_card = cards.load_card(out / "cards" / f"{r.run}.json")
+        assert run_card["clean_acc"] == pytest.approx(r.clean, abs=1e-12)
+    # the card's row in results.csv and results.md
+    results = pd.read_csv(out / "results.csv")
+    mine = results[results["source"] == "card: tiny-ts.json"]
+    assert list(mine["method"]) == ["tiny-ts"] and list(mine["model"]) == ["TorchScript model.ts"]
+    assert mine["clean_mean"].iloc[0] == pytest.approx(100 * card["clean_acc"])
+    assert mine["pgd20_mean"].iloc[0] == pytest.approx(100 * card["acc_pgd20"])
+    assert set(results.loc[results["method"] != "tiny-ts", "source"]) == {"measured"}
+    md = (out / "results.md").read_text()
+    row = (f"| tiny-ts | digits | TorchScript model.ts | 0.1 | {N} | {100 * card['clean_acc']:.2f} | "
+           f"{100 * card['acc_fgsm']:.2f} | {100 * card['acc_pgd20']:.2f} |  | 1 | card: tiny-ts.json |")
+    assert row in md, md
+    assert "Result cards: 1 (card: tiny-ts.json); threat-model check passed: True." in md
