@@ -240,9 +240,10 @@ class PGD(Attack):
         weights, logits = self.clean_weights(x, y)
         clean_logits = logits if self.bn_mode == "eval" else None
         clean_prob = None
-        if self.loss == "kl":
+        if self.loss == "kl":   # TRADES' f(x): the class evidence's forward when it ran one
             with torch.no_grad():
-                clean_prob = F.softmax(self.model(x).float(), 1)
+                clean_prob = F.softmax(self.model(x).float() if clean_logits is None
+                                       else clean_logits, 1)
         best = self.perturb(x, y, clean_prob, weights)
         if self.restarts == 1:
             return AttackResult(best, clean_logits)

@@ -334,6 +334,23 @@ def test_spat_clean_logits_are_the_eval_mode_logits_of_x(model_name, saliency):
                 generator=_gen(1)).run(x, y).clean_logits is None
 
 
+def test_spat_trades_attack_reuses_the_evidence_forward_for_its_kl_target():
+    # TRADES' KL target softmax(f(x)) comes from the class evidence's forward: one f(x), not two
+    model = _model("small_cnn").eval()
+    x, y = _batch(model)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    spat = SPAT(model, eps=EPS, alpha=ALPHA, steps=2, loss="kl", generator=_gen(4))
+    result = spat.run(x, y)
+    assert len(calls) == 1 + 2                 # the evidence's f(x) and one forward per step
+    calls.clear()
+    PGD(model, eps=EPS, alpha=ALPHA, steps=2, loss="kl", generator=_gen(4)).run(x, y)
+    assert len(calls) == 1 + 2                 # PGD's own f(x) for the target, then the steps
+    with torch.no_grad():
+        target = F.softmax(model(x), 1)
+    torch.testing.assert_close(F.softmax(result.clean_logits, 1), target, rtol=1e-5, atol=1e-6)
+
+
 def test_restarts_keep_the_worst_case_per_example():
     # the first restart draws the same start as a single run: per example the result of three
     # restarts fools the model whenever the single run does, and otherwise has no lower loss
