@@ -58,8 +58,6 @@ def model_label(cfg: RunConfig) -> str:
     return MODEL_LABELS.get(cfg.model.name, cfg.model.name)
 
 
-
-
 def describe_dataset(cfg: RunConfig) -> str:
     """One stable line about the data a config trains on (sizes after limits and val split)."""
     from .data import dataset_from_config   # lazy: loading data is the caller's choice
@@ -378,19 +376,6 @@ def references_table(refs: pd.DataFrame) -> pd.DataFrame:
     for c in ("clean", "robust"):
         out[c] = out[c].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
     return out.rename(columns={"robust_attack": "attack"})
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------
