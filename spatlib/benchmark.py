@@ -58,9 +58,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MODELS, AttackConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .attacks import compute_layout
 from .data import Dataset, load_dataset
 from .models import build_model
-from .util import git_commit, resolve_device, utc_now
+from .util import eval_mode, git_commit, resolve_device, utc_now
 
 __all__ = ["Case", "BenchSettings", "run_benchmark", "markdown_report", "reference_pgd",
            "cli_main", "BENCH_METHODS", "CLASSES", "MANY_CLASSES", "TOPK", "build_parser",
@@ -274,16 +275,14 @@ class FloorSlice:
         self.steps = case.steps
         x, y = next(iter(self.trainer.loader))   # one augmented batch, already on the device
         self.x, self.y = x, y
+        self.x_attack = compute_layout(self.trainer.model, x)   # the layout the attack computes in
 
     def run(self, epoch: int, batches: int) -> None:
-        from .attacks import compute_layout
-        from .util import eval_mode
         t, model, y = self.trainer, self.trainer.model, self.y
         for _ in range(batches):
-            x_attack = compute_layout(model, self.x)
             with eval_mode(model), t.amp():
                 for _ in range(self.steps):
-                    x_in = x_attack.detach().requires_grad_(True)
+                    x_in = self.x_attack.detach().requires_grad_(True)
                     loss = F.cross_entropy(model(x_in).float(), y)
                     torch.autograd.grad(loss, x_in)
             model.train()

@@ -42,7 +42,7 @@ from .runfolder import (BEST, LAST, eval_cache_path, load_history, load_metrics,
 EVAL_FORMAT = "spatlib-eval/1"
 ATTACKS = SUITE_ATTACKS      # the suite's order, defined once in config
 GROUP_KEYS = ["method", "dataset", "model"]
-MEASURED = "measured"        # the source of the rows of run folders (a missing or NaN source)
+MEASURED = "measured"        # the source of the rows of run folders (evaluation_row)
 REFERENCES_CSV = Path(__file__).with_name("references.csv")
 REFERENCE_COLUMNS = ["dataset", "threat_model", "eps", "method", "model", "clean", "robust",
                      "robust_attack", "source", "note"]
@@ -205,6 +205,7 @@ def evaluation_row(ev: RunEvaluation, labels: Mapping | None = None) -> dict:
     row["threat_model_ok"] = r.threat_model_ok
     row["eval_seconds"] = ev.seconds
     row["eval_cached"] = ev.cached
+    row["source"] = MEASURED
     for k in ("best_epoch", "epochs_trained", "train_time_s", "test_clean_acc", "test_pgd20_acc"):
         row[k] = metrics.get(k, float("nan"))
     return row
@@ -246,14 +247,13 @@ def aggregate(runs: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFr
 
     One row per ``keys`` group in order of first appearance, with ``n_seeds``, ``seeds``, ``eps_str``,
     and ``<attack>_mean`` / ``<attack>_std`` for each attack the runs measured, plus
-    ``worst_case_mean`` / ``worst_case_std``. When ``runs`` has a ``source`` column (result
-    cards beside the runs), ``source`` is a key too (missing: ``measured``), so a card never
-    averages with a run.
+    ``worst_case_mean`` / ``worst_case_std``. When ``runs`` has a ``source`` column (every
+    :func:`evaluation_row` and ``spatlib.cards.card_row`` has), ``source`` is a key too, so a
+    result card never averages with a run.
     """
     if runs.empty:
         return pd.DataFrame(columns=[*keys, "n_seeds"])
     if "source" in runs and "source" not in keys:
-        runs = runs.assign(source=runs["source"].fillna(MEASURED))
         keys = [*keys, "source"]
     cols = [a for a in (*ATTACKS, "worst_case") if a in runs and runs[a].notna().any()]
     out = []
@@ -319,11 +319,6 @@ def matching_references(refs: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(keep, columns=refs.columns)
 
 
-def _source(r: pd.Series) -> str:
-    v = r.get("source")
-    return v if isinstance(v, str) and v else MEASURED
-
-
 def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.DataFrame:
     """The results table: measured rows (``mean ± std`` percent over seeds) then the
     published AutoAttack rows of the same datasets and eps, marked ``(published)``.
@@ -341,7 +336,7 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         for a in attacks:
             row[ATTACK_LABELS[a]] = format_mean_std(r[f"{a}_mean"], r.get(f"{a}_std", float("nan")))
         row["Seeds"] = str(r["n_seeds"])
-        row["Source"] = _source(r)
+        row["Source"] = r.get("source", MEASURED)
         rows.append(row)
     for _, r in matching_references(refs, agg).iterrows():
         row = {"Method": f"{r['method']} (published)", "Dataset": r["dataset"], "Model": r["model"],
@@ -430,8 +425,7 @@ def save_results(out_dir: str | Path, collected: Collected, agg: pd.DataFrame, t
         paths[f"figure:{name}"] = p
         fig_files.append(f"figures/{name}.png")
     measured = agg.copy()
-    source = measured.pop("source").fillna(MEASURED) if "source" in measured else MEASURED
-    measured.insert(0, "source", source)
+    measured.insert(0, "source", measured.pop("source") if "source" in measured else MEASURED)
     published = matching_references(refs, agg) if refs is not None else pd.DataFrame()
     pub = pd.DataFrame({"source": "published", "method": published.get("method", []),
                         "dataset": published.get("dataset", []), "model": published.get("model", []),

@@ -302,7 +302,8 @@ class SharedPixels:
 def _score(model: nn.Module, x: Tensor, y: Tensor, rule: str, saliency: str,
            classes: str | Tensor, class_chunk: int,
            generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
-    """(score s, f(x) of the class-evidence forward or None for ``none``), settings checked."""
+    """(score s, f(x) of the class-evidence forward or None for ``none``); the caller has
+    checked the settings (:func:`check_spat_settings`)."""
     r = RULES[rule]
     if r.score is None:
         return torch.ones_like(x[:, :1], dtype=torch.float32), None
