@@ -6,9 +6,10 @@ Every attack is ``attack(x, y) -> x_adv``; ``attack.run(x, y)`` returns an
 ``torch.Generator`` and the global RNG is never reseeded. Attack arithmetic (gradient sign,
 step, projection) is float32 even when the model runs under autocast.
 
-There is one step rule, ``delta <- clip(delta + alpha * w * sign(grad), -eps, eps)``, in
-:class:`PGD`. Plain PGD has ``w = 1``; :class:`SPAT` supplies shared-pixel weights ``w`` from
-:mod:`spatlib.semantics`. FGSM and CW are PGD with other settings, not copies.
+There is one step rule, ``delta <- clip(delta + alpha * w * sign(grad), -eps * r, eps * r)``, in
+:class:`PGD`. Plain PGD has ``w = 1`` and ``r = 1``; :class:`SPAT` shapes the budget from the
+shared-pixel score of :mod:`spatlib.semantics`: step weights ``w`` (``budget='step'``) or a radius
+``r`` in [0, 1] per pixel (``budget='radius'``). FGSM and CW are PGD with other settings, not copies.
 """
 from __future__ import annotations
 
@@ -51,8 +52,12 @@ def per_example_loss(logits: Tensor, y: Tensor, loss: str, clean_prob: Tensor | 
     raise ValueError(f"loss: expected one of {', '.join(ATTACK_LOSSES)}, got {loss!r}")
 
 
-def check_threat_model(x: Tensor, x_adv: Tensor, eps: float) -> dict:
-    """The threat-model check AutoAttack prints: max |x_adv - x|, NaNs, pixel range."""
+def check_threat_model(x: Tensor, x_adv: Tensor, eps: float, radius: Tensor | None = None) -> dict:
+    """The threat-model check AutoAttack prints: max |x_adv - x|, NaNs, pixel range.
+
+    ``radius`` (N, 1 | C, H, W) in [0, 1] (SPAT's ``budget='radius'``): also checks every element
+    against its own ball, ``|x_adv - x| <= eps * r`` (``max_radius_excess``: the largest
+    ``|x_adv - x| - eps * r``, at most 0 when it holds)."""
     diff = (x_adv.float() - x.float()).abs()
     report = {
         "max_linf": float(diff.max()) if diff.numel() else 0.0,
@@ -61,7 +66,12 @@ def check_threat_model(x: Tensor, x_adv: Tensor, eps: float) -> dict:
         "max_pixel": float(x_adv.max()) if x_adv.numel() else 0.0,
         "eps": float(eps),
     }
-    report["ok"] = (report["max_linf"] <= eps + 1e-6 and report["n_nan"] == 0
+    ok_radius = True
+    if radius is not None:
+        excess = diff - eps * radius.float().to(diff.device)
+        report["max_radius_excess"] = float(excess.max()) if excess.numel() else 0.0
+        ok_radius = report["max_radius_excess"] <= 1e-6 and float(radius.max()) <= 1.0 + 1e-6
+    report["ok"] = (report["max_linf"] <= eps + 1e-6 and report["n_nan"] == 0 and ok_radius
                     and report["min_pixel"] >= 0.0 and report["max_pixel"] <= 1.0)
     return report
 
@@ -87,14 +97,34 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps: expected a number in [0, 1] (pixel units, e.g. 8/255), got {eps!r}")
 
 
+def _project(delta: Tensor, bound: float | Tensor) -> Tensor:
+    """delta clipped into [-bound, bound] (a number, or a tensor broadcast over delta)."""
+    if isinstance(bound, Tensor):
+        return torch.maximum(torch.minimum(delta, bound), -bound)
+    return delta.clamp(-bound, bound)
+
+
 @dataclass
 class AttackResult:
     """x_adv (N, C, H, W) float32 in the layout of x; ``clean_logits`` (N, K), detached,
     float32: f(x) with the model in eval mode when the attack computed it on the way (SPAT's
     class evidence in ``bn_mode='eval'``), else None. A caller that needs f(x) reads it here
-    instead of running another forward."""
+    instead of running another forward. ``radius`` (N, 1 | C, H, W): the per-element ball of
+    SPAT's ``budget='radius'`` as a fraction of eps (``|x_adv - x| <= eps * radius``, the one at
+    the last step when it is refreshed), else None (the eps-ball)."""
     x_adv: Tensor
     clean_logits: Tensor | None = None
+    radius: Tensor | None = None
+
+
+@dataclass
+class Shaping:
+    """How the budget is shaped at a step: ``weights`` multiply the step (None: 1), ``radius``
+    bounds each element at ``eps * radius`` (None: eps); both (N, 1 | C, H, W) float32.
+    ``logits``: f(x), when computing the shaping ran it."""
+    weights: Tensor | None = None
+    radius: Tensor | None = None
+    logits: Tensor | None = None
 
 
 class Attack:
@@ -180,24 +210,25 @@ class PGD(Attack):
         self.keep_fooled = bool(keep_fooled)
 
     # -- hooks for SPAT ------------------------------------------------------------------
-    def clean_weights(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """(step weights at the clean x, f(x) if computing them ran it); PGD: (None, None)."""
-        return None, None
+    def clean_shaping(self, x: Tensor, y: Tensor) -> Shaping:
+        """The budget's shape at the clean x (step weights or radius, and f(x) if computing them
+        ran it); PGD: no shaping."""
+        return Shaping()
 
-    def step_weights(self, x_adv: Tensor, y: Tensor, step: int,
-                     previous: Tensor | None) -> Tensor | None:
-        """Per-element weights of the step at ``step``, given the previous step's (the clean
-        weights at step 0). None: plain PGD, w = 1."""
+    def step_shaping(self, x_adv: Tensor, y: Tensor, step: int, previous: Shaping) -> Shaping:
+        """The shaping of the step at ``step``, given the previous step's (the clean one at step
+        0). PGD: unchanged."""
         return previous
 
     # -- the one step rule ---------------------------------------------------------------
-    def _start(self, x: Tensor) -> Tensor:
+    def _start(self, x: Tensor, bound: float | Tensor | None = None) -> Tensor:
+        bound = self.eps if bound is None else bound
         if self.random_start is True:
             noise = torch.rand(x.shape, generator=self.generator, device=self._rng_device(x))
-            delta = (2 * noise.to(x.device) - 1) * self.eps
+            delta = (2 * noise.to(x.device) - 1) * bound
         elif self.random_start == "normal":
             noise = torch.randn(x.shape, generator=self.generator, device=self._rng_device(x))
-            delta = (0.001 * noise.to(x.device)).clamp(-self.eps, self.eps)
+            delta = _project(0.001 * noise.to(x.device), bound)
         else:
             delta = torch.zeros_like(x)
         # x first: the result takes the layout of x (see compute_layout), not the noise's
@@ -206,16 +237,21 @@ class PGD(Attack):
     def _rng_device(self, x: Tensor) -> torch.device:
         return self.generator.device if self.generator is not None else x.device
 
+    def _bound(self, shaping: Shaping) -> float | Tensor:
+        """eps, or the per-element ball eps * r of a radius shaping."""
+        return self.eps if shaping.radius is None else self.eps * shaping.radius
+
     def perturb(self, x: Tensor, y: Tensor, clean_prob: Tensor | None = None,
-                weights: Tensor | None = None) -> Tensor:
-        """One restart: ``steps`` weighted sign-gradient steps from the start (``weights``: those
-        of the first step, see :meth:`step_weights`). Returns x_adv."""
-        delta = self._start(x)
+                shaping: Shaping | None = None) -> tuple[Tensor, Shaping]:
+        """One restart: ``steps`` shaped sign-gradient steps from the start (``shaping``: that of
+        the first step, see :meth:`step_shaping`). Returns x_adv and the last step's shaping."""
+        shaping = shaping if shaping is not None else Shaping()
+        delta = self._start(x, self._bound(shaping))
         kept = fooled = None
         if self.keep_fooled:
             kept, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for step in range(self.steps):
-            weights = self.step_weights(x + delta, y, step, weights)
+            shaping = self.step_shaping(x + delta, y, step, shaping)
             delta.requires_grad_(True)
             with torch.enable_grad():
                 logits = self.model(x + delta).float()
@@ -225,37 +261,41 @@ class PGD(Attack):
                 new = (logits.detach().argmax(1) != y) & ~fooled
                 kept[new] = (x + delta.detach())[new]
                 fooled |= new
-            step_size = self.alpha if weights is None else self.alpha * weights
-            delta = (delta.detach() + step_size * grad.float().sign()).clamp(-self.eps, self.eps)
+            w = shaping.weights
+            step_size = self.alpha if w is None else self.alpha * w
+            delta = _project(delta.detach() + step_size * grad.float().sign(), self._bound(shaping))
             delta = (x + delta).clamp(0, 1) - x
         x_adv = x + delta
         if fooled is not None:
             with torch.no_grad():
                 lost = fooled & (self.model(x_adv).argmax(1) == y)
             x_adv = torch.where(lost.view(-1, *([1] * (x.dim() - 1))), kept, x_adv)
-        return x_adv
+        return x_adv, shaping
 
     def forward(self, x: Tensor, y: Tensor) -> AttackResult:
-        # the clean-input weights are the same for every restart: computed once per call
-        weights, logits = self.clean_weights(x, y)
-        clean_logits = logits if self.bn_mode == "eval" else None
+        # the clean-input shaping is the same for every restart: computed once per call
+        shaping = self.clean_shaping(x, y)
+        clean_logits = shaping.logits if self.bn_mode == "eval" else None
         clean_prob = None
         if self.loss == "kl":   # TRADES' f(x): the class evidence's forward when it ran one
             with torch.no_grad():
                 clean_prob = F.softmax(self.model(x).float() if clean_logits is None
                                        else clean_logits, 1)
-        best = self.perturb(x, y, clean_prob, weights)
+        best, last = self.perturb(x, y, clean_prob, shaping)
         if self.restarts == 1:
-            return AttackResult(best, clean_logits)
+            return AttackResult(best, clean_logits, last.radius)
+        if last.radius is not shaping.radius:
+            # refreshed radii differ per restart: the restarts' balls would not be one ball
+            raise ValueError("restarts > 1 with a refreshed per-pixel radius: use refresh 0 or restarts 1")
         best_fooled, best_loss = self._score(best, y, clean_prob)
         for _ in range(self.restarts - 1):
-            cand = self.perturb(x, y, clean_prob, weights)
+            cand, _ = self.perturb(x, y, clean_prob, shaping)
             fooled, loss = self._score(cand, y, clean_prob)
             better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
             best = torch.where(better.view(-1, 1, 1, 1), cand, best)
             best_fooled = best_fooled | fooled
             best_loss = torch.where(better, loss, best_loss)
-        return AttackResult(best, clean_logits)
+        return AttackResult(best, clean_logits, shaping.radius)
 
     @torch.no_grad()
     def _score(self, x_adv: Tensor, y: Tensor, clean_prob: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -286,17 +326,21 @@ class CW(PGD):
 
 
 class SPAT(PGD):
-    """Semantics-preserving PGD: the PGD step weighted toward pixels shared by all classes.
+    """Semantics-preserving PGD: the PGD budget shaped toward pixels shared by all classes.
 
-    Weights from :func:`spatlib.semantics.shared_pixels` (mean 1 per image, at most
-    eps/alpha), computed at the clean x, or at the current x_adv every ``refresh`` steps.
-    ``rule="none"`` is PGD exactly. ``run(x, y).clean_logits`` is f(x) from the forward the
-    class evidence ran at the clean x (``bn_mode='eval'``, a rule other than ``none``).
+    ``budget='step'``: step weights from :func:`spatlib.semantics.shared_pixels` (mean 1 per image,
+    at most eps/alpha); every element keeps the eps-ball. ``budget='radius'``: the step is PGD's
+    and each element keeps its own ball ``|delta_i| <= eps * r_i``, ``r`` in [0, 1] with mean
+    ``radius_mean`` (:func:`spatlib.semantics.per_pixel_radius`). The shaping is computed at the
+    clean x, or at the current x_adv every ``refresh`` steps. ``rule="none"`` (step budget) is
+    PGD exactly. ``run(x, y).clean_logits`` is f(x) from the forward the class evidence ran at
+    the clean x (``bn_mode='eval'``, a rule other than ``none``); ``run(x, y).radius`` the radius.
     """
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: float, steps: int,
                  rule: str = "intersection", saliency: str = "input_grad", gamma: float = 1.0,
                  classes: str = "all", class_chunk: int = 16, refresh: int = 0,
+                 budget: str = "step", radius_mean: float = 0.5,
                  random_start: bool | str = True, restarts: int = 1, loss: str = "ce",
                  bn_mode: str = "eval", generator: torch.Generator | None = None,
                  keep_fooled: bool = False):
@@ -305,27 +349,34 @@ class SPAT(PGD):
                          keep_fooled=keep_fooled)
         if refresh < 0:
             raise ValueError(f"refresh: expected an integer >= 0, got {refresh}")
-        check_spat_settings(rule, saliency, gamma, classes)
+        check_spat_settings(rule, saliency, gamma, classes, budget, radius_mean)
         self.rule, self.saliency, self.gamma = rule, saliency, float(gamma)
         self.classes, self.class_chunk, self.refresh = classes, int(class_chunk), int(refresh)
+        self.budget, self.radius_mean = budget, float(radius_mean)
 
     def _shared_pixels(self, x: Tensor, y: Tensor):
         return shared_pixels(self.model, x, y, self.rule, self.saliency, self.gamma, self.classes,
-                             self.eps, self.alpha, self.class_chunk, self.generator)
+                             self.eps, self.alpha, self.class_chunk, self.generator,
+                             budget=self.budget, radius_mean=self.radius_mean)
+
+    def shaping(self, x: Tensor, y: Tensor) -> Shaping:
+        """The step weights or the radius at x, (N, 1 | C, H, W), and f(x)."""
+        sp = self._shared_pixels(x, y)
+        return Shaping(sp.weights, sp.radius, sp.logits)
 
     def weights(self, x: Tensor, y: Tensor) -> Tensor:
-        """The step weights at x, (N, 1 | C, H, W)."""
+        """The step weights at x, (N, 1 | C, H, W) (``budget='step'``)."""
         return self._shared_pixels(x, y).weights
 
-    def clean_weights(self, x, y):
+    def clean_shaping(self, x, y):
         if self.rule == "none":
-            return None, None
-        sp = self._shared_pixels(x, y)
-        return sp.weights, sp.logits
+            return Shaping()
+        return self.shaping(x, y)
 
-    def step_weights(self, x_adv, y, step, previous):
+    def step_shaping(self, x_adv, y, step, previous):
         if self.rule != "none" and self.refresh and step and step % self.refresh == 0:
-            return self.weights(x_adv.detach(), y)
+            new = self.shaping(x_adv.detach(), y)
+            return Shaping(new.weights, new.radius, previous.logits)
         return previous
 
 
@@ -334,11 +385,13 @@ def make_attack(kind: str, model: nn.Module, *, eps: float, steps: int = 10,
                 loss: str | None = None, bn_mode: str = "eval",
                 generator: torch.Generator | None = None, keep_fooled: bool = False,
                 rule: str = "intersection", saliency: str = "input_grad", gamma: float = 1.0,
-                classes: str = "all", class_chunk: int = 16, refresh: int = 0) -> PGD:
+                classes: str = "all", class_chunk: int = 16, refresh: int = 0,
+                budget: str = "step", radius_mean: float = 0.5) -> PGD:
     """The one attack factory (training, the evaluation suite, notebook 01).
 
     ``kind``: ``fgsm`` (one step of eps from x), ``pgd``, ``cw`` (PGD on the margin loss) or
-    ``spat`` (PGD with shared-pixel weights; ``rule`` and the other SPAT settings).
+    ``spat`` (PGD with the budget shaped by the shared-pixel score: ``budget`` ``step`` or
+    ``radius``, ``rule`` and the other SPAT settings).
     Step size convention: ``alpha`` is in pixel units, like eps; None means
     ``MADRY_ALPHA_SCALE * eps / steps`` (2.5 eps / steps). ``loss`` None: ce (margin for cw).
     ``keep_fooled``: return per example the first iterate that fooled the model (evaluation).
@@ -359,19 +412,23 @@ def make_attack(kind: str, model: nn.Module, *, eps: float, steps: int = 10,
         return CW(model, **common)
     if kind == "spat":
         return SPAT(model, rule=rule, saliency=saliency, gamma=gamma, classes=classes,
-                    class_chunk=class_chunk, refresh=refresh, loss=loss or "ce", **common)
+                    class_chunk=class_chunk, refresh=refresh, budget=budget,
+                    radius_mean=radius_mean, loss=loss or "ce", **common)
     return PGD(model, loss=loss or "ce", **common)
 
 
-def assert_threat_model(x: Tensor, x_adv: Tensor, eps: float) -> None:
-    """Cheap runtime check; raises ThreatModelError naming the violated bound."""
-    r = check_threat_model(x, x_adv, eps)
+def assert_threat_model(x: Tensor, x_adv: Tensor, eps: float, radius: Tensor | None = None) -> None:
+    """Cheap runtime check; raises ThreatModelError naming the violated bound (with ``radius``,
+    each element's own ball ``eps * radius`` too)."""
+    r = check_threat_model(x, x_adv, eps, radius)
     if not r["ok"]:
+        per_pixel = (f", largest excess over eps * r {r['max_radius_excess']:.3g}"
+                     if radius is not None else "")
         raise ThreatModelError(f"adversarial examples leave the threat model: max |x_adv - x| = "
-                               f"{r['max_linf']:.3g} (eps {eps:.3g}), NaNs {r['n_nan']}, pixel range "
-                               f"[{r['min_pixel']:.3g}, {r['max_pixel']:.3g}]")
+                               f"{r['max_linf']:.3g} (eps {eps:.3g}){per_pixel}, NaNs {r['n_nan']}, "
+                               f"pixel range [{r['min_pixel']:.3g}, {r['max_pixel']:.3g}]")
 
 
-__all__ = ["Attack", "AttackResult", "PGD", "FGSM", "CW", "SPAT", "make_attack", "check_threat_model",
+__all__ = ["Attack", "AttackResult", "Shaping", "PGD", "FGSM", "CW", "SPAT", "make_attack", "check_threat_model",
            "assert_threat_model", "compute_layout", "margin_loss", "per_example_loss",
            "ThreatModelError"]

@@ -25,7 +25,7 @@ from typing import Any, Union
 
 import yaml
 
-from .semantics import RULES, SALIENCIES, parse_classes
+from .semantics import BUDGETS, RULES, SALIENCIES, parse_classes
 from .util import ConfigError, did_you_mean
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "npz", "synthetic")
@@ -179,6 +179,11 @@ class AttackConfig:
     classes: str = spec("all", Check(_classes_ok, "'all' or 'topk:N' with N >= 1"))
     class_chunk: int = spec(16, POSITIVE_INT)      # classes per batched backward (memory bound)
     refresh: int = spec(0, NON_NEGATIVE_INT)       # recompute weights every k steps; 0: once at clean x
+    # how the score shapes the budget: step (weighted steps, every pixel keeps the eps-ball) or
+    # radius (|delta_i| <= eps * r_i, r in [0, 1] from the score with mean radius_mean)
+    budget: str = spec("step", choice(BUDGETS))
+    radius_mean: float = spec(0.5, in_range(0.0, 1.0, closed_low=False,
+                                            note=" (the mean per-pixel radius, a fraction of eps)"))
 
 
 DEVICE = Check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
@@ -245,12 +250,30 @@ class RunConfig:
 
 # --------------------------------------------------------------------------------------------
 # the notebook sections: notebook 01's ``hypothesis:`` and notebook 03's ``robustness:``
+RADIUS_SUFFIX = ":radius"   # notebook 01's name of a SPAT attack with budget 'radius'
+
+
 def attack_names(saliency: str = "input_grad") -> list[str]:
-    """The attacks notebook 01 compares: ``pgd`` and ``spat_<rule>`` for every rule of the
-    registry (:data:`spatlib.semantics.RULES`) but ``none`` (that is ``pgd``), without the rules
-    that read input gradients when ``saliency`` is ``cam``."""
-    return ["pgd"] + [f"spat_{r.name}" for r in RULES.values()
-                      if r.score is not None and not (r.needs_grads and saliency != "input_grad")]
+    """The attacks notebook 01 compares: ``pgd``, ``spat_<rule>`` (the step budget) and
+    ``spat_<rule>:radius`` (the per-pixel radius budget) for every rule of the registry
+    (:data:`spatlib.semantics.RULES`) but ``none`` (that is ``pgd``), without the rules that
+    read input gradients when ``saliency`` is ``cam``."""
+    rules = [r.name for r in RULES.values()
+             if r.score is not None and not (r.needs_grads and saliency != "input_grad")]
+    return ["pgd"] + [f"spat_{r}" for r in rules] + [f"spat_{r}{RADIUS_SUFFIX}" for r in rules]
+
+
+def parse_attack_name(name: str) -> tuple[str, str]:
+    """notebook 01's attack name -> (rule, budget): ``pgd`` -> (none, step), ``spat_equality``
+    -> (equality, step), ``spat_random:radius`` -> (random, radius)."""
+    if name == "pgd":
+        return "none", "step"
+    if not name.startswith("spat_"):
+        raise ConfigError(f"attack {name!r}: expected pgd, spat_<rule> or spat_<rule>{RADIUS_SUFFIX}")
+    rule = name[len("spat_"):]
+    if rule.endswith(RADIUS_SUFFIX):
+        return rule[:-len(RADIUS_SUFFIX)], "radius"
+    return rule, "step"
 
 
 @dataclass
@@ -271,6 +294,9 @@ class HypothesisConfig:
         lambda: "a non-empty list drawn from " + ", ".join(attack_names())))
     attack_steps: int = spec(20, POSITIVE_INT)
     saliency: str = spec("input_grad", choice(SALIENCIES))
+    gamma: float = spec(1.0, at_least(0, "a number"))     # the SPAT attacks' score sharpening
+    radius_mean: float = spec(0.5, in_range(0.0, 1.0, closed_low=False,
+                                            note=" (the mean per-pixel radius of the :radius attacks)"))
     n_examples: int = spec(200, POSITIVE_INT)
     oracle: str = spec("knn", choice(ORACLES))
     oracle_k: int = spec(5, POSITIVE_INT)
@@ -419,6 +445,10 @@ def _check_consistency(cfg: RunConfig) -> None:
     if RULES[cfg.attack.rule].needs_grads and cfg.attack.saliency != "input_grad":
         raise ConfigError(f"attack.rule: {cfg.attack.rule!r} needs attack.saliency 'input_grad' "
                           f"(it reads the input gradients)")
+    if cfg.attack.budget == "radius" and RULES[cfg.attack.rule].score is None:
+        raise ConfigError(f"attack.budget: 'radius' needs a shared-pixel rule with a score; "
+                          f"attack.rule {cfg.attack.rule!r} has none (it is plain PGD): use budget "
+                          f"'step' or a rule of {', '.join(r for r in RULES if RULES[r].score)}")
 
 
 def _check_section_consistency(cfg: HypothesisConfig, where: str) -> None:

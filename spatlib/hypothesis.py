@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .attacks import MADRY_ALPHA_SCALE, PGD, Attack, assert_threat_model
 from .attacks import make_attack as _make
-from .config import attack_names, format_eps, parse_eps
+from .config import attack_names, format_eps, parse_attack_name, parse_eps
 from .semantics import SALIENCIES, shared_pixel_score
 from .util import derive_seed, device_of, eval_mode
 
@@ -219,8 +219,9 @@ def make_attack(model: nn.Module, eps: float, generator: torch.Generator | None 
                 rule: str = "none", steps: int = 20, alpha_scale: float = MADRY_ALPHA_SCALE,
                 saliency: str = "input_grad", gamma: float = 1.0, classes: str = "all",
                 random_start: bool | str = True, restarts: int = 1, loss: str = "ce",
-                bn_mode: str = "eval") -> PGD:
-    """PGD (``rule="none"``) or SPAT with ``rule``, with ``alpha = alpha_scale * eps / steps``.
+                bn_mode: str = "eval", budget: str = "step", radius_mean: float = 0.5) -> PGD:
+    """PGD (``rule="none"``) or SPAT with ``rule`` and ``budget``, with ``alpha = alpha_scale *
+    eps / steps``.
 
     The step size scales with eps so that attacks compared at several eps (or at the eps found
     by matching success) stay equally well tuned. Built by :func:`spatlib.attacks.make_attack`.
@@ -230,20 +231,24 @@ def make_attack(model: nn.Module, eps: float, generator: torch.Generator | None 
     alpha = max(alpha_scale * eps / steps, 1e-12)   # eps = 0 is a valid (empty) budget
     return _make("pgd" if rule == "none" else "spat", model, eps=eps, alpha=alpha, steps=steps,
                  random_start=random_start, restarts=restarts, loss=loss, bn_mode=bn_mode,
-                 generator=generator, rule=rule, saliency=saliency, gamma=gamma, classes=classes)
+                 generator=generator, rule=rule, saliency=saliency, gamma=gamma, classes=classes,
+                 budget=budget, radius_mean=radius_mean)
 
 
 def standard_attacks(names: Sequence[str] | None = None, *, steps: int = 20,
                      alpha_scale: float = MADRY_ALPHA_SCALE, saliency: str = "input_grad",
                      gamma: float = 1.0, classes: str = "all", random_start: bool | str = True,
-                     restarts: int = 1, loss: str = "ce") -> dict[str, AttackFactory]:
-    """Factories for PGD, SPAT with each rule, and the random control, all alike but the rule.
+                     restarts: int = 1, loss: str = "ce", radius_mean: float = 0.5
+                     ) -> dict[str, AttackFactory]:
+    """Factories for PGD, SPAT with each rule and budget, and the random controls, all alike but
+    the rule and the budget.
 
     Same steps, the same step size ``alpha = alpha_scale * eps / steps`` (default 2.5 eps/steps,
-    Madry et al.'s rule) and the same start, so the rule is the only difference. Names: those of
-    :func:`attack_names` (``pgd``, ``spat_intersection``, ``spat_equality``, ``spat_agreement``
-    with input_grad saliency only, ``spat_random``: the control, and any registered rule).
-    ``names`` picks a subset.
+    Madry et al.'s rule) and the same start, so the rule (and the budget) is the only difference.
+    Names: those of :func:`attack_names`: ``pgd``, ``spat_<rule>`` (step budget: weighted steps in
+    the eps-ball) and ``spat_<rule>:radius`` (radius budget: ``|delta_i| <= eps * r_i`` with mean
+    radius ``radius_mean``) for ``intersection``, ``equality``, ``agreement`` (input_grad saliency
+    only), ``random`` (the control) and any registered rule. ``names`` picks a subset.
     """
     if saliency not in SALIENCIES:
         raise ValueError(f"saliency: expected one of {', '.join(SALIENCIES)}, got {saliency!r}")
@@ -254,9 +259,13 @@ def standard_attacks(names: Sequence[str] | None = None, *, steps: int = 20,
         raise ValueError(f"unknown attack(s) {unknown}; available with saliency {saliency!r}: "
                          f"{', '.join(available)}")
     settings = dict(steps=steps, alpha_scale=alpha_scale, saliency=saliency, gamma=gamma,
-                    classes=classes, random_start=random_start, restarts=restarts, loss=loss)
-    return {n: functools.partial(make_attack, rule="none" if n == "pgd" else n[len("spat_"):],
-                                 **settings) for n in chosen}
+                    classes=classes, random_start=random_start, restarts=restarts, loss=loss,
+                    radius_mean=radius_mean)
+    out = {}
+    for n in chosen:
+        rule, budget = parse_attack_name(n)
+        out[n] = functools.partial(make_attack, rule=rule, budget=budget, **settings)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +346,7 @@ class AttackOutcome:
     specific_share: np.ndarray   # class-specific share of |delta| (NaN for delta = 0)
     l2: np.ndarray
     linf: np.ndarray
+    budget: str = "step"         # step | radius (SPAT's budget shape; step for PGD)
 
     @property
     def attack_success(self) -> float:
@@ -385,8 +395,9 @@ def _run_attack(model, oracle, factory: AttackFactory, name: str, eps: float, ep
     fooled, flipped, p_drop, specific, l2, linf = [], [], [], [], [], []
     for i in range(0, len(clean.y), batch_size):
         xb, yb = clean.x[i:i + batch_size].to(device), clean.y[i:i + batch_size].to(device)
-        x_adv = attack(xb, yb)
-        assert_threat_model(xb, x_adv, eps)
+        result = attack.run(xb, yb)
+        x_adv = result.x_adv
+        assert_threat_model(xb, x_adv, eps, result.radius)   # per pixel for a radius budget
         with torch.no_grad():
             fooled.append((model(x_adv).argmax(1) != yb).cpu())
         probs = oracle.predict_proba(x_adv).cpu()
@@ -401,7 +412,8 @@ def _run_attack(model, oracle, factory: AttackFactory, name: str, eps: float, ep
     def cat(parts):
         return torch.cat(parts).numpy()
 
-    outcome = AttackOutcome(attack=name, rule=getattr(attack, "rule", "none"), eps=float(eps),
+    outcome = AttackOutcome(attack=name, rule=getattr(attack, "rule", "none"),
+                            budget=getattr(attack, "budget", "step"), eps=float(eps),
                             eps_nominal=float(eps_nominal), model_correct=clean.model_correct.numpy(),
                             model_fooled=cat(fooled), oracle_correct=clean.oracle_correct.numpy(),
                             oracle_flipped=cat(flipped), p_drop=cat(p_drop), specific_share=cat(specific),
@@ -429,7 +441,8 @@ def _row(outcome: AttackOutcome, attack: Attack, matched: bool, seed: int) -> di
     low, high = wilson_interval(flips, n_valid)
     specific = _nanmean(outcome.specific_share)
     return {
-        "attack": outcome.attack, "rule": outcome.rule, "control": outcome.rule == "random",
+        "attack": outcome.attack, "rule": outcome.rule, "budget": outcome.budget,
+        "control": outcome.rule == "random",
         "eps_nominal": outcome.eps_nominal, "eps": outcome.eps, "eps_str": format_eps(outcome.eps),
         "matched": matched, "steps": getattr(attack, "steps", np.nan),
         "alpha": getattr(attack, "alpha", np.nan), "n": len(valid),
@@ -441,6 +454,7 @@ def _row(outcome: AttackOutcome, attack: Attack, matched: bool, seed: int) -> di
         "oracle_flip_ci_low": low, "oracle_flip_ci_high": high,
         "oracle_p_drop": float(outcome.p_drop[valid].mean()) if n_valid else np.nan,
         "specific_mass_share": specific, "shared_mass_share": 1 - specific,
+        "shared_mass_share_pgd": np.nan, "shared_vs_pgd": np.nan,   # filled by semantic_report
         "l2": float(outcome.l2.mean()) if len(valid) else np.nan,
         "linf": float(outcome.linf.mean()) if len(valid) else np.nan,
         "seed": seed,
@@ -498,8 +512,10 @@ def semantic_report(model: nn.Module, oracle: Oracle, x, y, attacks: Mapping[str
     Wilson interval ``oracle_flip_ci_low/high``, ``oracle_p_drop`` (mean drop of the oracle's
     p(y) over the same examples), ``specific_mass_share, shared_mass_share`` (the split of
     |delta| by the attacked model's intersection score at the clean x, see
-    :func:`perturbation_mass_share`; mean over examples), ``l2, linf`` (mean perturbation norms),
-    ``seed``. ``df.attrs`` records the oracle and the attack settings. ``saliency``, ``classes``
+    :func:`perturbation_mass_share`; mean over examples), ``shared_mass_share_pgd`` and
+    ``shared_vs_pgd`` (PGD's shared share at the same eps, and this attack's over it: the
+    manipulation check, did the examples move?), ``budget`` (step | radius), ``l2, linf`` (mean
+    perturbation norms), ``seed``. ``df.attrs`` records the oracle and the attack settings. ``saliency``, ``classes``
     and ``class_chunk`` say how that score is computed (match them to the attacks'). The mass
     split is measured with the attacked model's own score, so for SPAT it checks that the
     weights moved the budget; the oracle flip rate, not the split, is the evidence about meaning.
@@ -555,10 +571,22 @@ def semantic_report(model: nn.Module, oracle: Oracle, x, y, attacks: Mapping[str
                 outcome, attack = runs[name]
                 rows.append(_row(outcome, attack, match_success and name != reference, seed))
                 details[(name, eps)] = outcome
-    df = pd.DataFrame(rows)
+    df = _with_pgd_share(pd.DataFrame(rows))
     df.attrs.update(seed=seed, batch_size=batch_size, oracle=repr(oracle), saliency=saliency,
                     attacks={n: _describe(f) for n, f in attacks.items()})
     return (df, details) if return_details else df
+
+
+def _with_pgd_share(df: pd.DataFrame, reference: str = "pgd") -> pd.DataFrame:
+    """The manipulation check beside every row: PGD's shared share of |delta| at the same nominal
+    eps (``shared_mass_share_pgd``) and the row's share over it (``shared_vs_pgd``: 1 = the
+    attack puts its perturbation where PGD does; NaN without a PGD row)."""
+    if df.empty or reference not in set(df["attack"]):
+        return df
+    pgd = df[df["attack"] == reference].set_index("eps_nominal")["shared_mass_share"]
+    df["shared_mass_share_pgd"] = df["eps_nominal"].map(pgd)
+    df["shared_vs_pgd"] = df["shared_mass_share"] / df["shared_mass_share_pgd"]
+    return df
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,15 +684,20 @@ def comparison_names(attacks: Sequence[str]) -> tuple[str, str, str | None]:
 
 
 def semantic_summary(report: pd.DataFrame) -> pd.DataFrame:
-    """attack x eps table of the measurements a reader compares (percent, one decimal)."""
+    """attack x eps table of the measurements a reader compares (percent, one decimal): success,
+    oracle flips with their interval, p(y) drop, and the manipulation check: the shared share of
+    |delta| beside PGD's at the same eps and their ratio (``x PGD``: 1.0 = the same pixels as PGD)."""
     cols = {"attack_success": "success %", "oracle_flip_rate": "oracle flips %",
-            "oracle_p_drop": "oracle p(y) drop %", "specific_mass_share": "specific share %"}
+            "oracle_p_drop": "oracle p(y) drop %", "shared_mass_share": "shared share %",
+            "shared_mass_share_pgd": "PGD's shared share %"}
     df = report.copy()
     for c in cols:
         df[c] = (100 * df[c].astype(float)).round(1)
     df["oracle flips 95% CI"] = [f"[{100 * lo:.1f}, {100 * hi:.1f}]"
                                  for lo, hi in zip(df["oracle_flip_ci_low"], df["oracle_flip_ci_high"])]
-    keep = ["attack", "eps_str", *cols, "oracle flips 95% CI", "l2"]
+    df["shared x PGD"] = df["shared_vs_pgd"].astype(float).round(2)
+    keep = ["attack", "eps_str", *cols, "shared x PGD", "oracle flips 95% CI", "l2"]
+    keep.insert(keep.index("oracle_flip_rate") + 1, keep.pop(keep.index("oracle flips 95% CI")))
     return df[keep].rename(columns={**cols, "eps_str": "eps", "l2": "mean L2"}).round({"mean L2": 3})
 
 

@@ -142,4 +142,4 @@ def training_attack(model: nn.Module, cfg: AttackConfig, method: Method, eps: fl
                                random_start=start, loss=method.attack_loss, bn_mode=cfg.bn_mode,
                                generator=generator, rule=cfg.rule, saliency=cfg.saliency,
                                gamma=cfg.gamma, classes=cfg.classes, class_chunk=cfg.class_chunk,
-                               refresh=cfg.refresh)
+                               refresh=cfg.refresh, budget=cfg.budget, radius_mean=cfg.radius_mean)

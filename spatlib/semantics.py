@@ -4,8 +4,14 @@ docs/design.md, "The SPAT attack", steps 1-3:
 
 1. class evidence maps ``A_k`` for every class k of a class set S (``class_evidence``);
 2. a shared-pixel score ``s`` in [0, 1] by a ``rule`` (``shared_pixel_score``);
-3. budget-preserving step weights ``w = s**gamma / mean(s**gamma)``, capped at ``eps/alpha``
-   by water-filling (``shared_pixel_weights``, ``budget_preserving_weights``).
+3. how the score shapes the budget, by ``budget``:
+
+   * ``step`` (the weighted step): budget-preserving step weights ``w = s**gamma / mean(s**gamma)``,
+     capped at ``eps/alpha`` by water-filling (``shared_pixel_weights``,
+     ``budget_preserving_weights``); every pixel keeps the eps-ball, only its pace changes;
+   * ``radius`` (the per-pixel ball): a radius ``r`` in [0, 1] per pixel, ``r = min(1, c * s**gamma)``
+     water-filled to the mean ``radius_mean`` (``per_pixel_radius``); the attack keeps
+     ``|delta_i| <= eps * r_i``, so class-specific pixels cannot saturate at eps.
 
 The rules live in one registry, :data:`RULES` (name -> :class:`Rule`). A new SPAT rule is one
 :func:`register_rule` call: the config's allowed ``attack.rule`` values, the attack, the trainer
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SALIENCIES = ("input_grad", "cam")
+BUDGETS = ("step", "radius")   # how the score shapes the budget (module doc, step 3)
 _TINY = 1e-12
 _TOPK = re.compile(r"topk:(\d+)")
 
@@ -51,7 +58,8 @@ def parse_classes(spec: str) -> int | None:
     return int(m.group(1))
 
 
-def check_spat_settings(rule: str, saliency: str, gamma: float = 1.0, classes: str | Tensor = "all") -> None:
+def check_spat_settings(rule: str, saliency: str, gamma: float = 1.0, classes: str | Tensor = "all",
+                        budget: str = "step", radius_mean: float = 0.5) -> None:
     """Raise ValueError naming the setting and its allowed values (checked before any work)."""
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
@@ -61,6 +69,16 @@ def check_spat_settings(rule: str, saliency: str, gamma: float = 1.0, classes: s
         raise ValueError(f"rule {rule!r} needs saliency 'input_grad' (it uses the input gradients)")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
         raise ValueError(f"gamma: expected a number >= 0, got {gamma!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget: expected one of {', '.join(BUDGETS)}, got {budget!r}")
+    if budget == "radius":
+        if RULES[rule].score is None:
+            raise ValueError(f"budget 'radius' needs a shared-pixel rule with a score; rule {rule!r} "
+                             f"has none (it is plain PGD): use budget 'step' or another rule")
+        if (isinstance(radius_mean, bool) or not isinstance(radius_mean, (int, float))
+                or not 0 < radius_mean <= 1):
+            raise ValueError(f"radius_mean: expected a number in (0, 1] (the mean per-pixel radius "
+                             f"as a fraction of eps), got {radius_mean!r}")
     if not isinstance(classes, Tensor):
         parse_classes(classes)
 
@@ -289,14 +307,18 @@ class SharedPixels:
     """What :func:`shared_pixels` computes for a batch.
 
     score:   (N, 1 | C, H, W) shared-pixel score s in [0, 1] (ones for ``none``)
-    weights: same shape, the step weights (mean 1 per image, at most the cap), float32
+    weights: same shape, the step weights (mean 1 per image, at most the cap), float32;
+             None with ``budget='radius'`` (the step is PGD's, the ball is per pixel)
+    radius:  same shape, the per-pixel radius r in [0, 1] as a fraction of eps (mean
+             ``radius_mean`` per image), float32; None with ``budget='step'``
     logits:  (N, K) f(x), detached, float32, from the forward the class evidence ran (model in
              the caller's mode); None for ``none``, which runs no forward. A caller that needs
              f(x) too (the trainer's clean accuracy) reads it here instead of another forward.
     """
     score: Tensor
-    weights: Tensor
+    weights: Tensor | None
     logits: Tensor | None
+    radius: Tensor | None = None
 
 
 def _score(model: nn.Module, x: Tensor, y: Tensor, rule: str, saliency: str,
@@ -316,15 +338,38 @@ def shared_pixels(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersect
                   saliency: str = "input_grad", gamma: float = 1.0,
                   classes: str | Tensor = "all", eps: float | None = None,
                   alpha: float | None = None, class_chunk: int = 16,
-                  generator: torch.Generator | None = None) -> SharedPixels:
-    """Score, step weights and f(x) of a batch (docs/design.md, SPAT steps 1-3).
+                  generator: torch.Generator | None = None, *, budget: str = "step",
+                  radius_mean: float = 0.5) -> SharedPixels:
+    """Score, step weights or per-pixel radius, and f(x) of a batch (docs/design.md, SPAT steps 1-3).
 
-    x: (N, C, H, W) in [0, 1]; y: (N,). The weights are capped at eps/alpha when both are given.
+    x: (N, C, H, W) in [0, 1]; y: (N,). ``budget='step'``: the step weights, capped at eps/alpha
+    when both are given. ``budget='radius'``: the radius ``r`` (:func:`per_pixel_radius`, mean
+    ``radius_mean``), no weights.
     """
-    check_spat_settings(rule, saliency, gamma, classes)
+    check_spat_settings(rule, saliency, gamma, classes, budget, radius_mean)
     score, logits = _score(model, x, y, rule, saliency, classes, class_chunk, generator)
+    if budget == "radius":
+        return SharedPixels(score, None, logits, per_pixel_radius(score, gamma, radius_mean))
     cap = eps / alpha if (eps is not None and alpha) else None
     return SharedPixels(score, budget_preserving_weights(score, gamma, cap), logits)
+
+
+def per_pixel_radius(score: Tensor, gamma: float = 1.0, mean: float = 0.5) -> Tensor:
+    """The per-pixel radius of ``budget='radius'``: ``r = min(1, c * s**gamma)`` per image, with c
+    water-filled so that mean(r) = ``mean`` (in (0, 1]); float32, the shape of ``score``.
+
+    The attack keeps ``|delta_i| <= eps * r_i``: a pixel of low shared-pixel score gets a small ball,
+    whatever the number of steps, so the perturbation's mass moves to the shared pixels (the step
+    weights of ``budget='step'`` only change the pace, and with steps that travel 2.5 eps in all nearly
+    every pixel still reaches eps). It is :func:`budget_preserving_weights` with the cap at 1/mean,
+    times ``mean``: the m largest scores sit at r = 1, the others are proportional to ``s**gamma``.
+    ``mean = 1`` gives r = 1 everywhere (PGD's ball); a score that is zero everywhere gives r = mean.
+    Shuffling the score within the image shuffles r alike (the water-filling only reads the sorted
+    values), so the ``random`` rule's radii are SPAT's radii on other pixels: same total budget.
+    """
+    if not 0 < mean <= 1:
+        raise ValueError(f"radius_mean: expected a number in (0, 1], got {mean!r}")
+    return (budget_preserving_weights(score, gamma, 1.0 / mean) * mean).clamp_max(1.0)
 
 
 def shared_pixel_score(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",

@@ -71,6 +71,13 @@ ATTACKS = {
                                                     gamma=2.0, class_chunk=3)),
     "spat-intersection-cam-mlp-head": ("small_cnn", _spat(rule="intersection", saliency="cam")),
     "spat-equality-refresh1-mlp-head": ("small_cnn", _spat(rule="equality", refresh=1)),
+    "spat-intersection-radius": ("wrn", _spat(rule="intersection", budget="radius")),
+    "spat-random-radius-refresh2": ("wrn", _spat(rule="random", budget="radius", radius_mean=0.3,
+                                                 refresh=2)),
+    "spat-agreement-radius-kl-restarts2": ("wrn", _spat(rule="agreement", budget="radius", loss="kl",
+                                                        restarts=2)),
+    "spat-intersection-radius-cam-mlp-head": ("small_cnn", _spat(rule="intersection", saliency="cam",
+                                                                 budget="radius", gamma=2.0)),
 }
 
 
@@ -123,12 +130,20 @@ def test_attack_contract(name, initial_training, bn_mode):
     seen, handles = _record_modes(model)
     rng_before = torch.get_rng_state()
 
-    x_adv = make(model, _gen(3), bn_mode=bn_mode)(x, y)
+    result = make(model, _gen(3), bn_mode=bn_mode).run(x, y)
+    x_adv = result.x_adv
     again = make(model, _gen(3), bn_mode=bn_mode)(x, y)
 
     for h in handles:
         h.remove()
     _assert_threat_model(x, x_adv, EPS)
+    if "radius" in name:   # every element inside its own ball eps * r_i <= eps
+        r = result.radius
+        assert r is not None and r.shape[0] == len(x) and float(r.min()) >= 0 and float(r.max()) <= 1
+        assert ((x_adv - x).abs() <= EPS * r + 1e-6).all()
+        assert check_threat_model(x, x_adv, EPS, r)["ok"]
+    else:
+        assert result.radius is None
     assert not torch.equal(x_adv, x)
     assert torch.equal(x_adv, again), "not deterministic under a seeded generator"
     assert torch.equal(torch.get_rng_state(), rng_before), "the global RNG was used"
@@ -284,6 +299,60 @@ def test_spat_step_is_alpha_times_weight_times_sign(linear_model):
     torch.testing.assert_close(x_adv, x + delta, rtol=0, atol=1e-6)
 
 
+def test_radius_budget_reaches_each_pixels_own_corner(linear_model):
+    # two classes: the gradient sign is fixed, so from x itself enough PGD steps end at
+    # x + eps * r * sign(W_other - W_y): every pixel at its own radius, known in closed form
+    weight = _SHARED_W[:2].clone()
+    weight[1, 0, 1, 2] = -1.0          # same |W| (same evidence), but W_1 - W_0 != 0 there
+    model = linear_model(weight)
+    x = torch.full((2, 1, 2, 3), 0.5)
+    y = torch.tensor([0, 1])
+    # two classes of _SHARED_W: min_k P_k = (1/3, 0, 0, 0, 1/6, 1/6), so the score is
+    # s = (1, 0, 0, 0, 1/2, 1/2) and r = min(1, c s) with mean(r) = radius_mean
+    sign = torch.where(y.view(-1, 1, 1, 1) == 0, weight[1] - weight[0], weight[0] - weight[1]).sign()
+    for mean, r in [(0.5, [1.0, 0, 0, 0, 1.0, 1.0]), (0.25, [0.75, 0, 0, 0, 0.375, 0.375])]:
+        radius = torch.tensor(r).view(1, 1, 2, 3)
+        attack = SPAT(model, eps=0.2, alpha=0.05, steps=8, random_start=False, budget="radius",
+                      radius_mean=mean)
+        result = attack.run(x, y)
+        torch.testing.assert_close(result.radius, radius.expand(2, 1, 2, 3), rtol=0, atol=1e-6)
+        torch.testing.assert_close(result.x_adv, x + 0.2 * radius * sign, rtol=0, atol=1e-6)
+    # a random start stays inside each pixel's ball too
+    result = SPAT(model, eps=0.2, alpha=0.05, steps=0, generator=_gen(3), budget="radius",
+                  radius_mean=0.25).run(x, y)
+    delta = result.x_adv - x
+    assert (delta.flatten(1)[:, 1:4] == 0).all() and (delta.abs() <= 0.2 * result.radius + 1e-7).all()
+    assert delta.flatten(1)[:, 0].abs().max() > 0.05
+
+
+def test_radius_mean_one_is_pgd():
+    # r = 1 everywhere: the eps-ball itself, with the same random numbers as PGD
+    model = _model("wrn").eval()
+    x, y = _batch(model)
+    pgd = PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, generator=_gen(9))(x, y)
+    result = SPAT(model, eps=EPS, alpha=ALPHA, steps=STEPS, budget="radius", radius_mean=1.0,
+                  generator=_gen(9)).run(x, y)
+    assert torch.equal(result.radius, torch.ones_like(result.radius))
+    torch.testing.assert_close(result.x_adv, pgd, rtol=0, atol=1e-7)
+
+
+def test_radius_budget_moves_the_perturbation_to_shared_pixels():
+    # the manipulation check on a real model: the radius budget's |delta| sits on higher-score
+    # pixels than PGD's, its random control's does not
+    from spatlib.hypothesis import perturbation_mass_share
+    from spatlib.semantics import shared_pixel_score
+    model = _model("small_cnn").eval()
+    x, y = _batch(model)
+    score = shared_pixel_score(model, x, y, "intersection")
+    share = {}
+    for name, kw in [("pgd", dict(rule="none")), ("radius", dict(budget="radius")),
+                     ("control", dict(rule="random", budget="radius"))]:
+        x_adv = SPAT(model, eps=EPS, alpha=ALPHA, steps=10, generator=_gen(4), **kw)(x, y)
+        share[name] = float(perturbation_mass_share(x_adv - x, score)[1].mean())
+    assert share["radius"] > 1.3 * share["pgd"]
+    assert abs(share["control"] - share["pgd"]) < 0.2 * share["pgd"]
+
+
 def test_refresh_recomputes_the_weights(linear_model):
     # a linear model's evidence does not depend on x: refreshing changes nothing ...
     model = linear_model(_SHARED_W)
@@ -389,6 +458,20 @@ def test_make_attack_builds_each_kind_with_one_step_convention():
         make_attack("cw", model, eps=0.1, loss="ce")
 
 
+def test_check_threat_model_checks_each_pixels_radius():
+    x = torch.full((1, 1, 2, 2), 0.5)
+    r = torch.tensor([1.0, 0.5, 0.0, 0.25]).view(1, 1, 2, 2)
+    ok = x + 0.1 * r
+    assert check_threat_model(x, ok, 0.1, r)["ok"]
+    bad = ok.clone()
+    bad[0, 0, 1, 0] += 0.01                      # a zero-radius pixel moved: inside eps, outside r
+    report = check_threat_model(x, bad, 0.1, r)
+    assert not report["ok"] and report["max_radius_excess"] == pytest.approx(0.01, abs=1e-6)
+    assert check_threat_model(x, bad, 0.1)["ok"]  # the eps-ball alone does not see it
+    with pytest.raises(spatlib.attacks.ThreatModelError, match="eps \\* r"):
+        spatlib.attacks.assert_threat_model(x, bad, 0.1, r)
+
+
 def test_check_threat_model_reports_violations():
     x = torch.full((1, 1, 2, 2), 0.5)
     assert check_threat_model(x, x + 0.1, 0.1)["ok"]
@@ -422,7 +505,12 @@ def test_eps_outside_unit_interval_raises_naming_eps(linear_model, make, eps):
     (dict(rule="agreement", saliency="cam"), "agreement.*input_grad"),
     (dict(classes="top3"), "topk"),
     (dict(bn_mode="frozen"), "eval, train"),
-], ids=["rule", "saliency", "saliency-with-rule-none", "loss", "agreement-cam", "classes", "bn_mode"])
+    (dict(budget="ball"), "budget: expected one of step, radius"),
+    (dict(rule="none", budget="radius"), "budget 'radius' needs a shared-pixel rule"),
+    (dict(budget="radius", radius_mean=0.0), "radius_mean: expected a number in \\(0, 1\\]"),
+    (dict(budget="radius", radius_mean=1.5), "radius_mean"),
+], ids=["rule", "saliency", "saliency-with-rule-none", "loss", "agreement-cam", "classes", "bn_mode",
+        "budget", "radius-without-score", "radius-mean-zero", "radius-mean-above-one"])
 def test_spat_bad_settings_raise_naming_allowed_values(linear_model, kwargs, match):
     model = linear_model(_SHARED_W)
     x, y = _images(1, 1, 2, 3), torch.tensor([0])

@@ -46,6 +46,10 @@ def test_misspelt_key_in_params_file_names_the_key(tmp_path):
     ({"eval": {"suite": ["pgd20", "apgd"]}}, "eval.suite", "autoattack"),
     ({"data": {"name": "npz"}}, "data.path", "npz"),
     ({"attack": {"rule": "agreement", "saliency": "cam"}}, "attack.rule", "input_grad"),
+    ({"attack": {"budget": "ball"}}, "attack.budget", "step, radius"),
+    ({"attack": {"budget": "radius", "rule": "none"}}, "attack.budget", "intersection"),
+    ({"attack": {"radius_mean": 0}}, "attack.radius_mean", "(0, 1]"),
+    ({"attack": {"radius_mean": 1.2}}, "attack.radius_mean", "(0, 1]"),
 ])
 def test_bad_values_name_key_and_allowed_values(data, key, allowed):
     with pytest.raises(ConfigError) as e:

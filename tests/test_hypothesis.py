@@ -268,18 +268,25 @@ def test_compare_attacks_verdicts_on_hand_made_tables():
         compare_attacks(details)
 
 
-def test_standard_attacks_differ_only_in_rule():
+def test_standard_attacks_differ_only_in_rule_and_budget():
     model = build_model("small_cnn", 10, 1, image_size=8, seed=0)
-    factories = standard_attacks(steps=7)
-    assert list(factories) == ["pgd", "spat_intersection", "spat_equality", "spat_agreement", "spat_random"]
+    factories = standard_attacks(steps=7, radius_mean=0.4)
+    rules = ["intersection", "equality", "agreement", "random"]
+    assert list(factories) == (["pgd"] + [f"spat_{r}" for r in rules]
+                               + [f"spat_{r}:radius" for r in rules])
     built = {n: f(model, 0.2, torch.Generator()) for n, f in factories.items()}
-    assert {getattr(a, "rule", "none") for a in built.values()} == {"none", "intersection", "equality",
-                                                                   "agreement", "random"}
+    assert {n: (getattr(a, "rule", "none"), getattr(a, "budget", "step")) for n, a in built.items()} == {
+        "pgd": ("none", "step"), **{f"spat_{r}": (r, "step") for r in rules},
+        **{f"spat_{r}:radius": (r, "radius") for r in rules}}
+    assert {a.radius_mean for n, a in built.items() if n.endswith(":radius")} == {0.4}
     settings = {(a.eps, a.steps, a.alpha, a.random_start) for a in built.values()}
     assert settings == {(0.2, 7, 2.5 * 0.2 / 7, True)}
     assert "spat_agreement" not in standard_attacks(saliency="cam")
+    assert "spat_agreement:radius" not in standard_attacks(saliency="cam")
     with pytest.raises(ValueError, match="spat_agreement"):
         standard_attacks(["spat_agreement"], saliency="cam")
+    with pytest.raises(ValueError, match="spat_none:radius"):
+        standard_attacks(["spat_none:radius"])
 
 
 # --------------------------------------------------------------------------------------------

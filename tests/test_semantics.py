@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from spatlib.models import build_model
 from spatlib.semantics import (budget_preserving_weights, class_evidence, resolve_classes,
-                               shared_pixel_score, shared_pixel_weights)
+                               per_pixel_radius, shared_pixel_score, shared_pixel_weights,
+                               shared_pixels)
 
 RULES_BY_SALIENCY = [("intersection", "input_grad"), ("intersection", "cam"),
                      ("equality", "input_grad"), ("equality", "cam"),
@@ -227,6 +228,43 @@ def test_random_rule_shuffles_the_intersection_weights():
     s_inter = shared_pixel_score(model, x, y, rule="intersection")
     s_rand = shared_pixel_score(model, x, y, rule="random", generator=_gen(7))
     torch.testing.assert_close(s_rand.flatten(1).sort(1).values, s_inter.flatten(1).sort(1).values)
+
+
+def test_per_pixel_radius_by_hand():
+    # score (1, 0, 0, 0, 0, 1/2): r = min(1, c s), water-filled to the mean
+    s = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.5]).view(1, 1, 2, 3)
+    cases = {0.25: [1.0, 0, 0, 0, 0, 0.5],           # c = 1: nothing capped
+             1 / 3: [1.0, 0, 0, 0, 0, 1.0],          # both shared pixels at the cap, nothing left
+             0.5: [1.0, 0.25, 0.25, 0.25, 0.25, 1.0],  # the rest spread evenly: no score there
+             1.0: [1.0] * 6}                         # PGD's ball
+    for mean, expected in cases.items():
+        r = per_pixel_radius(s, 1.0, mean)
+        torch.testing.assert_close(r, torch.tensor(expected).view(1, 1, 2, 3), rtol=0, atol=1e-6)
+        assert float(r.mean()) == pytest.approx(mean, abs=1e-6)
+    # gamma 2: s^2 = (1, 0, .., 1/4); c = 1.5 / 1.25 = 1.2 caps p0, then c = 0.5 / 0.25 = 2
+    torch.testing.assert_close(per_pixel_radius(s, 2.0, 0.25),
+                               torch.tensor([1.0, 0, 0, 0, 0, 0.5]).view(1, 1, 2, 3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(per_pixel_radius(torch.zeros(1, 1, 2, 2), 1.0, 0.3),
+                               torch.full((1, 1, 2, 2), 0.3), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="radius_mean"):
+        per_pixel_radius(s, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("mean", [0.2, 0.5, 0.8])
+def test_radius_of_a_real_model_keeps_its_mean_and_the_control_its_radii(mean):
+    model = build_model("small_cnn", 10, 1, image_size=8, seed=0).eval()
+    x, y = _images(3, 1, 8, 8), torch.tensor([1, 5, 7])
+    inter = shared_pixels(model, x, y, "intersection", budget="radius", radius_mean=mean)
+    rand = shared_pixels(model, x, y, "random", budget="radius", radius_mean=mean, generator=_gen(7))
+    assert inter.weights is None and inter.radius.shape == (3, 1, 8, 8)
+    torch.testing.assert_close(inter.radius.flatten(1).mean(1), torch.full((3,), mean), rtol=0, atol=1e-5)
+    assert float(inter.radius.min()) >= 0 and float(inter.radius.max()) <= 1
+    # higher score, larger ball
+    order = inter.score.flatten(1).argsort(1)
+    assert (inter.radius.flatten(1).gather(1, order).diff(dim=1) >= -1e-6).all()
+    # the control: the same radii per image (same total budget) on other pixels
+    torch.testing.assert_close(rand.radius.flatten(1).sort(1).values, inter.radius.flatten(1).sort(1).values)
+    assert not torch.equal(rand.radius, inter.radius)
 
 
 def test_rule_none_is_all_ones(linear_model):
