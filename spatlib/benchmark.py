@@ -242,11 +242,12 @@ class TrainerSlice:
             data=DataConfig(name="npz", path=str(data_path), download=False, val_size=0, augment=True),
             model=ModelConfig(name=case.model, depth=34, width=10),
             attack=attack,
-            # epochs: the lr schedule spans every slice the benchmark runs (no decay to ~0)
+            # epochs: the lr schedule spans every slice the benchmark runs (no decay to ~0);
+            # share_every 0: the manipulation check is a measurement, not the step being timed
             train=TrainConfig(method=method, epochs=epochs, batch_size=case.batch_size,
                               lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                               device=str(device), precision=precision, compile=compile,
-                              progress=False))
+                              progress=False, share_every=0))
         self.trainer = train.Trainer(self.config, device=device)
         self.precision = self.trainer.precision
 

@@ -217,6 +217,10 @@ class TrainConfig:
     deterministic: bool = False
     max_batches: int | None = spec(None, optional(POSITIVE_INT))  # cap batches per epoch
     progress: bool = True
+    # the manipulation check on every k-th batch of an epoch (from the first): the share of the
+    # training examples' |delta| on shared pixels, and PGD's on the same batch (history.csv's
+    # shared_share, shared_share_pgd); 0: off. It never changes what is trained
+    share_every: int = spec(10, NON_NEGATIVE_INT)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .attacks import MADRY_ALPHA_SCALE, PGD, Attack, assert_threat_model
 from .attacks import make_attack as _make
 from .config import attack_names, format_eps, parse_attack_name, parse_eps
-from .semantics import SALIENCIES, shared_pixel_score
+from .semantics import SALIENCIES, perturbation_mass_share, shared_pixel_score
 from .util import derive_seed, device_of, eval_mode
 
 # an attack factory builds the attack for one eps: factory(model, eps, generator) -> Attack
@@ -309,24 +309,6 @@ def mcnemar_test(flips_a, flips_b) -> McNemarResult:
         return McNemarResult(0, 0, 1.0)
     tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1))
     return McNemarResult(a_only, b_only, min(1.0, 2 * tail / 2**n))
-
-
-def perturbation_mass_share(delta: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
-    """How the L1 mass of a perturbation splits between class-specific and shared pixels.
-
-    delta: (N, C, H, W) perturbation ``x_adv - x``; score: (N, 1 | C, H, W) shared-pixel score
-    in [0, 1] (the intersection score at the clean x). Soft split, no threshold to choose:
-    ``shared = sum(|delta| * s) / sum(|delta|)``, ``specific = 1 - shared``, per example; NaN
-    where delta is all zero. "Specific" is the complement of "shared": a pixel that no class
-    relies on counts there too (input gradients of real networks are rarely exactly zero).
-    Returns (specific, shared), each (N,) float32.
-    """
-    mass = delta.detach().float().abs()
-    total = mass.flatten(1).sum(1)
-    shared_mass = (mass * score.float().to(mass.device)).flatten(1).sum(1)
-    nan = torch.full_like(total, float("nan"))
-    shared = torch.where(total > 0, shared_mass / total.clamp_min(1e-30), nan)
-    return 1 - shared, shared
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,12 +47,14 @@ LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 RUN_FILES = (CONFIG, HISTORY, LAST, BEST, METRICS)
 CHECKPOINT_FORMAT = "spatlib-checkpoint/1"
 HISTORY_COLUMNS = ["epoch", "lr", "eps", "train_loss", "train_clean_acc", "train_adv_acc",
+                   "shared_share", "shared_share_pgd",
                    "val_clean_acc", "val_robust_acc", "ema_val_clean_acc", "ema_val_robust_acc",
                    "val_source", "epoch_time_s", "images_per_s", "wall_time_s"]
 # keys that do not change what is trained: a run resumes (or is reused) across them. "eval."
 # covers the whole section: evaluation settings (03 re-evaluates with its own cache key) never
 # change the weights
-COSMETIC_KEYS = ("name", "train.progress", "train.device", "data.root", "data.download", "eval.")
+COSMETIC_KEYS = ("name", "train.progress", "train.device", "data.root", "data.download", "eval.",
+                 "train.share_every")
 # what a best checkpoint leaves out of the last one: only a resume needs it
 _RESUME_ONLY = ("optimizer", "scaler", "rng", "history")
 
@@ -81,8 +83,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = COSMETIC_KEYS) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, as ``key: old -> new``."""
+    """Dotted keys whose values differ between two config dicts, as ``key: old -> new``.
+
+    A key the old config lacks (saved before the setting existed) counts as its default: the
+    code that wrote it behaved as the default does, so a run folder stays resumable (and a
+    finished one reusable) across a release that adds a setting."""
     a, b = _flatten(old or {}), _flatten(new or {})
+    defaults = _flatten(RunConfig().to_dict())
+    a = {**{k: v for k, v in defaults.items() if k in b}, **a}
     return [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
             for k in sorted(set(a) | set(b))
             if not any(k == i or (i.endswith(".") and k.startswith(i)) for i in ignore)

@@ -426,3 +426,23 @@ def shared_pixel_weights(model: nn.Module, x: Tensor, y: Tensor, rule: str = "in
     ``alpha * sign(grad)``."""
     return shared_pixels(model, x, y, rule, saliency, gamma, classes, eps, alpha, class_chunk,
                          generator).weights
+
+
+def perturbation_mass_share(delta: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
+    """How the L1 mass of a perturbation splits between class-specific and shared pixels.
+
+    delta: (N, C, H, W) perturbation ``x_adv - x``; score: (N, 1 | C, H, W) shared-pixel score
+    in [0, 1] (the intersection score at the clean x). The kit's manipulation check: read next to
+    PGD's on the same images, it says how far SPAT's examples moved (notebook 01's report, the
+    trainer's ``shared_share`` history column). Soft split, no threshold to choose:
+    ``shared = sum(|delta| * s) / sum(|delta|)``, ``specific = 1 - shared``, per example; NaN
+    where delta is all zero. "Specific" is the complement of "shared": a pixel that no class
+    relies on counts there too (input gradients of real networks are rarely exactly zero).
+    Returns (specific, shared), each (N,) float32.
+    """
+    mass = delta.detach().float().abs()
+    total = mass.flatten(1).sum(1)
+    shared_mass = (mass * score.float().to(mass.device)).flatten(1).sum(1)
+    nan = torch.full_like(total, float("nan"))
+    shared = torch.where(total > 0, shared_mass / total.clamp_min(1e-30), nan)
+    return 1 - shared, shared

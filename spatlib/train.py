@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import errno
 import json
 import math
@@ -43,6 +44,7 @@ from .methods import METHODS, Method, kl_divergence, mart_loss, trades_loss, tra
 from .models import model_from_config
 from .runfolder import (HISTORY_COLUMNS, CheckpointError, config_diff, load_checkpoint,
                         load_run_model)
+from .semantics import perturbation_mass_share, shared_pixel_score
 from .util import derive_seed, did_you_mean, eval_mode, resolve_device, utc_now
 
 __all__ = ["train", "Trainer", "StepStats", "EMA", "load_checkpoint", "load_run_model", "main",
@@ -153,13 +155,16 @@ def _acc(v: float) -> str:
 def epoch_line(row: dict, epochs: int, name: str = "") -> str:
     """The one line per epoch printed where no progress bar shows (logs, batches, kernels):
     ``run: epoch 3/15: loss 0.8123, train clean/adv acc 0.912/0.553, val clean/robust acc
-    0.933/0.587, 12.3 s``; ``-`` where the epoch did not measure a value (no attack, no
-    validation that epoch)."""
+    0.933/0.587, shared share 0.301 (PGD 0.185), 12.3 s``; ``-`` where the epoch did not measure
+    a value (no attack, no validation that epoch), no shared share where no check ran."""
     head = f"{name}: " if name else ""
+    share = row.get("shared_share", math.nan)
+    check = ("" if share is None or math.isnan(share) else
+             f", shared share {share:.3f} (PGD {_acc(row.get('shared_share_pgd', math.nan))})")
     return (f"{head}epoch {int(row['epoch'])}/{epochs}: loss {row['train_loss']:.4f}, "
             f"train clean/adv acc {_acc(row['train_clean_acc'])}/{_acc(row['train_adv_acc'])}, "
             f"val clean/robust acc {_acc(row.get('val_clean_acc', math.nan))}/"
-            f"{_acc(row.get('val_robust_acc', math.nan))}, {row['epoch_time_s']:.1f} s")
+            f"{_acc(row.get('val_robust_acc', math.nan))}{check}, {row['epoch_time_s']:.1f} s")
 
 
 def _bar_factory(enabled: bool):
@@ -204,6 +209,9 @@ class StepStats:
     adv_correct: Tensor | None      # None: clean training
     lr: float
     eps: float
+    # the manipulation check when this step ran it (:meth:`Trainer.manipulation_check`): sums of
+    # the shared shares of the training examples and of PGD's, and how many examples they cover
+    shares: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +342,10 @@ class Trainer:
         """The attack noise stream of this process (batches and augmentation: the loader's)."""
         self.attack_gen = torch.Generator(device=self.device).manual_seed(
             derive_seed(self.cfg.seed, "attack", self.dist.rank))
+        # the manipulation check's PGD draws from its own stream: the check never moves the
+        # training attack's noise, so a run trains the same with it on or off
+        self.share_gen = torch.Generator(device=self.device).manual_seed(
+            derive_seed(self.cfg.seed, "share", self.dist.rank))
         self._rng_state: dict | None = None  # per-process RNG states to restore (resume)
 
     def _init_run_state(self) -> None:
@@ -355,7 +367,8 @@ class Trainer:
         """The checkpoint_last.pt dict: tensors, dicts, lists, numbers and strings only, with
         everything an exact resume needs (its best checkpoint: :func:`runfolder.best_of`).
         Collective under torchrun (it gathers every process's RNG states): every rank calls it."""
-        rng = {"attack": self.attack_gen.get_state(), "torch_cpu": torch.get_rng_state(),
+        rng = {"attack": self.attack_gen.get_state(), "share": self.share_gen.get_state(),
+               "torch_cpu": torch.get_rng_state(),
                "torch_cuda": (torch.cuda.get_rng_state(self.device)
                               if self.device.type == "cuda" else None)}
         ds = self.dataset
@@ -424,20 +437,50 @@ class Trainer:
         """The training attack of this run at budget ``eps`` (:func:`methods.training_attack`)."""
         return training_attack(self.model, self.cfg.attack, self.method, eps, self.attack_gen)
 
-    def train_step(self, x: Tensor, y: Tensor, step: int) -> StepStats:
+    def manipulation_check(self, x: Tensor, y: Tensor, x_adv: Tensor, eps: float
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+        """How far the training examples moved from PGD's, on this batch (docs/design.md,
+        "The manipulation check"): the share of |x_adv - x| on shared pixels (the intersection
+        score of the model at x, :func:`spatlib.semantics.perturbation_mass_share`), and the same
+        share for the method's attack without its SPAT shaping (rule none: PGD, same loss,
+        start, eps and steps) on the same batch; for a method whose attack is PGD the two are one.
+
+        Returns device sums (shares of the examples, PGD's shares, examples counted), no host
+        sync. Runs with the model in eval mode and the PGD from its own generator, so it moves no
+        BatchNorm statistic, no dropout or attack noise: training is the same with it or without.
+        """
+        a = self.cfg.attack
+        model = self.model
+        with eval_mode(model), self.amp():
+            score = shared_pixel_score(model, x, y, "intersection", a.saliency, a.classes,
+                                       a.class_chunk)
+            share = perturbation_mass_share(x_adv - x, score)[1]
+            if self.method.attack == "spat":
+                plain = dataclasses.replace(a, rule="none", budget="step", bn_mode="eval")
+                pgd = training_attack(model, plain, self.method, eps, self.share_gen)
+                share_pgd = perturbation_mass_share(pgd.run(x, y).x_adv - x, score)[1]
+            else:
+                share_pgd = share
+        ok = ~(share.isnan() | share_pgd.isnan())     # eps 0: no perturbation to split
+        return share[ok].sum(), share_pgd[ok].sum(), ok.sum()
+
+    def train_step(self, x: Tensor, y: Tensor, step: int, *, check: bool = False) -> StepStats:
         """One update on the batch (x, y) at global step ``step``: the schedules' lr and eps,
-        the training attack, the method's loss, the optimizer step and the EMA."""
+        the training attack, the method's loss, the optimizer step and the EMA. ``check``: also
+        run the manipulation check (:meth:`manipulation_check`) on this batch's examples."""
         tc, model, method = self.tc, self.model, self.method
         lr = lr_at(tc, step, self.n_batches)
         for group in self.opt.param_groups:
             group["lr"] = lr
         eps = 0.0
-        x_adv = clean_logits = None
+        x_adv = clean_logits = shares = None
         if method.attack is not None:
             eps = eps_at(self.cfg.attack.eps, tc.eps_warmup_epochs, step, self.n_batches)
             with self.amp():
                 result = self.attack(eps).run(x, y)
             x_adv = result.x_adv
+            if check:
+                shares = self.manipulation_check(x, y, x_adv, eps)
             if not method.needs_clean:
                 # SPAT's class evidence ran f(x) with BN in eval mode: its logits give the clean
                 # accuracy at no cost; else one more forward (eval mode, no grad) on every
@@ -463,7 +506,8 @@ class Trainer:
                 clean_correct=(None if clean_logits is None
                                else (clean_logits.detach().argmax(1) == y).sum()),
                 adv_correct=(None if adv_logits is None
-                             else (adv_logits.detach().argmax(1) == y).sum()))
+                             else (adv_logits.detach().argmax(1) == y).sum()),
+                shares=shares)
 
     # -- an epoch -------------------------------------------------------------------------
     def _batches(self, n: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -489,12 +533,15 @@ class Trainer:
         adv_ok = torch.zeros((), device=dev, dtype=torch.long)
         bad_batch = torch.full((), -1, device=dev, dtype=torch.long)
         bad_loss = torch.zeros((), device=dev)
+        share_sums = torch.zeros(3, device=dev)      # the manipulation check: shares, PGD's, count
+        every = self.tc.share_every
         n_seen = n_clean = 0
         lr = eps = 0.0
         bar = self._bar(total=n_run, leave=False, desc=f"epoch {epoch + 1}")
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(self._batches(n_run)):
-            s = self.train_step(x, y, epoch * self.n_batches + i)
+            s = self.train_step(x, y, epoch * self.n_batches + i,
+                                check=bool(every) and i % every == 0)
             lr, eps = s.lr, s.eps
             with torch.no_grad():
                 loss_sum += s.loss * s.n
@@ -503,6 +550,8 @@ class Trainer:
                     n_clean += s.n
                 if s.adv_correct is not None:
                     adv_ok += s.adv_correct
+                if s.shares is not None:
+                    share_sums += torch.stack([v.float() for v in s.shares])
                 first_bad = ~torch.isfinite(s.loss) & (bad_batch < 0)
                 bad_batch = torch.where(first_bad, i, bad_batch)
                 bad_loss = torch.where(first_bad, s.loss, bad_loss)
@@ -513,16 +562,19 @@ class Trainer:
                 if self.show:
                     bar.set_postfix(loss=f"{(loss_sum / n_seen).item():.4f}")
         bar.close()
-        sums = torch.stack([loss_sum, clean_ok.float(), adv_ok.float(),
-                            torch.full((), float(n_seen), device=dev),
-                            torch.full((), float(n_clean), device=dev)])
-        loss_sum_, clean_ok_, adv_ok_, n_, n_clean_ = self.dist.all_reduce(sums).tolist()
+        sums = torch.cat([torch.stack([loss_sum, clean_ok.float(), adv_ok.float(),
+                                       torch.full((), float(n_seen), device=dev),
+                                       torch.full((), float(n_clean), device=dev)]), share_sums])
+        (loss_sum_, clean_ok_, adv_ok_, n_, n_clean_,
+         share_, share_pgd_, n_share_) = self.dist.all_reduce(sums).tolist()
         seconds = time.perf_counter() - t0
         self.train_time_s += seconds
         self.images_seen += int(n_)
         return {"lr": lr, "eps": eps, "train_loss": loss_sum_ / n_,
                 "train_clean_acc": clean_ok_ / n_clean_ if n_clean_ else float("nan"),
                 "train_adv_acc": adv_ok_ / n_ if self.method.attack else float("nan"),
+                "shared_share": share_ / n_share_ if n_share_ else float("nan"),
+                "shared_share_pgd": share_pgd_ / n_share_ if n_share_ else float("nan"),
                 "images_per_s": n_ / seconds}
 
     def _check_finite(self, epoch: int, bad_batch: Tensor, bad_loss: Tensor, lr: float) -> None:
@@ -621,6 +673,8 @@ class Trainer:
                     torch.cuda.manual_seed(seed)
         else:
             self.attack_gen.set_state(rng["attack"])
+            if "share" in rng:    # checkpoints of older releases have no such stream
+                self.share_gen.set_state(rng["share"])
             torch.set_rng_state(rng["torch_cpu"])
             if device.type == "cuda" and rng["torch_cuda"] is not None:
                 torch.cuda.set_rng_state(rng["torch_cuda"], device)

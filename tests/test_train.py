@@ -222,6 +222,41 @@ def test_clean_training_accuracy_is_measured_without_touching_the_training(metho
             assert rs["train_clean_acc"] == pytest.approx(re_["train_clean_acc"], abs=1e-9)
 
 
+@pytest.mark.parametrize("method, attack", [
+    ("spat_at", {"budget": "radius", "radius_mean": 0.4}),
+    ("spat_trades", {"rule": "random"}),
+    ("pgd_at", {"bn_mode": "train"}),       # BatchNorm-free SmallCNN: the mode still switches
+])
+def test_the_manipulation_check_measures_without_touching_the_training(method, attack):
+    # every batch checked vs never: the same weights, bit for bit (own generator, eval mode)
+    cfg = digits_config(train={"method": method, "epochs": 2, "max_batches": 4},
+                        attack={"eps": 0.15, "alpha": 0.05, "steps": 3, **attack})
+    epochs = {}
+    for every in (0, 1):
+        trainer = T.Trainer(deep_merge(cfg, {"train": {"share_every": every}}), device=torch.device("cpu"))
+        epochs[every] = [trainer.train_epoch(e) for e in range(2)]
+        epochs[every].append(trainer.model.state_dict())
+    off, on = epochs[0][-1], epochs[1][-1]
+    assert all(torch.equal(off[k], on[k]) for k in off)
+    for row_off, row_on in zip(epochs[0][:2], epochs[1][:2]):
+        assert row_off["train_loss"] == row_on["train_loss"]
+        assert math.isnan(row_off["shared_share"]) and math.isnan(row_off["shared_share_pgd"])
+        assert 0 < row_on["shared_share"] < 1 and 0 < row_on["shared_share_pgd"] < 1
+    share, pgd = epochs[1][1]["shared_share"], epochs[1][1]["shared_share_pgd"]
+    if method == "pgd_at":          # its attack is PGD: one number
+        assert share == pgd
+    elif attack.get("budget") == "radius":   # the radius budget moves |delta| to shared pixels
+        assert share > 1.2 * pgd
+    else:                           # the random control spreads it like PGD
+        assert share == pytest.approx(pgd, rel=0.25)
+
+
+def test_standard_training_has_no_manipulation_check(tmp_path):
+    cfg = digits_config(train={"method": "standard", "epochs": 1, "max_batches": 2, "share_every": 1})
+    row = T.Trainer(cfg, device=torch.device("cpu")).train_epoch(0)
+    assert math.isnan(row["shared_share"]) and math.isnan(row["shared_share_pgd"])
+
+
 # --------------------------------------------------------------------------------------------
 # adversarial training buys robustness (runs shared by several tests)
 ROBUST = dict(attack={"eps": 0.15, "alpha": 0.05, "steps": 3},
@@ -581,7 +616,8 @@ def test_a_line_per_epoch_where_no_bar_shows(tmp_path, capsys):
     assert err[1] == T.epoch_line(rows[1], 2, "test")
     assert err[1].endswith(f", {rows[1]['epoch_time_s']:.1f} s")
     assert (f"train clean/adv acc {rows[1]['train_clean_acc']:.3f}/{rows[1]['train_adv_acc']:.3f}, "
-            f"val clean/robust acc {rows[1]['val_clean_acc']:.3f}/{rows[1]['val_robust_acc']:.3f}"
+            f"val clean/robust acc {rows[1]['val_clean_acc']:.3f}/{rows[1]['val_robust_acc']:.3f}, "
+            f"shared share {rows[1]['shared_share']:.3f} (PGD {rows[1]['shared_share_pgd']:.3f})"
             in err[1])
     train(cfg, tmp_path / "bars", progress=True)   # bars asked for: no lines
     assert "epoch 1/2: loss" not in capsys.readouterr().err
