@@ -558,6 +558,17 @@ def test_evaluation_settings_do_not_make_a_different_run():
     assert config_diff(a, b) == ["train.lr: 0.1 -> 0.05"]
 
 
+def test_a_setting_added_since_a_run_was_saved_counts_as_its_default():
+    # a run folder of an older release lacks attack.budget: it trained as budget 'step' does
+    from spatlib.train import config_diff
+    old = RunConfig().to_dict()
+    del old["attack"]["budget"], old["attack"]["radius_mean"], old["train"]["share_every"]
+    assert config_diff(old, RunConfig().to_dict()) == []
+    new = RunConfig().to_dict()
+    new["attack"]["budget"] = "radius"
+    assert config_diff(old, new) == ["attack.budget: 'step' -> 'radius'"]
+
+
 # --------------------------------------------------------------------------------------------
 # spat train on the command line: experiment runs, progress lines, re-evaluation, disk errors
 def test_spat_train_trains_one_run_of_an_experiment_into_the_batch_folder(tmp_path, monkeypatch,
