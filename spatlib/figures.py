@@ -25,7 +25,7 @@ from .compare import ATTACK_LABELS as COMPARISON_LABELS
 from .compare import GROUP_COLUMNS
 from .config import format_eps
 from .evaluate import ATTACK_LABELS
-from .semantics import class_evidence, normalize_maps, shared_pixel_weights
+from .semantics import class_evidence, normalize_maps, shared_pixels
 
 
 def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kw):
@@ -109,14 +109,18 @@ def learning_curves_long(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_learning_curves(history: pd.DataFrame, title: str | None = None) -> Figure:
-    """Clean / robust accuracy (train and validation) and training loss, lr and eps per epoch."""
+    """Clean / robust accuracy (train and validation) and training loss, lr and eps per epoch;
+    with a third panel, the manipulation check (history's ``shared_share`` beside
+    ``shared_share_pgd``) when the run measured it."""
     import seaborn as sns
-    fig, axes = _figure(11, 3.8, 1, 2)
+    check = ("shared_share" in history and history["shared_share"].notna().any())
+    fig, axes = _figure(16.5 if check else 11, 3.8, 1, 3 if check else 2)
     long = learning_curves_long(history)
     ax = axes[0, 0]
     if not long.empty:
         sns.lineplot(data=long, x="epoch", y="accuracy (%)", hue="kind", style="split", marker="o",
                      markersize=4, ax=ax)
+        ax.legend(fontsize=8, loc="best")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.set_title("accuracy (robust: PGD at the training eps)")
@@ -137,7 +141,21 @@ def plot_learning_curves(history: pd.DataFrame, title: str | None = None) -> Fig
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper right", fontsize=8)
     ax.set_title("loss and schedules")
-    for a in (axes[0, 0], axes[0, 1]):
+    panels = [axes[0, 0], axes[0, 1]]
+    if check:
+        ax = axes[0, 2]
+        ax.plot(history["epoch"], 100 * history["shared_share"], "o-", ms=3, color="C4",
+                label="training examples")
+        ax.plot(history["epoch"], 100 * history["shared_share_pgd"], "s--", ms=3, color="C7",
+                label="PGD on the same batches")
+        top = 100 * float(np.nanmax(history[["shared_share", "shared_share_pgd"]].to_numpy()))
+        ax.set_ylim(0, max(10.0, 1.15 * top))
+        ax.set_ylabel("shared share of |delta| (%)")
+        ax.set_title("manipulation check (axis from 0)")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+        panels.append(ax)
+    for a in panels:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers
         a.set_xlabel("epoch")
     if title:
@@ -196,20 +214,35 @@ def plot_evidence_maps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def plot_shared_pixels(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                        alpha: float, rules: Sequence[str] = ("intersection", "equality", "random"),
-                       saliency: str = "input_grad", seed: int = 0) -> Figure:
-    """For one image: the SPAT step weights w of each rule (mean 1, capped at eps/alpha),
-    i.e. where SPAT spends its budget; ``random`` is the control."""
-    fig, axes = _figure(2.2 * (len(rules) + 1), 2.4, 1, len(rules) + 1)
-    _show_image(axes[0, 0], x[0], "image")
-    for ax, rule in zip(axes[0, 1:], rules):
-        g = torch.Generator(device=x.device).manual_seed(seed)
-        w = shared_pixel_weights(model, x, y, rule, saliency, eps=eps, alpha=alpha, generator=g)
-        im = ax.imshow(w[0].mean(0).cpu().numpy(), cmap="viridis", interpolation="nearest",
-                       vmin=0, vmax=eps / alpha)
-        ax.set_title(f"w: {rule}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(im, ax=list(axes[0, 1:]), shrink=0.8, label="step weight")
+                       radius_rules: Sequence[str] = (), radius_mean: float = 0.5,
+                       gamma: float = 1.0, saliency: str = "input_grad", seed: int = 0) -> Figure:
+    """For one image: where each SPAT rule spends its budget. Top row, ``rules``: the step
+    weights w of the step budget (mean 1, capped at eps/alpha). Bottom row, ``radius_rules``
+    (when given): the per-pixel radius r of the radius budget (|delta| <= eps r, mean
+    ``radius_mean``). ``random`` is the control (the same values on other pixels)."""
+    rows = [("step", list(rules))] + ([("radius", list(radius_rules))] if radius_rules else [])
+    rows = [(b, r) for b, r in rows if r]
+    ncols = max(len(r) for _, r in rows) + 1
+    fig, axes = _figure(2.2 * ncols, 2.4 * len(rows), len(rows), ncols)
+    for i, (budget, names) in enumerate(rows):
+        _show_image(axes[i, 0], x[0], "image")
+        for ax in axes[i, len(names) + 1:]:
+            ax.axis("off")
+        for ax, rule in zip(axes[i, 1:], names):
+            g = torch.Generator(device=x.device).manual_seed(seed)
+            sp = shared_pixels(model, x, y, rule, saliency, gamma, eps=eps, alpha=alpha,
+                               generator=g, budget=budget, radius_mean=radius_mean)
+            value = sp.weights if budget == "step" else sp.radius
+            im = ax.imshow(value[0].mean(0).cpu().numpy(), cmap="viridis", interpolation="nearest",
+                           vmin=0, vmax=eps / alpha if budget == "step" else 1.0)
+            ax.set_title(f"{'w' if budget == 'step' else 'r'}: {rule}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        label = "step weight w (mean 1)" if budget == "step" else f"radius r (mean {radius_mean:g})"
+        fig.colorbar(im, ax=list(axes[i, 1:len(names) + 1]), shrink=0.8, label=label)
+    if len(rows) == 2:
+        fig.suptitle("top: step weights w (the step budget); bottom: radius r, |delta_i| <= eps r_i "
+                     "(the radius budget)", fontsize=9)
     return fig
 
 
@@ -242,33 +275,59 @@ def plot_perturbations(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return fig
 
 
+def _dodge(values: pd.Series, index: int, count: int, width: float) -> pd.Series:
+    """x positions of series ``index`` of ``count`` drawn side by side around ``values``, so
+    that series with equal values stay visible (each its own marker, offset by a fraction of
+    ``width``, the spacing of the x values)."""
+    return values + (index - (count - 1) / 2) * width / max(count, 1) * 0.6
+
+
+_MARKERS = "osD^vP*Xhp<>"
+
+
 def plot_semantic_report(report: pd.DataFrame) -> Figure:
-    """Three panels vs eps, one line per attack: attack success on the model, oracle flip rate
-    (95% Wilson interval as error bars) and the class-specific share of the perturbation."""
-    import seaborn as sns
-    fig, axes = _figure(15, 4.0, 1, 3)
+    """Three panels vs eps, one series per attack: attack success on the model, oracle flip
+    rate (95% Wilson interval as error bars) and the manipulation check, the share of |delta| on
+    shared pixels (PGD's dashed, for reference). Each attack has its own marker and is set a
+    little apart along x, so equal values do not hide each other; with a single eps there are no
+    lines (nothing to connect). Every y axis starts at 0."""
     df = report.copy()
     df["eps"] = df["eps_nominal"].astype(float)
-    for ax, (col, label) in zip(axes[0], [("attack_success", "attack success on the model (%)"),
-                                          ("oracle_flip_rate", "oracle flip rate (%)"),
-                                          ("specific_mass_share", "class-specific share of |delta| (%)")]):
-        d = df.assign(value=100 * df[col].astype(float))
-        sns.lineplot(data=d, x="eps", y="value", hue="attack", marker="o", ax=ax, errorbar=None)
-        if col == "oracle_flip_rate":
-            for i, (name, part) in enumerate(d.groupby("attack", sort=False)):
-                lo = 100 * (part["oracle_flip_rate"] - part["oracle_flip_ci_low"])
-                hi = 100 * (part["oracle_flip_ci_high"] - part["oracle_flip_rate"])
-                ax.errorbar(part["eps"], part["value"], yerr=[lo, hi], fmt="none", capsize=3,
-                            ecolor=ax.get_lines()[i].get_color() if i < len(ax.get_lines()) else None,
+    eps_values = sorted(df["eps"].unique())
+    single = len(eps_values) == 1
+    width = (min(np.diff(eps_values)) if not single else 1.0)
+    attacks = list(dict.fromkeys(df["attack"]))
+    fig, axes = _figure(15, 4.2, 1, 3)
+    panels = [("attack_success", "attack success on the model (%)"),
+              ("oracle_flip_rate", "oracle flip rate (%), 95% Wilson CI"),
+              ("shared_mass_share", "shared share of |delta| (%)")]
+    for ax, (col, label) in zip(axes[0], panels):
+        for i, name in enumerate(attacks):
+            part = df[df["attack"] == name].sort_values("eps")
+            xs = pd.Series(range(len(part)), dtype=float) if single else part["eps"].reset_index(drop=True)
+            xs = _dodge(xs, i, len(attacks), width)
+            value = 100 * part[col].astype(float).to_numpy()
+            style = dict(marker=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}", label=name,
+                         linestyle="none" if single else ("--" if name == "pgd" else "-"))
+            ax.plot(xs, value, **style)
+            if col == "oracle_flip_rate":
+                lo = value - 100 * part["oracle_flip_ci_low"].astype(float).to_numpy()
+                hi = 100 * part["oracle_flip_ci_high"].astype(float).to_numpy() - value
+                ax.errorbar(xs, value, yerr=[lo, hi], fmt="none", capsize=3, ecolor=f"C{i % 10}",
                             alpha=0.6)
+        highest = "oracle_flip_ci_high" if col == "oracle_flip_rate" else col
+        top = 100 * float(np.nanmax(df[highest].to_numpy(dtype=float)))
+        ax.set_ylim(0, max(5.0, 1.12 * top))
         ax.set_ylabel(label)
-        ax.set_xlabel("eps (pixel units)")
+        if single:
+            ax.set_xticks([0.0])
+            ax.set_xticklabels([f"eps {format_eps(eps_values[0])}"])
+            ax.set_xlim(-0.6, 0.6)
+        else:
+            ax.set_xlabel("eps (pixel units)")
         ax.grid(alpha=0.3)
-    # the three panels share their attacks: one legend for the figure
+    axes[0, 2].set_title("manipulation check: did the examples move?", fontsize=10)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    for ax in axes[0]:
-        if ax.get_legend():
-            ax.get_legend().remove()
     fig.legend(handles, labels, title="attack", loc="outside right upper", fontsize=8)
     return fig
 

@@ -59,14 +59,56 @@ def test_learning_curves_have_whole_epochs_and_explain_the_scaled_eps():
     assert "eps, scaled to the lr axis (max 0.1)" in labels
 
 
-def test_semantic_report_has_one_shared_legend():
-    rows = []
-    for attack in ("pgd", "spat_intersection"):
-        for eps in (0.1, 0.2):
-            rows.append({"attack": attack, "eps_nominal": eps, "attack_success": 0.5,
-                         "oracle_flip_rate": 0.2, "oracle_flip_ci_low": 0.1,
-                         "oracle_flip_ci_high": 0.3, "specific_mass_share": 0.6})
-    fig = figures.plot_semantic_report(pd.DataFrame(rows))
+def _semantic_rows(eps_values, attacks=("pgd", "spat_intersection")):
+    return pd.DataFrame([{"attack": a, "eps_nominal": e, "attack_success": 0.5,
+                          "oracle_flip_rate": 0.2, "oracle_flip_ci_low": 0.1,
+                          "oracle_flip_ci_high": 0.3, "shared_mass_share": 0.18 + 0.1 * i}
+                         for i, a in enumerate(attacks) for e in eps_values])
+
+
+def test_semantic_report_has_one_shared_legend_and_axes_from_zero():
+    fig = figures.plot_semantic_report(_semantic_rows((0.1, 0.2)))
     assert all(ax.get_legend() is None for ax in fig.axes)
     assert len(fig.legends) == 1
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["pgd", "spat_intersection"]
+    assert all(ax.get_ylim()[0] == 0 for ax in fig.axes)
+    assert fig.axes[2].get_ylabel() == "shared share of |delta| (%)"
+
+
+def test_semantic_report_keeps_equal_series_apart_and_draws_markers_for_one_eps():
+    # two attacks with equal success and flips at one eps: both markers visible, no lines
+    fig = figures.plot_semantic_report(_semantic_rows((0.1,)))
+    ax = fig.axes[0]
+    lines = [l for l in ax.get_lines() if l.get_label() in ("pgd", "spat_intersection")]
+    assert len(lines) == 2 and all(l.get_linestyle() == "None" for l in lines)
+    xs = [float(l.get_xdata()[0]) for l in lines]
+    assert xs[0] != xs[1]                                  # side by side, not on top
+    assert len({l.get_marker() for l in lines}) == 2       # and told apart by their marker
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["eps 0.1"]
+
+
+def test_learning_curves_show_the_manipulation_check_when_measured():
+    h = pd.DataFrame({"epoch": [1, 2], "lr": [0.1, 0.05], "eps": [0.1, 0.1], "train_loss": [2.0, 1.5],
+                      "train_clean_acc": [0.5, 0.6], "train_adv_acc": [0.2, 0.3],
+                      "val_clean_acc": [0.4, 0.5], "val_robust_acc": [0.1, 0.2],
+                      "shared_share": [0.30, 0.32], "shared_share_pgd": [0.18, 0.19]})
+    fig = figures.plot_learning_curves(h)
+    check = fig.axes[2]
+    assert check.get_ylim()[0] == 0 and "manipulation check" in check.get_title()
+    assert [t.get_text() for t in check.get_legend().get_texts()] == ["training examples",
+                                                                        "PGD on the same batches"]
+    h = h.assign(shared_share=float("nan"), shared_share_pgd=float("nan"))
+    assert len([a for a in figures.plot_learning_curves(h).axes if a.get_title()]) == 2
+
+
+def test_shared_pixels_show_step_weights_and_radii(linear_model):
+    x, y = _image()
+    fig = figures.plot_shared_pixels(_model(linear_model), x, y, eps=0.1, alpha=0.025,
+                                     rules=["intersection", "random"],
+                                     radius_rules=["intersection"], radius_mean=0.5)
+    assert _has_colorbar(fig, "step weight w (mean 1)")
+    assert _has_colorbar(fig, "radius r (mean 0.5)")
+    assert "|delta_i| <= eps r_i" in fig.get_suptitle()
+    radius = [ax.images[0] for ax in fig.axes if ax.get_title() == "r: intersection"]
+    assert len(radius) == 1 and radius[0].get_clim() == (0.0, 1.0)
+    assert abs(float(radius[0].get_array().mean()) - 0.5) < 1e-6
