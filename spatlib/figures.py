@@ -108,19 +108,23 @@ def learning_curves_long(history: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["epoch", "accuracy (%)", "kind", "split"])
 
 
+# legends under their panel, never on the curves
+_BELOW = dict(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=2, frameon=False)
+
+
 def plot_learning_curves(history: pd.DataFrame, title: str | None = None) -> Figure:
     """Clean / robust accuracy (train and validation) and training loss, lr and eps per epoch;
     with a third panel, the manipulation check (history's ``shared_share`` beside
     ``shared_share_pgd``) when the run measured it."""
     import seaborn as sns
     check = ("shared_share" in history and history["shared_share"].notna().any())
-    fig, axes = _figure(16.5 if check else 11, 3.8, 1, 3 if check else 2)
+    fig, axes = _figure(16.5 if check else 11, 4.8, 1, 3 if check else 2)
     long = learning_curves_long(history)
     ax = axes[0, 0]
     if not long.empty:
         sns.lineplot(data=long, x="epoch", y="accuracy (%)", hue="kind", style="split", marker="o",
                      markersize=4, ax=ax)
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(**_BELOW)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.set_title("accuracy (robust: PGD at the training eps)")
@@ -138,8 +142,10 @@ def plot_learning_curves(history: pd.DataFrame, title: str | None = None) -> Fig
         twin.plot(history["epoch"], history["eps"] * scale, ":", color="C2",
                   label=f"eps, scaled to the lr axis (max {format_eps(float(history['eps'].max()))})")
     twin.set_ylabel("lr")
+    ax.set_ylim(bottom=0)
+    twin.set_ylim(bottom=0)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.legend(handles=handles, **{**_BELOW, "ncol": 1})
     ax.set_title("loss and schedules")
     panels = [axes[0, 0], axes[0, 1]]
     if check:
@@ -152,7 +158,7 @@ def plot_learning_curves(history: pd.DataFrame, title: str | None = None) -> Fig
         ax.set_ylim(0, max(10.0, 1.15 * top))
         ax.set_ylabel("shared share of |delta| (%)")
         ax.set_title("manipulation check (axis from 0)")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(**{**_BELOW, "ncol": 1})
         ax.grid(alpha=0.3)
         panels.append(ax)
     for a in panels:
@@ -192,12 +198,12 @@ def plot_examples(x: torch.Tensor, y: torch.Tensor, class_names: Sequence[str],
 def plot_evidence_maps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                        class_names: Sequence[str], saliency: str = "input_grad") -> Figure:
     """For one image x (1, C, H, W): the image and the normalized class evidence map P_k of
-    every class (docs/design.md step 1), the true class marked with *."""
+    every class (docs/design.md step 1), the true class marked with *; the title says so."""
     ev = class_evidence(model, x, y, "all", saliency)
     maps = normalize_maps(ev.maps)[0]                       # (K, H, W)
     k = maps.shape[0]
     vmax = float(maps.max())
-    fig, axes = _figure(1.4 * (k + 1), 1.9, 1, k + 1)
+    fig, axes = _figure(1.4 * (k + 1) + 0.8, 2.6, 1, k + 1)
     _show_image(axes[0, 0], x[0], f"image ({class_names[int(y[0])]})")
     for j in range(k):
         cls = int(ev.classes[0, j])
@@ -208,7 +214,9 @@ def plot_evidence_maps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         axes[0, j + 1].set_xticks([])
         axes[0, j + 1].set_yticks([])
     # one colour scale for every map, so the classes compare
-    fig.colorbar(im, ax=list(axes[0, 1:]), shrink=0.8, label="share of the class's evidence")
+    fig.colorbar(im, ax=list(axes[0, 1:]), shrink=0.9, label="share of evidence")
+    fig.suptitle(f"P[k]: where class k's evidence lies ({saliency}, each map sums to 1); "
+                 f"* marks the true class", fontsize=9)
     return fig
 
 

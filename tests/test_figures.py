@@ -23,7 +23,8 @@ def _has_colorbar(fig, label: str) -> bool:
 def test_evidence_maps_share_one_colour_scale_with_a_colour_bar(linear_model):
     x, y = _image()
     fig = figures.plot_evidence_maps(_model(linear_model), x, y, NAMES)
-    assert _has_colorbar(fig, "share of the class's evidence")
+    assert _has_colorbar(fig, "share of evidence")
+    assert "* marks the true class" in fig.get_suptitle()
     images = [ax.images[0] for ax in fig.axes[1:K + 1]]
     assert len({im.get_clim() for im in images}) == 1            # one scale for every class
 
@@ -112,3 +113,75 @@ def test_shared_pixels_show_step_weights_and_radii(linear_model):
     radius = [ax.images[0] for ax in fig.axes if ax.get_title() == "r: intersection"]
     assert len(radius) == 1 and radius[0].get_clim() == (0.0, 1.0)
     assert abs(float(radius[0].get_array().mean()) - 0.5) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# nothing clipped: every text of every figure lies inside its canvas
+def _clipped_texts(fig) -> list[str]:
+    """What of the drawn figure lies outside its canvas: each panel's drawn extent (its ticks,
+    labels, title, its legend; a colour bar is a panel too), the figure's legends and texts."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)      # what savefig renders with: constrained layout included
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    width, height = canvas.get_width_height()
+    drawn = [(f"panel {ax.get_title() or ax.get_ylabel() or ax.get_label()!r}", ax.get_tightbbox(renderer))
+             for ax in fig.axes if ax.get_visible()]
+    drawn += [(f"figure legend {leg.get_title().get_text()!r}", leg.get_window_extent(renderer))
+              for leg in fig.legends]
+    drawn += [(f"figure text {t.get_text()!r}", t.get_window_extent(renderer))
+              for t in [*fig.texts, getattr(fig, "_suptitle", None)] if t is not None and t.get_text()]
+    return [f"{name} at ({b.x0:.0f}, {b.y0:.0f})-({b.x1:.0f}, {b.y1:.0f}) outside {width}x{height}"
+            for name, b in drawn
+            if b is not None and (b.x0 < -1 or b.y0 < -1 or b.x1 > width + 1 or b.y1 > height + 1)]
+
+
+def _every_figure(linear_model):
+    import numpy as np
+    x, y = _image()
+    model = _model(linear_model)
+    history = pd.DataFrame({"epoch": [1, 2, 3], "lr": [0.1, 0.05, 0.01], "eps": [0.05, 0.1, 0.1],
+                            "train_loss": [2.0, 1.5, 1.0], "train_clean_acc": [0.5, 0.6, 0.7],
+                            "train_adv_acc": [0.2, 0.3, 0.4], "val_clean_acc": [0.4, 0.5, 0.6],
+                            "val_robust_acc": [0.1, 0.2, 0.3], "shared_share": [0.3, 0.3, 0.31],
+                            "shared_share_pgd": [0.18, 0.18, 0.19]})
+    curves = pd.DataFrame([{"run": f"{m}-s0", "method": m, "dataset": "digits", "model": "SmallCNN",
+                            "seed": 0, "eps": e, "eps_str": str(e), "accuracy": 0.9 - e}
+                           for m in ("pgd_at", "spat_at") for e in (0.0, 0.1, 0.2)])
+    per_class = pd.DataFrame([{"run": f"{m}-s0", "method": m, "dataset": "digits", "model": "SmallCNN",
+                               "seed": 0, "attack": "worst_case", "class": k, "class_name": NAMES[k],
+                               "accuracy": 0.5} for m in ("pgd_at", "spat_at") for k in range(K)])
+    attacks = hypothesis.standard_attacks(["pgd", "spat_intersection", "spat_intersection:radius"],
+                                          steps=2)
+    return {
+        "examples": figures.plot_examples(torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2]), NAMES,
+                                          pred=torch.tensor([0, 2, 2])),
+        "evidence_maps": figures.plot_evidence_maps(model, x, y, NAMES),
+        "shared_pixels": figures.plot_shared_pixels(model, x, y, eps=0.1, alpha=0.025,
+                                                    rules=["intersection", "random"],
+                                                    radius_rules=["intersection", "random"]),
+        "perturbations": figures.plot_perturbations(model, x, y, attacks, 0.1, NAMES),
+        "semantic_report": figures.plot_semantic_report(_semantic_rows((0.1, 0.2))),
+        "semantic_report_one_eps": figures.plot_semantic_report(_semantic_rows((0.1,))),
+        "learning_curves": figures.plot_learning_curves(history, title="pgd_at-digits-s0"),
+        "accuracy_vs_eps": figures.plot_accuracy_vs_eps(curves),
+        "per_class": figures.plot_per_class_heatmap(per_class),
+    }
+
+
+def test_no_text_of_any_figure_is_clipped(linear_model):
+    clipped = {name: _clipped_texts(fig) for name, fig in _every_figure(linear_model).items()}
+    assert not any(clipped.values()), {k: v for k, v in clipped.items() if v}
+
+
+def test_learning_curve_legends_sit_beside_the_curves_not_on_them(linear_model):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = _every_figure(linear_model)["learning_curves"]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legends = [(ax, ax.get_legend()) for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 3
+    for ax, legend in legends:
+        assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)), \
+            ax.get_title()
