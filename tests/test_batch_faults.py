@@ -16,6 +16,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from spatlib import batch
@@ -134,7 +135,8 @@ def test_the_status_line_counts_jobs_and_reads_each_running_runs_epoch(tmp_path)
     progress.started(j_std)
     progress.started(j_spat)
     j_std.run_dir.mkdir(parents=True)
-    (j_std.run_dir / "history.csv").write_text("epoch,train_loss\n1,2.3\n")   # 1 of smoke's 2
+    # epoch 1 of smoke's 2 saved: the checkpoint counts (history.csv is written after it)
+    torch.save({"epoch": 1, "config": {"train": {"epochs": 2}}}, j_std.run_dir / "checkpoint_last.pt")
     assert re.fullmatch(r"\[status 0m0\ds\] 1 done, 2 running, 0 queued, 0 failed; running: "
                         r"standard-digits-s0 epoch 1/2, spat_at-digits-s0 epoch 0/2", progress.line())
     progress.finished(batch.JobResult(j_std.name, "failed"))
