@@ -35,13 +35,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" tests
 
-# Jupyter refuses to start as root unless told so, and root is the usual user in containers and
-# CI images. Everything else (token, port, browser) is left to Jupyter's defaults or LAB_ARGS,
-# e.g. make lab LAB_ARGS="--no-browser --port 8899"
+# JupyterLab serves the repository root, so its file browser reaches the executed notebooks and
+# figures under outputs/ too, and opens on notebooks/ (a folder given as an argument would become
+# the root instead). Jupyter refuses to start as root unless told so, and root is the usual user
+# in containers and CI images. Everything else (token, port, browser) is left to Jupyter's
+# defaults or LAB_ARGS, e.g. make lab LAB_ARGS="--no-browser --port 8899"
 LAB_ARGS ?=
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
-	$(BIN)/jupyter lab $(LAB_ROOT) $(LAB_ARGS) notebooks/
+	$(BIN)/jupyter lab $(LAB_ROOT) --ServerApp.root_dir="$(CURDIR)" \
+		--LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
 
 clean-outputs:
 	rm -rf outputs/*/ 

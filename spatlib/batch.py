@@ -13,9 +13,16 @@
    (more would oversubscribe the cores: tiny-model attacks get several times slower); on CUDA
    each job holds one GPU of its own (``CUDA_VISIBLE_DEVICES``) while it runs, so ``--jobs``
    is capped at the GPU count, and a finished job hands its GPU to the next.
+   Before that, every job's data is resolved (:func:`check_jobs_data`): a missing file, a
+   missing key, a wrong shape is one line naming the run (or the section) and the key, before
+   anything is written. Notebook 01's model trains on the experiment's data
+   (:func:`hypothesis_section`).
 3. A failed job is recorded and the others go on; the failures are listed at the end and the
    exit status is 1. A rerun skips the jobs that finished with the same parameters and resumes
-   the others (the trainer continues from its last checkpoint, evaluations are cached).
+   the others (the trainer continues from its last checkpoint, evaluations are cached); each
+   job's log keeps every attempt, each opened by a dated ``=== started`` / ``=== resumed at
+   epoch k of n`` / ``=== already finished, skipped`` line. ``--dry-run`` says which
+   (:func:`plan_mark`); ``spat status`` reads the same run folders (:func:`run_state`).
 4. One batch per experiment folder: ``<out>/<experiment>/.batch.lock`` (``fcntl.flock``, held
    for the batch's life, naming its holder) makes a second batch fail at once. Every job dies
    with the batch, even under SIGKILL: papermill gets ``PR_SET_PDEATHSIG`` and its kernel's
@@ -31,7 +38,7 @@ Layout of ``<out>/<experiment>/``::
     hypothesis_model/        the standard model notebook 01 attacks (a run folder)
     runs/<run>/              config.yaml, history.csv, checkpoints, metrics.json, eval_<eps>.json,
                              02_training.ipynb (executed)
-    logs/<job>.log           each job's output; logs/<job>.params.yaml its parameters
+    logs/<job>.log           each job's output, every attempt; logs/<job>.params.yaml its parameters
     results.csv, results.md, runs.csv, figures/*.png   (written by 03)
     batch_summary.json       status, time, log and error of every job; the failures
     .batch.lock              the running batch's pid, host, start and command
@@ -42,12 +49,14 @@ import ast
 import concurrent.futures as cf
 import contextlib
 import copy
+import datetime
 import errno
 import fcntl
 import hashlib
 import json
 import os
 import queue
+import re
 import shlex
 import socket
 import subprocess
@@ -56,18 +65,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
-from .config import ConfigError, Experiment, load_experiment, read_yaml, to_dict
+from .config import (BATCH_PARAMETERS, ConfigError, Experiment, RunConfig, apply_overrides,
+                     check_section as check_section_values, deep_merge, from_dict, load_experiment,
+                     read_yaml, to_dict)
 from .util import atomic_write_text, did_you_mean, utc_now
+
+if TYPE_CHECKING:
+    from .data import DataSummary
 
 NOTEBOOKS = {"hypothesis": "01_hypothesis.ipynb", "training": "02_training.ipynb",
              "robustness": "03_robustness.ipynb"}
 # parameters the batch itself sets: an experiment file must not set them
-RESERVED = {"hypothesis": {"model_dir", "threads"},
-            "robustness": {"params", "overrides", "out_dir", "train_missing", "threads"}}
+RESERVED = {nb: set(names) for nb, names in BATCH_PARAMETERS.items()}
+# the run sections notebook 01's attacked model takes from the experiment's base (section keys win)
+HYPOTHESIS_FROM_BASE = ("data", "model", "train")
 SUMMARY = "batch_summary.json"
 EXPERIMENT_FILE = "experiment.yaml"
 HYPOTHESIS_JOB, ROBUSTNESS_JOB = "01_hypothesis", "03_robustness"
@@ -220,6 +235,9 @@ class Plan:
     out_dir: Path                          # <out>/<experiment>
     labels: dict[str, dict]                # run -> {variant, dataset, seed}
     configs: dict[str, dict]               # run -> resolved config dict (paths made absolute)
+    # notebook 01's section with its data/model/train laid over the experiment's base
+    hypothesis: dict = field(default_factory=dict)
+    data_origin: str = "the notebook's parameters"    # where notebook 01's data comes from
 
     @property
     def name(self) -> str:
@@ -267,6 +285,46 @@ def absolute_overrides(overrides: list[str], base: Path) -> list[str]:
     return out
 
 
+def hypothesis_section(raw: dict, section: dict, overrides: list[str], base_dir: Path) -> tuple[dict, str]:
+    """Notebook 01's section as the batch passes it, and where its data comes from.
+
+    The attacked model trains on the experiment's data: where the experiment's ``base`` (with
+    the first entry of ``datasets:`` and the run overrides, as the runs see it) has a ``data``,
+    ``model`` or ``train`` section, that section completed by the config's defaults (as a run's
+    is) replaces the notebook's default, with the hypothesis section's own keys on top.
+    ``train.method`` stays the notebook's (``standard``) unless the section names one: the
+    hypothesis is about a standard model's adversarial examples, whatever the runs train."""
+    base = copy.deepcopy(raw.get("base") or {})
+    datasets = raw.get("datasets")
+    first = None
+    if isinstance(datasets, list) and datasets:
+        first, data = datasets[0], {"name": datasets[0]}
+    elif isinstance(datasets, dict) and datasets:
+        first, data = next(iter(datasets.items()))
+    if first is not None:
+        base = deep_merge(base, {"data": data or {}})
+    run_overrides = [t for t in overrides
+                     if t.split("=", 1)[0].split(".", 1)[0].strip() not in ("hypothesis", "robustness")]
+    base = apply_overrides(base, run_overrides)
+    defaults = to_dict(RunConfig())
+    defaults["train"].pop("method")
+    merged = dict(section)
+    for key in HYPOTHESIS_FROM_BASE:
+        if isinstance(base.get(key), dict) and base[key]:
+            layer = {k: v for k, v in base[key].items() if (key, k) != ("train", "method")}
+            merged[key] = {**defaults[key], **layer, **(section.get(key) or {})}
+    if "data" in section:
+        origin = "the hypothesis section"
+    elif base.get("data"):
+        origin = "the experiment's base" + (f" and its first dataset ({first})" if first is not None else "")
+    else:
+        origin = "the notebook's parameters"
+    if "data" in merged:
+        merged["data"] = _absolute_data_paths({"data": merged["data"]}, base_dir)["data"]
+    check_section_values("hypothesis", merged, "hypothesis (over the experiment's base): ")
+    return merged, origin
+
+
 def run_labels(exp: Experiment, variants: list[str]) -> dict[str, dict]:
     """run name -> {variant, dataset, seed}, as the experiment named its runs."""
     return {name: dict(exp.labels[name]) for name in exp.runs}
@@ -296,9 +354,10 @@ def plan_experiment(params: str | Path, overrides: list[str] | None = None,
                               f"runs: {', '.join(configs)}")
         configs = {r: c for r, c in configs.items() if r in only}
     labels = run_labels(exp, list((raw.get("variants") or {"default": {}}).keys()))
+    hypothesis, origin = hypothesis_section(raw, exp.hypothesis, overrides, Path.cwd())
     out = Path(out_dir) if out_dir is not None else Path(out_root) / exp.name
     return Plan(experiment=exp, params_path=path, overrides=overrides, out_dir=out.resolve(),
-                labels=labels, configs=configs)
+                labels=labels, configs=configs, hypothesis=hypothesis, data_origin=origin)
 
 
 def experiment_document(plan: Plan) -> dict:
@@ -360,6 +419,21 @@ class Job:
     def params_file(self) -> Path:
         return self.log.with_suffix(".params.yaml")
 
+    @property
+    def train_dir(self) -> Path | None:
+        """The run folder this job trains: a run's (02), the attacked model's (01); None (03)."""
+        if self.kind == "training":
+            return self.run_dir
+        if self.kind == "hypothesis" and self.parameters.get("model_dir"):
+            return Path(self.parameters["model_dir"])
+        return None
+
+    @property
+    def epochs(self) -> int | None:
+        """The epochs the job's model trains for (its ``train.epochs``)."""
+        epochs = (self.parameters.get("train") or {}).get("epochs")
+        return int(epochs) if epochs is not None else None
+
     def fingerprint(self) -> str:
         """Hash of the parameters that change what the job computes (threads do not)."""
         p = {k: v for k, v in self.parameters.items() if k not in ("threads",)}
@@ -397,7 +471,7 @@ def build_jobs(plan: Plan, nb_dir: Path, *, threads: int | None, hypothesis: boo
     jobs = []
     if hypothesis:
         nb = nb_dir / NOTEBOOKS["hypothesis"]
-        params = {**section_parameters(plan.experiment.hypothesis, nb),
+        params = {**section_parameters(plan.hypothesis, nb), "data_origin": plan.data_origin,
                   "model_dir": str(plan.out_dir / "hypothesis_model"), "threads": threads}
         jobs.append(Job(HYPOTHESIS_JOB, "hypothesis", nb,
                         plan.out_dir / NOTEBOOKS["hypothesis"], params,
@@ -424,6 +498,47 @@ def robustness_job(plan: Plan, nb_dir: Path, threads: int | None) -> Job:
                plan.out_dir / "logs" / f"{ROBUSTNESS_JOB}.log", plan.out_dir)
 
 
+def job_label(job: Job) -> str:
+    """How an error names a job: ``run 'NAME'``, or the notebook section it comes from."""
+    return f"run '{job.name}'" if job.kind == "training" else f"section '{job.kind}'"
+
+
+def check_jobs_data(jobs: list[Job]) -> list[tuple["DataSummary", list[Job]]]:
+    """Resolve the data of every job that trains (each run, notebook 01's model) with
+    :func:`spatlib.data.check_data`, before any work: each distinct data section once, as
+    (its :class:`~spatlib.data.DataSummary`, the jobs that use it). Raises ConfigError, one
+    line per bad data section naming the first job that uses it and the key:
+    ``run 'pgd_at-cifar10-s0': data.path: /nonexistent/cifar.npz: file not found``."""
+    from .data import DataError, check_data   # lazy: torch
+    groups: dict[str, tuple] = {}
+    # runs first: an error names a run where one has the data
+    for job in sorted((j for j in jobs if j.train_dir is not None), key=lambda j: j.kind != "training"):
+        data = from_dict({"data": job.parameters.get("data") or {}}).data
+        key = json.dumps(to_dict(data), sort_keys=True, default=str)
+        groups.setdefault(key, (data, []))[1].append(job)
+    resolved, problems = [], []
+    for data, members in groups.values():
+        try:
+            resolved.append((check_data(data), members))
+        except DataError as e:
+            more = f" (and {len(members) - 1} more job(s) with this data)" if len(members) > 1 else ""
+            problems.append(f"{job_label(members[0])}{more}: {e}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return resolved
+
+
+def data_lines(resolved: list[tuple["DataSummary", list[Job]]], data_origin: str | None = None) -> list[str]:
+    """One ``data: ...`` line per distinct data section of a batch, naming its jobs."""
+    lines = []
+    for summary, members in resolved:
+        names = [j.name + (f" (from {data_origin})" if j.kind == "hypothesis" and data_origin else "")
+                 for j in members]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"data: {summary.describe()}; for {shown}")
+    return lines
+
+
 def load_summary(out_dir: Path) -> dict:
     path = out_dir / SUMMARY
     try:
@@ -440,6 +555,31 @@ def is_done(job: Job, previous: dict) -> bool:
     if not job.output.is_file():
         return False
     return job.run_dir is None or (job.run_dir / "metrics.json").is_file()
+
+
+def notebook_state(path: Path) -> tuple[str, str | None]:
+    """(state, end time) of an executed notebook, from papermill's record in it: ``done`` (it
+    ended without an error), ``failed`` (an error), ``interrupted`` (started, never ended: the
+    batch was stopped), ``not started`` (no notebook)."""
+    try:
+        meta = (json.loads(path.read_text()).get("metadata") or {}).get("papermill") or {}
+    except FileNotFoundError:
+        return "not started", None
+    except (OSError, json.JSONDecodeError):   # half written by a killed papermill
+        return "interrupted", None
+    ended = meta.get("end_time")
+    with contextlib.suppress(TypeError, ValueError):     # to the second, as every other date here
+        ended = datetime.datetime.fromisoformat(ended).isoformat(timespec="seconds")
+    if meta.get("exception"):
+        return "failed", ended
+    return ("done", ended) if ended else ("interrupted", None)
+
+
+def running_jobs(out_dir: Path) -> set[str]:
+    """Names of the jobs a local batch on ``out_dir`` is running now: its papermill processes
+    (:func:`leftover_processes`) name their ``logs/<job>.params.yaml``."""
+    logs = re.escape(str(Path(out_dir) / "logs")) + r"/([A-Za-z0-9_.-]+)\.params\.yaml"
+    return {m.group(1) for _, cmd in leftover_processes(out_dir) for m in re.finditer(logs, cmd)}
 
 
 def notebook_error(path: Path) -> str | None:
@@ -641,7 +781,8 @@ def run_job(job: Job, *, kernel: str, env: dict, timeout: float | None = None,
         papermill += ["--execution-timeout", str(int(timeout))]
     cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *papermill]
     t0 = time.perf_counter()
-    with open(job.log, "w") as logf:
+    log_line(job, start_line(job))
+    with open(job.log, "a") as logf:
         logf.write(f"$ {shlex.join([sys.executable, *papermill])}\n")
         logf.flush()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
@@ -730,22 +871,124 @@ def run_jobs(jobs: list[Job], *, n_parallel: int, kernel: str, threads: int | No
 
 # --------------------------------------------------------------------------------------------
 # the live view
+@dataclass(frozen=True)
+class RunState:
+    """What a run folder says about its run, whichever launcher ran it (or none)."""
+    state: str                      # done | interrupted | not started
+    epoch: int = 0                  # epochs completed (checkpoint_last.pt)
+    epochs: int | None = None       # epochs asked for (its config)
+    finished_at: str | None = None  # metrics.json's finished_at (done)
+    problem: str | None = None      # why checkpoint_last.pt could not be read
+
+    @property
+    def at(self) -> str:
+        """``epoch k of n`` (or why the checkpoint could not say)."""
+        if self.problem:
+            return f"an unknown epoch ({self.problem})"
+        return f"epoch {self.epoch}" + (f" of {self.epochs}" if self.epochs else "")
+
+    def describe(self) -> str:
+        """``done (metrics.json of DATE)``, ``interrupted at epoch k of n``, ``not started``."""
+        if self.state == "done":
+            return f"done (metrics.json of {self.finished_at})"
+        if self.state == "interrupted":
+            return f"interrupted at {self.at}"
+        return self.state
+
+
+def run_state(run_dir: Path | None, epochs: int | None = None) -> RunState:
+    """The state of a run folder: done (``metrics.json``, with its ``finished_at``),
+    interrupted at epoch k of n (k: the epochs ``checkpoint_last.pt`` holds, n: its config's
+    ``train.epochs``, else ``epochs``; a folder with ``config.yaml`` but no checkpoint is at
+    epoch 0), or not started. The one count of epochs done that both launchers, the status line
+    and ``spat status`` use. Reads the checkpoint memory-mapped: no tensor is loaded."""
+    from . import runfolder as rf     # lazy: torch, for a command that may not need it
+    if run_dir is None or not Path(run_dir).is_dir():
+        return RunState("not started", epochs=epochs)
+    run_dir = Path(run_dir)
+    metrics = run_dir / rf.METRICS
+    if metrics.is_file():
+        try:
+            finished = json.loads(metrics.read_text()).get("finished_at")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            finished = None
+        if not finished:    # metrics.json without its date (damaged, or an old one)
+            finished = datetime.datetime.fromtimestamp(metrics.stat().st_mtime, datetime.timezone.utc
+                                                       ).isoformat(timespec="seconds")
+        return RunState("done", epochs=epochs, finished_at=finished)
+    last = run_dir / rf.LAST
+    if last.is_file():
+        import torch
+        try:
+            ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+            saved = ((ckpt.get("config") or {}).get("train") or {}).get("epochs")
+            return RunState("interrupted", int(ckpt["epoch"]), int(saved) if saved else epochs)
+        except Exception as e:      # truncated, damaged, not a checkpoint: the trainer says which
+            return RunState("interrupted", epochs=epochs,
+                            problem=f"{rf.LAST} unreadable: {type(e).__name__}")
+    if (run_dir / rf.CONFIG).is_file():
+        return RunState("interrupted", 0, epochs)
+    return RunState("not started", epochs=epochs)
+
+
+def job_run_state(job: Job) -> RunState | None:
+    """:func:`run_state` of the folder a job trains (None for 03, which trains nothing)."""
+    return run_state(job.train_dir, job.epochs) if job.train_dir is not None else None
+
+
+def next_step(job: Job, previous: dict) -> tuple[str, RunState | None]:
+    """What a batch does with a job, given the last batch's summary: ``skip`` (finished with
+    the same parameters), ``resume`` (its run folder holds epochs), ``again`` (its model
+    finished, its notebook runs again: other parameters, or no executed notebook; nothing is
+    retrained) or ``new``; with the state of the folder it trains."""
+    if is_done(job, previous):
+        return "skip", None
+    state = job_run_state(job)
+    if state is None or state.state == "not started" or (
+            state.state == "interrupted" and not state.epoch and not state.problem):
+        return "new", state   # no epoch saved: the run starts from scratch
+    return ("again" if state.state == "done" else "resume"), state
+
+
+def plan_mark(job: Job, previous: dict) -> str:
+    """A job's ``--dry-run`` mark: ``done (skipped)``, ``resume at epoch k of n``, ``new``, or
+    ``notebook again; trained before: not retrained``."""
+    step, state = next_step(job, previous)
+    if step == "resume":
+        return f"resume at {state.at}"
+    return {"skip": "done (skipped)", "new": "new",
+            "again": "notebook again; trained before: not retrained"}[step]
+
+
+def log_line(job: Job, text: str) -> None:
+    """Append ``=== TEXT (DATE)`` to the job's log: a log keeps every attempt of its job."""
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "a") as f:
+        f.write(f"=== {text} ({utc_now()})\n")
+
+
+def start_line(job: Job) -> str:
+    """The line a job's log gets when it starts: ``resumed at epoch k of n`` (its run folder
+    has a checkpoint), ``started``, or ``started; trained before: not retrained``."""
+    step, state = next_step(job, {})
+    if step == "resume":
+        return f"resumed at {state.at}"
+    return "started" + ("; trained before: not retrained" if step == "again" else "")
+
+
+def skipped_result(job: Job) -> JobResult:
+    """The result of a job a rerun skips (finished before, same parameters); its log says so."""
+    log_line(job, "already finished, skipped")
+    return JobResult(job.name, "skipped", 0.0, str(job.log), str(job.output), fingerprint=job.fingerprint())
+
+
 def epochs_done(job: Job) -> tuple[int, int] | None:
-    """(epochs in the job's ``history.csv``, epochs asked for) of a training job (and of 01's
-    standard model); None for a job that trains nothing."""
-    if job.kind == "training" and job.run_dir is not None:
-        folder = job.run_dir
-    elif job.kind == "hypothesis" and job.parameters.get("model_dir"):
-        folder = Path(job.parameters["model_dir"])
-    else:
+    """(epochs done, epochs asked for) of a job that trains (02, and 01's model); None for 03."""
+    state = job_run_state(job)
+    if state is None:
         return None
-    total = int((job.parameters.get("train") or {}).get("epochs") or 0)
-    try:
-        lines = [ln for ln in (folder / "history.csv").read_text().splitlines() if ln.strip()]
-        done = max(0, len(lines) - 1)
-    except OSError:
-        done = 0
-    return done, total
+    total = state.epochs or 0
+    return (total if state.state == "done" else state.epoch), total
 
 
 class Progress:
@@ -830,6 +1073,8 @@ def run_batch(plan: Plan, *, jobs: int = 1, kernel: str | None = None, hypothesi
     t0 = time.perf_counter()
     started = utc_now()
     nb_dir = notebooks or notebooks_dir()
+    # every job's data resolved before the folder is touched: a missing file is one line now
+    data = check_jobs_data(build_jobs(plan, nb_dir, threads=None, hypothesis=hypothesis))
     kernel = kernel or kernel_name()
     gpus = list(range(gpu_count())) if gpus is None else list(gpus)
     n_parallel = min(max(1, jobs), len(gpus)) if gpus else max(1, jobs)
@@ -847,8 +1092,7 @@ def run_batch(plan: Plan, *, jobs: int = 1, kernel: str | None = None, hypothesi
         todo = []
         for job in build_jobs(plan, nb_dir, threads=threads, hypothesis=hypothesis):
             if is_done(job, previous):
-                outcome.results[job.name] = JobResult(job.name, "skipped", 0.0, str(job.log),
-                                                      str(job.output), fingerprint=job.fingerprint())
+                outcome.results[job.name] = skipped_result(job)
                 progress.skipped(job.name)
             else:
                 todo.append(job)
@@ -859,6 +1103,8 @@ def run_batch(plan: Plan, *, jobs: int = 1, kernel: str | None = None, hypothesi
         log(f"spat batch: {plan.name}: {len(plan.runs)} run(s), {len(todo)} job(s) to execute"
             + (f", {n_skip} already finished" if n_skip else "")
             + f"; {n_parallel} at a time{capped} on {where}; kernel {kernel}; output {plan.out_dir}")
+        for line in data_lines(data, plan.data_origin):
+            log(line)
         done = [0]
         stop = threading.Event()
 
@@ -902,6 +1148,13 @@ def run_batch(plan: Plan, *, jobs: int = 1, kernel: str | None = None, hypothesi
         outcome.seconds = time.perf_counter() - t0
         write_summary(outcome, started, utc_now())
     return outcome
+
+
+def error(e: Exception) -> int:
+    """A command's refusal: ``error: ...`` on stderr, a line per problem; exit status 2."""
+    for line in str(e).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr)
+    return 2
 
 
 def report_outcome(outcome: BatchOutcome, out=sys.stdout) -> None:

@@ -615,7 +615,7 @@ EXPERIMENT_KEYS = ("experiment", "base", "variants", "seeds", "datasets", "hypot
 NOTEBOOKS = ("hypothesis", "training", "robustness")    # 01, 02, 03
 # parameters the batch sets besides a section's (paths, threads): name -> (check, allowed)
 BATCH_PARAMETERS = {
-    "hypothesis": {"model_dir": "path", "threads": "threads"},
+    "hypothesis": {"model_dir": "path", "threads": "threads", "data_origin": "text"},
     "training": {"run_dir": "path", "threads": "threads"},
     "robustness": {"params": "path", "overrides": "strings", "out_dir": "path",
                    "train_missing": "bool", "threads": "threads"},
@@ -627,6 +627,7 @@ _BATCH_KINDS = {
     "strings": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
                 "a list of KEY=VALUE strings"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "text": (lambda v: v is None or isinstance(v, str), "None or a string"),
 }
 _PLAIN = (int, float, str, bool, list, dict, tuple, Path, type(None))
 _KERNEL_NAMES = {"In", "Out", "exit", "quit", "open", "get_ipython"}

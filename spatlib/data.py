@@ -183,59 +183,87 @@ def _load_digits():
     return x_tr, y_tr, x_te, y_te, [str(k) for k in range(10)], 10
 
 
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a .npz dataset at all (missing, not a zip), or None."""
+    if not path.is_file():
+        return "file not found"
+    if not zipfile.is_zipfile(path):
+        # np.load would read such a file as a pickle and refuse it as one: say what it is not
+        return ("is not a .npz archive (a zip of .npy arrays, as numpy.savez writes); it may be "
+                "truncated, or another format renamed")
+    return None
+
+
+def _npz_layout(layout: dict[str, tuple[tuple[int, ...], np.dtype]], y_train: np.ndarray,
+                y_test: np.ndarray, class_names: np.ndarray | None) -> list[str]:
+    """The class names of an npz dataset from its arrays' (shape, dtype) and its labels; a
+    :class:`DataError` (without the file's name) for a missing key, a wrong shape or dtype, or
+    labels out of range. Shapes and dtypes are all it needs of the images: the batch's check
+    (:func:`check_data`) reads them from the .npy headers without loading the images."""
+    missing = [k for k in NPZ_KEYS if k not in layout]
+    if missing:
+        raise DataError(f"missing key(s) {', '.join(missing)}; expected {', '.join(NPZ_KEYS)} "
+                        f"(found: {', '.join(layout) or 'none'})")
+    shapes = set()
+    for split in ("train", "test"):
+        (x_shape, x_dtype), (y_shape, y_dtype) = layout[f"x_{split}"], layout[f"y_{split}"]
+        if x_dtype != np.uint8:
+            raise DataError(f"x_{split} has dtype {x_dtype}; images must be uint8 (0..255)")
+        if len(x_shape) not in (3, 4) or (len(x_shape) == 4 and x_shape[-1] not in (1, 3)):
+            raise DataError(f"x_{split} has shape {x_shape}; expected (N, H, W) or "
+                            f"(N, H, W, C) with C 1 or 3 (NHWC)")
+        if len(y_shape) != 1 or not (np.issubdtype(y_dtype, np.integer) and y_dtype != np.bool_):
+            raise DataError(f"y_{split} has shape {y_shape} and dtype {y_dtype}; labels "
+                            f"must be a 1-D integer array")
+        if x_shape[0] != y_shape[0]:
+            raise DataError(f"x_{split} has {x_shape[0]} images but y_{split} has {y_shape[0]} labels")
+        shapes.add(x_shape[1:] if len(x_shape) == 4 else x_shape[1:] + (1,))
+    for split, y in (("train", y_train), ("test", y_test)):
+        if len(y) and y.min() < 0:
+            raise DataError(f"y_{split} has negative labels (min {y.min()}); labels must be 0..K-1")
+    if len(shapes) != 1:
+        raise DataError(f"train and test images differ in shape (H, W, C): {sorted(shapes)}")
+    for split in ("train", "test"):
+        if layout[f"x_{split}"][0][0] == 0:
+            need = "training images" if split == "train" else "test images (every accuracy is measured on them)"
+            raise DataError(f"x_{split} is empty; a run needs {need}")
+    top = max(int(y.max()) for y in (y_train, y_test) if len(y))
+    if class_names is None:
+        return [str(k) for k in range(top + 1)]
+    names = [str(s) for s in class_names.reshape(-1).tolist()]
+    if top >= len(names):
+        raise DataError(f"labels out of range: max label {top} but the file lists "
+                        f"{len(names)} class names")
+    return names
+
+
+def _npz_class_names(f) -> np.ndarray | None:
+    """The class names an npz holds (CIFAR-100 files name them fine_label_names), or None."""
+    key = next((k for k in ("class_names", "fine_label_names") if k in f), None)
+    return None if key is None else f[key]
+
+
 def _load_npz(path: str | None):
     if not path:
         raise DataError("npz: a path is required (data.path: a .npz with x_train, y_train, "
                         "x_test, y_test)")
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"npz: file not found: {path}")
-    if not zipfile.is_zipfile(path):
-        # np.load would read such a file as a pickle and refuse it as one: say what it is not
-        raise DataError(f"npz: {path} is not a .npz archive (a zip of .npy arrays, as numpy.savez "
-                        f"writes); it may be truncated, or another format renamed")
+    problem = _npz_file_problem(path)
+    if problem:
+        raise DataError(f"npz: {path}: {problem}")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:  # object arrays (pickles are refused), a damaged member
         raise DataError(f"npz: cannot read {path}: {e}") from e
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
-    if missing:
-        raise DataError(f"npz: {path} is missing key(s) {', '.join(missing)}; expected "
-                        f"x_train, y_train, x_test, y_test (found: {', '.join(arrays) or 'none'})")
-    shapes = set()
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8:
-            raise DataError(f"npz: x_{split} has dtype {x.dtype}; images must be uint8 (0..255)")
-        if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
-            raise DataError(f"npz: x_{split} has shape {x.shape}; expected (N, H, W) or "
-                            f"(N, H, W, C) with C 1 or 3 (NHWC)")
-        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) and y.dtype != np.bool_):
-            raise DataError(f"npz: y_{split} has shape {y.shape} and dtype {y.dtype}; labels "
-                            f"must be a 1-D integer array")
-        if len(x) != len(y):
-            raise DataError(f"npz: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
-        if len(y) and y.min() < 0:
-            raise DataError(f"npz: y_{split} has negative labels (min {y.min()}); labels must be "
-                            f"0..K-1")
-        shapes.add(x.shape[1:] if x.ndim == 4 else x.shape[1:] + (1,))
-    if len(shapes) != 1:
-        raise DataError(f"npz: train and test images differ in shape (H, W, C): {sorted(shapes)}")
-    for split in ("train", "test"):
-        if len(arrays[f"x_{split}"]) == 0:
-            need = "training images" if split == "train" else "test images (every accuracy is measured on them)"
-            raise DataError(f"npz: x_{split} is empty; a run needs {need}")
-    top = max(int(arrays[k].max()) for k in ("y_train", "y_test") if len(arrays[k]))
-    # CIFAR-100 files name their classes fine_label_names
-    key = next((k for k in ("class_names", "fine_label_names") if k in arrays), None)
-    if key:
-        names = [str(s) for s in arrays[key].reshape(-1).tolist()]
-        if top >= len(names):
-            raise DataError(f"npz: labels out of range: max label {top} but {key} lists "
-                            f"{len(names)} classes")
-    else:
-        names = [str(k) for k in range(top + 1)]
+    try:
+        names = _npz_layout({k: (a.shape, a.dtype) for k, a in arrays.items()},
+                            arrays.get("y_train"), arrays.get("y_test"), _npz_class_names(arrays))
+    except DataError as e:
+        raise DataError(f"npz: {path}: {e}") from None
     return (arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
             names, len(names))
 
@@ -297,6 +325,138 @@ def dataset_from_config(cfg: DataConfig) -> Dataset:
                         train_limit=cfg.train_limit, test_limit=cfg.test_limit,
                         num_classes=cfg.synthetic_classes, shape=tuple(cfg.synthetic_shape),
                         n_train=cfg.synthetic_train, n_test=cfg.synthetic_test, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# the cheap check a batch runs before any work: the data resolved, no image loaded
+# torchvision's datasets: the files its loader reads (under root) and the sizes they hold
+TORCHVISION_FILES: dict[str, dict] = {
+    "cifar10": dict(folder="cifar-10-batches-py", n_train=50000, n_test=10000, shape=(3, 32, 32),
+                    classes=10, files=[f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+    "cifar100": dict(folder="cifar-100-python", n_train=50000, n_test=10000, shape=(3, 32, 32),
+                     classes=100, files=["train", "test", "meta"]),
+    "mnist": dict(folder="MNIST/raw", n_train=60000, n_test=10000, shape=(1, 28, 28), classes=10,
+                  files=["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+    "fashion_mnist": dict(folder="FashionMNIST/raw", n_train=60000, n_test=10000, shape=(1, 28, 28),
+                          classes=10, files=["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+}
+# sklearn's 1,797 digits split by DIGITS_TEST_SIZE (tests/test_data.py checks them against a load)
+DIGITS_SIZES = dict(n_train=1347, n_test=450, shape=(1, 8, 8), classes=10)
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a data section resolves to, found without loading the images."""
+    source: str                      # e.g. ``npz (/data/cifar10.npz)``
+    n_train: int                     # training images after train_limit, before the val split
+    n_test: int                      # test images after test_limit
+    shape: tuple[int, int, int]      # (C, H, W)
+    num_classes: int
+    note: str = ""                   # e.g. that the files will be downloaded
+
+    def describe(self) -> str:
+        c, h, w = self.shape
+        return (f"{self.source}: {self.n_train} train + {self.n_test} test images of {c}x{h}x{w}, "
+                f"{self.num_classes} classes" + (f" ({self.note})" if self.note else ""))
+
+
+def data_source(cfg: DataConfig) -> str:
+    """The dataset's name and where it comes from: ``digits``, ``npz (/data/cifar10.npz)``,
+    ``cifar10 (~/.cache/spatlib)``, ``synthetic (1x8x8)``."""
+    if cfg.name == "npz":
+        return f"npz ({Path(cfg.path).expanduser() if cfg.path else 'no path'})"
+    if cfg.name in TORCHVISION_FILES:
+        return f"{cfg.name} ({Path(cfg.root).expanduser() if cfg.root else default_root()})"
+    if cfg.name == "synthetic":
+        return "synthetic ({}x{}x{})".format(*cfg.synthetic_shape)
+    return cfg.name
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of a .npy stream, reading no array data."""
+    version = np.lib.format.read_magic(f)
+    read = {(1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise DataError(f"a .npy member of format version {version[0]}.{version[1]}, "
+                        f"which this check does not read; save it with numpy.savez")
+    shape, _, dtype = read(f)
+    return tuple(shape), dtype
+
+
+def _npz_summary(path: Path) -> tuple[int, int, tuple[int, int, int], int]:
+    """(train images, test images, (C, H, W), classes) of an npz dataset: the images' shapes and
+    dtypes from their .npy headers (no image is read), the labels (small) in full."""
+    problem = _npz_file_problem(path)
+    if problem:
+        raise DataError(problem)
+    try:
+        with zipfile.ZipFile(path) as z:
+            layout = {}
+            for member in z.namelist():
+                if member.endswith(".npy"):
+                    with z.open(member) as f:
+                        layout[member[:-4]] = _npy_header(f)
+        # the labels and class names are small: read them, as the loader will
+        with np.load(path, allow_pickle=False) as f:
+            labels = {k: f[k] for k in ("y_train", "y_test") if k in f}
+            names = _npz_class_names(f)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:   # a damaged member, a pickled array
+        raise DataError(f"cannot read it: {e}") from None
+    classes = _npz_layout(layout, labels.get("y_train"), labels.get("y_test"), names)
+    x_shape = layout["x_train"][0]
+    h, w, c = x_shape[1:] if len(x_shape) == 4 else (*x_shape[1:], 1)
+    return x_shape[0], layout["x_test"][0][0], (c, h, w), len(classes)
+
+
+def check_data(cfg: DataConfig) -> DataSummary:
+    """Resolve a data section cheaply, before any work: the npz file exists and holds
+    ``x_train, y_train, x_test, y_test`` of consistent shapes and dtypes (read from the .npy
+    headers, not the images), torchvision's files are present under the root (or will be
+    downloaded: ``download`` true), and ``val_size`` leaves training images after
+    ``train_limit``. Raises :class:`DataError` as ``data.KEY: ...`` naming the key at fault."""
+    if cfg.name == "npz":
+        if not cfg.path:
+            raise DataError("data.path: required for data.name npz (a .npz with x_train, "
+                            "y_train, x_test, y_test)")
+        path = Path(cfg.path).expanduser()
+        try:
+            n_train, n_test, shape, classes = _npz_summary(path)
+        except DataError as e:
+            raise DataError(f"data.path: {path}: {e}") from None
+        note = ""
+    elif cfg.name in TORCHVISION_FILES:
+        facts = TORCHVISION_FILES[cfg.name]
+        folder = (Path(cfg.root).expanduser() if cfg.root else default_root()) / facts["folder"]
+        missing = [f for f in facts["files"] if not (folder / f).is_file()]
+        note = ""
+        if missing and not cfg.download:
+            lacks = ("holds none of its files" if len(missing) == len(facts["files"])
+                     else f"lacks {', '.join(missing)}")
+            raise DataError(f"data.root: {folder} {lacks} and data.download is false: "
+                            f"{DATASET_FACTS[cfg.name]['get']} there, or set data.download: true")
+        if missing:
+            note = f"to be downloaded into {folder}"
+        n_train, n_test, shape, classes = (facts[k] for k in ("n_train", "n_test", "shape", "classes"))
+    elif cfg.name == "synthetic":
+        n_train, n_test = cfg.synthetic_train, cfg.synthetic_test
+        shape, classes, note = tuple(cfg.synthetic_shape), cfg.synthetic_classes, ""
+    elif cfg.name == "digits":
+        n_train, n_test, shape, classes = (DIGITS_SIZES[k] for k in ("n_train", "n_test", "shape", "classes"))
+        note = ""
+    else:
+        raise DataError(f"data.name: unknown dataset {cfg.name!r}; expected one of {', '.join(DATASETS)}")
+    if cfg.train_limit is not None:
+        n_train = min(n_train, cfg.train_limit)
+    if cfg.test_limit is not None:
+        n_test = min(n_test, cfg.test_limit)
+    if cfg.val_size >= n_train:
+        limit = f" (data.train_limit {cfg.train_limit})" if cfg.train_limit is not None else ""
+        raise DataError(f"data.val_size: {cfg.val_size} leaves no training image: the data has "
+                        f"{n_train} training images{limit}")
+    return DataSummary(data_source(cfg), n_train, n_test, tuple(shape), int(classes), note)
 
 
 def augmentation_defaults(name: str, image_shape: tuple[int, ...] | None = None) -> dict:

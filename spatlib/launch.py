@@ -12,8 +12,9 @@ import argparse
 import sys
 
 from . import slurm
-from .batch import (DEFAULT_KERNEL, NOTEBOOKS, ROBUSTNESS_JOB, STATUS_EVERY, build_jobs,
-                    gpu_count, notebooks_dir, plan_experiment, report_outcome, run_batch)
+from .batch import (DEFAULT_KERNEL, NOTEBOOKS, ROBUSTNESS_JOB, STATUS_EVERY, Plan, build_jobs,
+                    check_jobs_data, data_lines, error, gpu_count, load_summary, notebooks_dir,
+                    plan_mark, plan_experiment, report_outcome, run_batch)
 from .config import ConfigError
 
 
@@ -39,7 +40,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status-every", type=float, default=STATUS_EVERY, metavar="SECONDS",
                         help=f"print a status line (runs done / running with their epoch / queued / "
                              f"failed) every SECONDS (default {STATUS_EVERY:g}; 0: never)")
-    parser.add_argument("--dry-run", action="store_true", help="validate and list the jobs, run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, resolve every job's data, and list the jobs with what a run "
+                             "would do to each (done (skipped), resume at epoch k of n, new); run nothing")
     slurm.add_arguments(parser)     # --launcher and the cluster settings live with the launcher
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
@@ -51,14 +54,12 @@ def cli_main(argv: list[str] | None = None) -> int:
         nb_dir = notebooks_dir()
         jobs = args.jobs if args.jobs is not None else max(1, gpu_count())
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     if args.dry_run:
-        print(f"{plan.name}: {len(plan.runs)} run(s) -> {plan.out_dir}")
-        for job in build_jobs(plan, nb_dir, threads=None, hypothesis=not args.no_hypothesis):
-            print(f"  {job.name:<40} {job.notebook.name} -> {job.output}")
-        print(f"  {ROBUSTNESS_JOB:<40} {NOTEBOOKS['robustness']} -> {plan.out_dir / NOTEBOOKS['robustness']}")
-        return 0
+        try:
+            return dry_run(plan, nb_dir, hypothesis=not args.no_hypothesis)
+        except ConfigError as e:
+            return error(e)
     if args.status:
         return slurm.status_main([str(plan.out_dir)])
     if args.launcher == "slurm":
@@ -68,9 +69,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                             timeout=args.timeout, notebooks=nb_dir,
                             log=lambda s: print(s, flush=True), status_every=args.status_every,
                             command=["spat", "batch", *(sys.argv[1:] if argv is None else argv)])
-    except ConfigError as e:            # locked, or the output folder cannot be written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:            # bad data, locked, or the output folder cannot be written
+        return error(e)
     except OSError as e:                # e.g. the disk filled up mid-batch: one line, no traceback
         print(f"error: cannot write to {e.filename or plan.out_dir}: {e.strerror or e} "
               f"(errno {e.errno}); finished jobs are kept, rerun to resume", file=sys.stderr)
@@ -81,6 +81,26 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 130
     report_outcome(outcome)
     return 1 if outcome.failures else 0
+
+
+def dry_run(plan: Plan, nb_dir, *, hypothesis: bool = True) -> int:
+    """``spat batch --dry-run``: every job's data resolved (ConfigError naming the run and the
+    key), then one line per job: what a batch would do to it, its notebook and its output."""
+    jobs = build_jobs(plan, nb_dir, threads=None, hypothesis=hypothesis)
+    resolved = check_jobs_data(jobs)
+    previous = load_summary(plan.out_dir)
+    print(f"{plan.name}: {len(plan.runs)} run(s) -> {plan.out_dir}")
+    for line in data_lines(resolved, plan.data_origin):
+        print(line)
+    marks = {job.name: plan_mark(job, previous) for job in jobs}
+    marks[ROBUSTNESS_JOB] = "after the runs"
+    width = max(len(n) for n in marks)
+    mark_width = max(len(m) for m in marks.values())
+    for job in jobs:
+        print(f"  {job.name:<{width}}  {marks[job.name]:<{mark_width}}  {job.notebook.name} -> {job.output}")
+    print(f"  {ROBUSTNESS_JOB:<{width}}  {marks[ROBUSTNESS_JOB]:<{mark_width}}  "
+          f"{NOTEBOOKS['robustness']} -> {plan.out_dir / NOTEBOOKS['robustness']}")
+    return 0
 
 
 if __name__ == "__main__":

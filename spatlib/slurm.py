@@ -22,8 +22,9 @@ every run has ended; the driver waits for them.
   variables and the trainer's DDP path takes over (NCCL on GPUs, gloo on CPUs). Task 0 executes
   the notebook; the others call the trainer directly (only rank 0 writes the run folder).
 
-``spat status OUT_DIR`` prints each job's state: queued, running (epoch k of n), done, failed
-(with its log).
+``spat status OUT_DIR`` prints each job's state, for a batch of either launcher: from the run
+folders (done, interrupted at epoch k of n, not started) and the launcher's records (queued,
+running (epoch k of n), failed with its log).
 """
 from __future__ import annotations
 
@@ -449,11 +450,13 @@ def run_slurm_batch(plan: B.Plan, cfg: LauncherConfig, *, kernel: str | None = N
                     hypothesis: bool = True, notebooks: Path | None = None,
                     log: Callable[[str], None] = print, poll: float = POLL_S) -> B.BatchOutcome:
     """Execute the plan on Slurm (see the module doc); returns what happened to every job.
-    The cluster is checked (:func:`check_cluster`) before anything is written or submitted."""
+    Every job's data (:func:`spatlib.batch.check_jobs_data`) and the cluster
+    (:func:`check_cluster`) are checked before anything is written or submitted."""
+    nb_dir = notebooks or B.notebooks_dir()
+    data = B.check_jobs_data(B.build_jobs(plan, nb_dir, threads=cfg.cpus_per_run, hypothesis=hypothesis))
     check_cluster(cfg)
     t0 = time.perf_counter()
     started = utc_now()
-    nb_dir = notebooks or B.notebooks_dir()
     kernel = kernel or B.kernel_name()
     previous = B.load_summary(plan.out_dir)
     B.write_experiment_file(plan)
@@ -465,8 +468,7 @@ def run_slurm_batch(plan: B.Plan, cfg: LauncherConfig, *, kernel: str | None = N
     for job in B.build_jobs(plan, nb_dir, threads=cfg.cpus_per_run, hypothesis=hypothesis):
         rec = doc["jobs"].get(job.name)
         if B.is_done(job, previous):
-            outcome.results[job.name] = B.JobResult(job.name, "skipped", 0.0, str(job.log), str(job.output),
-                                                    fingerprint=job.fingerprint())
+            outcome.results[job.name] = B.skipped_result(job)
             continue
         if rec and rec.get("fingerprint") == job.fingerprint():
             state = job_state(rec, queue)
@@ -476,6 +478,7 @@ def run_slurm_batch(plan: B.Plan, cfg: LauncherConfig, *, kernel: str | None = N
                 log(f"  {job.name}: already {state} as Slurm job {rec['job_id']}: not submitted again")
                 continue
             if res is not None and res.status == "ok" and B.is_done(job, {"jobs": {job.name: res.__dict__}}):
+                B.log_line(job, "already finished (its Slurm job ended), skipped")
                 outcome.results[job.name] = res
                 continue
         to_submit.append(job)
@@ -485,6 +488,8 @@ def run_slurm_batch(plan: B.Plan, cfg: LauncherConfig, *, kernel: str | None = N
         + (f", {n_skip} already finished" if n_skip else "")
         + f"; {cfg.tasks} task(s) x {cfg.cpus_per_run} CPU(s)"
         + (f" + {cfg.gpus_per_run} GPU(s)" if cfg.gpus_per_run else "") + f" per run; output {plan.out_dir}")
+    for line in B.data_lines(data, plan.data_origin):
+        log(line)
     if n_skip:
         B.write_summary(outcome, started)
     hyp = [j for j in to_submit if j.kind == "hypothesis"]
@@ -560,8 +565,7 @@ def run_from_cli(plan: B.Plan, args: argparse.Namespace, nb_dir: Path) -> int:
             outcome = run_slurm_batch(plan, cfg, kernel=args.kernel, hypothesis=not args.no_hypothesis,
                                       notebooks=nb_dir, log=lambda s: print(s, flush=True))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return B.error(e)
     except KeyboardInterrupt:
         print("\ninterrupted: the Slurm jobs go on; rerun the same command to wait for them "
               f"(nothing is submitted twice), or `spat status {plan.out_dir}`", file=sys.stderr)
@@ -572,17 +576,38 @@ def run_from_cli(plan: B.Plan, args: argparse.Namespace, nb_dir: Path) -> int:
 
 # --------------------------------------------------------------------------------------------
 # spat status
-def _epochs(run_dir: Path) -> int:
-    try:
-        with open(run_dir / "history.csv") as f:
-            return max(0, sum(1 for line in f if line.strip()) - 1)
-    except OSError:
-        return 0
+def folder_state(out: Path, name: str, epochs: int | None) -> tuple[str, str, B.RunState | None]:
+    """(state, detail, run state) of one job from the experiment folder alone, whichever
+    launcher ran it: a run's folder (done / interrupted at epoch k of n / not started), or an
+    executed notebook's papermill record (01 also names its model's state)."""
+    if name not in (B.HYPOTHESIS_JOB, B.ROBUSTNESS_JOB):
+        rs = B.run_state(out / "runs" / name, epochs)
+        if rs.state == "done":
+            return "done", f"metrics.json of {rs.finished_at}", rs
+        return rs.describe(), "", rs
+    state, ended = B.notebook_state(out / B.NOTEBOOKS["hypothesis" if name == B.HYPOTHESIS_JOB else "robustness"])
+    if state == "done":
+        return "done", f"executed, ended {ended}", None
+    rs = B.run_state(out / "hypothesis_model") if name == B.HYPOTHESIS_JOB else None
+    detail = f"its model: {rs.describe()}" if rs is not None and rs.state != "not started" else ""
+    return state, detail, rs
+
+
+def _running(rs: B.RunState | None) -> str:
+    """``running (epoch k of n)``: the epoch in progress, one past those its checkpoint holds."""
+    if rs is None or not rs.epochs:
+        return "running"
+    return f"running (epoch {min(rs.epochs, rs.epoch + 1)} of {rs.epochs})"
 
 
 def status_rows(out_dir: str | Path) -> list[dict]:
-    """One row per job of an experiment folder: name, state, detail (and the log)."""
-    out = Path(out_dir)
+    """One row per job of an experiment folder: name, state, detail (and the log).
+
+    The run folders and executed notebooks say what is done, interrupted (at epoch k of n) or
+    not started, whichever launcher ran the batch (or was interrupted running it); the
+    launcher's records add what only they know: a Slurm job queued or running, a job running
+    in a local batch now, a failure and its error."""
+    out = Path(out_dir).resolve()      # as the batch's jobs name it (absolute)
     exp_file = out / B.EXPERIMENT_FILE
     if not exp_file.is_file():
         raise ConfigError(f"{out}: no {B.EXPERIMENT_FILE} (not a spat batch output folder)")
@@ -593,36 +618,36 @@ def status_rows(out_dir: str | Path) -> list[dict]:
         queue = squeue_states() if doc["jobs"] and shutil.which("squeue") else {}
     except (RuntimeError, subprocess.TimeoutExpired):
         queue = {}
-    names = [B.HYPOTHESIS_JOB] + list((exp.get("runs") or {})) + [B.ROBUSTNESS_JOB]
+    local = B.running_jobs(out)
+    runs = exp.get("runs") or {}
+    names = [B.HYPOTHESIS_JOB] + list(runs) + [B.ROBUSTNESS_JOB]
     rows = []
     for name in names:
         rec = doc["jobs"].get(name)
-        cfg = ((exp.get("runs") or {}).get(name) or {}).get("config")
-        run_dir = out / "runs" / name if cfg else None
         prev = summary.get(name) or {}
         log_path = (rec or {}).get("log") or prev.get("log") or str(out / "logs" / f"{name}.log")
-        row = {"job": name, "state": "not submitted", "detail": "", "log": log_path}
-        state = job_state(rec, queue) if rec else None
-        if state in ("queued", "running"):
-            row["state"] = state
+        epochs = (((runs.get(name) or {}).get("config") or {}).get("train") or {}).get("epochs")
+        state, detail, rs = folder_state(out, name, epochs)
+        row = {"job": name, "state": state, "detail": detail, "log": log_path}
+        slurm = job_state(rec, queue) if rec else None
+        failure = None
+        if slurm == "ended":
+            res = read_result(rec)
+            failure = (res.error or "failed", res.log or log_path) if res.status == "failed" else None
+        elif slurm == "lost":
+            failure = (f"Slurm job {rec['job_id']} ended without a result", rec.get("stderr") or log_path)
+        elif slurm is None and prev.get("status") == "failed":
+            failure = (prev.get("error") or "failed", prev.get("log") or log_path)
+        if slurm in ("queued", "running"):
+            row["state"] = "queued" if slurm == "queued" else _running(rs)
             row["detail"] = f"Slurm job {rec['job_id']}"
-            if state == "running" and run_dir is not None:
-                n = int(cfg["train"]["epochs"])
-                row["state"] = f"running (epoch {min(n, _epochs(run_dir) + 1)} of {n})"
-        elif state == "ended" or prev.get("status") in ("ok", "skipped", "failed"):
-            res = read_result(rec) if state == "ended" else None
-            status = res.status if res else prev.get("status")
-            if status in ("ok", "skipped"):
-                row["state"] = "done"
-            else:
-                row["state"] = "failed"
-                row["detail"] = (res.error if res else prev.get("error")) or ""
-                row["log"] = (res.log if res else prev.get("log")) or log_path
-        elif state == "lost":
-            row["state"] = "failed"
-            row["detail"] = f"Slurm job {rec['job_id']} ended without a result"
-            row["log"] = rec.get("stderr") or log_path
-        elif name == B.HYPOTHESIS_JOB and not (out / B.NOTEBOOKS["hypothesis"]).exists() and not rec:
+        elif name in local:
+            row["state"], row["detail"] = _running(rs), "in the local batch"
+        elif state != "done" and failure is not None:
+            at = f" at epoch {rs.epoch} of {rs.epochs}" if rs and rs.state == "interrupted" and rs.epoch else ""
+            row.update(state=f"failed{at}", detail=failure[0], log=failure[1])
+        elif (name == B.HYPOTHESIS_JOB and state == "not started" and not rec and not prev
+              and not Path(log_path).exists()):
             continue        # the batch ran with --no-hypothesis
         rows.append(row)
     return rows
@@ -632,24 +657,27 @@ def status_main(argv: list[str] | None = None) -> int:
     """``spat status OUT_DIR``: every job's state; exit 1 when one failed."""
     parser = argparse.ArgumentParser(prog="spat status",
                                      description="State of every job of a spat batch output folder "
-                                                 "(outputs/<experiment>): queued, running (epoch k of n), "
-                                                 "done, failed (with its log)")
+                                                 "(outputs/<experiment>), from its run folders and the "
+                                                 "launcher's records: done (metrics.json of DATE), "
+                                                 "interrupted at epoch k of n, not started, queued, "
+                                                 "running (epoch k of n), failed (with its log)")
     parser.add_argument("out_dir", help="the experiment's output folder, e.g. outputs/smoke")
     args = parser.parse_args(argv)
     try:
         rows = status_rows(args.out_dir)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return B.error(e)
     width = max(len(r["job"]) for r in rows)
+    state_width = max(len(r["state"]) for r in rows)
     for r in rows:
-        line = f"{r['job']:<{width}}  {r['state']}"
+        line = f"{r['job']:<{width}}  {r['state']:<{state_width}}"
         if r["detail"]:
             line += f"  {r['detail'].splitlines()[0]}"
-        if r["state"] == "failed":
+        line = line.rstrip()
+        if r["state"].startswith("failed"):
             line += f"\n{'':<{width}}  log: {r['log']}"
         print(line)
-    return 1 if any(r["state"] == "failed" for r in rows) else 0
+    return 1 if any(r["state"].startswith("failed") for r in rows) else 0
 
 
 cli_main = status_main

@@ -947,7 +947,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, experiment = run_config_from_params(args.params, args.overrides, args.run)
         if run_dir is None:
             run_dir = Path(args.out) / experiment / "runs" / args.run
+        finished = rf.read_finished_metrics(run_dir)
         metrics = train(cfg, run_dir, progress=args.progress)
+        if finished is not None and int(os.environ.get("RANK", "0")) == 0:   # stderr: stdout is JSON
+            print(f"already finished (metrics.json of {finished.get('finished_at', '?')}): "
+                  f"not retrained", file=sys.stderr)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

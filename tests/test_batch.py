@@ -254,22 +254,30 @@ def test_smoke_batch_end_to_end_and_a_rerun_retrains_nothing(tmp_path):
     assert (run_dir / "checkpoint_last.pt").stat().st_mtime_ns == stamps[run_dir / "checkpoint_last.pt"]
     jobs = json.loads((exp / "batch_summary.json").read_text())["jobs"]
     assert jobs["spat_at-digits-s0"]["status"] == "ok" and jobs["standard-digits-s0"]["status"] == "skipped"
+    # each log keeps every attempt, each opened by a dated line
+    heads = lambda run: [ln.rsplit(" (", 1)[0] for ln in (exp / "logs" / f"{run}.log").read_text().splitlines()
+                         if ln.startswith("=== ")]                                   # noqa: E731
+    assert heads("standard-digits-s0") == ["=== started"] + ["=== already finished, skipped"] * 2
+    assert heads("spat_at-digits-s0") == ["=== started", "=== already finished, skipped",
+                                          "=== resumed at epoch 2 of 2"]
+    assert "Ending Cell" in (exp / "logs" / "standard-digits-s0.log").read_text()   # the first run's output
 
 
 @pytest.mark.slow
 def test_a_broken_run_fails_alone_and_is_reported(tmp_path):
+    # valid settings that fail at runtime, in the notebook (bad data fails before any work:
+    # tests/test_batch_status.py)
     doc = {"experiment": "broken", "base": TINY_BASE,
-           "variants": {"good": {}, "bad": {"data": {"name": "npz", "path": "no/such/file.npz"}}},
-           "seeds": [0]}
+           "variants": {"good": {}, "bad": {"train": {"lr": 1.0e+30}}}, "seeds": [0]}
     params = write_params(tmp_path / "broken.yaml", doc)
     out = spat_batch(params, "--jobs", "2", "--no-hypothesis", "--out", tmp_path / "out", cwd=tmp_path)
     assert out.returncode == 1, out.stdout + out.stderr
     exp = tmp_path / "out" / "broken"
-    assert "1 job(s) FAILED" in out.stdout and "bad-npz-s0: DataError" in out.stdout
+    assert "1 job(s) FAILED" in out.stdout and "bad-digits-s0: TrainingDivergedError" in out.stdout
     summary = json.loads((exp / "batch_summary.json").read_text())
-    assert [f["job"] for f in summary["failures"]] == ["bad-npz-s0"]
-    assert "file.npz" in summary["failures"][0]["error"]
-    assert (exp / "logs" / "bad-npz-s0.log").is_file()
+    assert [f["job"] for f in summary["failures"]] == ["bad-digits-s0"]
+    assert "train.lr" in summary["failures"][0]["error"]
+    assert (exp / "logs" / "bad-digits-s0.log").is_file()
     assert (exp / "runs" / "good-digits-s0" / "metrics.json").is_file()   # the other run finished
     assert summary["jobs"]["03_robustness"]["status"] == "ok"            # and was reported
     assert list(pd.read_csv(exp / "results.csv")["method"]) == ["good"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from spatlib import batch
@@ -134,7 +135,8 @@ def test_the_status_line_counts_jobs_and_reads_each_running_runs_epoch(tmp_path)
     progress.started(j_std)
     progress.started(j_spat)
     j_std.run_dir.mkdir(parents=True)
-    (j_std.run_dir / "history.csv").write_text("epoch,train_loss\n1,2.3\n")   # 1 of smoke's 2
+    # epoch 1 of smoke's 2 saved: the checkpoint counts (history.csv is written after it)
+    torch.save({"epoch": 1, "config": {"train": {"epochs": 2}}}, j_std.run_dir / "checkpoint_last.pt")
     assert re.fullmatch(r"\[status 0m0\ds\] 1 done, 2 running, 0 queued, 0 failed; running: "
                         r"standard-digits-s0 epoch 1/2, spat_at-digits-s0 epoch 0/2", progress.line())
     progress.finished(batch.JobResult(j_std.name, "failed"))
@@ -238,9 +240,20 @@ def test_sigkill_mid_run_leaves_no_process_and_the_rerun_gives_the_uninterrupted
     assert left == [] and batch.leftover_processes(exp) == []
     assert not (exp / "runs" / "spat_at-digits-s0" / "metrics.json").is_file() or \
         not (exp / "runs" / "standard-digits-s0" / "metrics.json").is_file()
+    # spat status reads the killed batch's run folders: the epochs its checkpoints hold
+    status = subprocess.run([sys.executable, "-m", "spatlib.cli", "status", str(exp)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    killed = {m.group(1): int(m.group(2)) for m in
+              re.finditer(r"^(\S+-digits-s0)\s+interrupted at epoch (\d+) of 8$", status.stdout, re.M)}
+    assert killed and max(killed.values()) >= 2, status.stdout
 
     again = spat_batch(*args, "--out", out_root, cwd=tmp_path)   # at once: the lock is free
     assert again.returncode == 0, again.stdout + again.stderr
+    for run, epoch in killed.items():               # its log: both attempts, the second dated
+        log = (exp / "logs" / f"{run}.log").read_text()
+        second = f"resumed at epoch {epoch} of 8" if epoch else "started"     # no epoch saved: anew
+        assert log.startswith("=== started (") and f"\n=== {second} (" in log
     table = pd.read_csv(exp / "results.csv")
     expected = pd.read_csv(tmp_path / "clean" / "smoke" / "results.csv")
     pd.testing.assert_frame_equal(table, expected)

@@ -108,9 +108,24 @@ def _start_lab(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Po
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
+def _redirect(port: int, token: str, path: str) -> str | None:
+    """Where the server redirects ``path`` (its Location), without following it."""
+    class Keep(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                 headers={"Authorization": f"token {token}"})
+    try:
+        urllib.request.build_opener(Keep).open(req, timeout=10)
+    except urllib.error.HTTPError as e:
+        return e.headers.get("Location") if 300 <= e.code < 400 else None
+    return None
+
+
 def test_make_lab_starts_jupyterlab_on_the_notebooks(tmp_path: Path):
-    """`make lab` serves notebooks/ and answers, also as root (Jupyter refuses root unless
-    told --allow-root). The venv is this interpreter's: -o keeps make from reinstalling it."""
+    """`make lab` serves the repository, opens on notebooks/, and its file browser reaches
+    outputs/ (the executed notebooks and figures); it answers as root too (Jupyter refuses root
+    unless told --allow-root). The venv is this interpreter's: -o keeps make from reinstalling it."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     port, token = _free_port(), secrets.token_hex(16)
@@ -121,13 +136,20 @@ def test_make_lab_starts_jupyterlab_on_the_notebooks(tmp_path: Path):
     proc = _start_lab(cmd, REPO, _jupyter_env(tmp_path / "home"), log)
     try:
         status = _wait_for_server(proc, port, token, log)
-        listing = _api(port, token, "/api/contents")
+        root = _api(port, token, "/api/contents")
+        notebooks = _api(port, token, "/api/contents/notebooks")
+        outputs = _api(port, token, "/api/contents/outputs")
+        opens = _redirect(port, token, "/")
     finally:
         left = _stop(proc)
     assert left == []
     assert "started" in status, status
-    names = {item["name"] for item in listing["content"]}
+    assert {(i["name"], i["type"]) for i in root["content"]} >= {("notebooks", "directory"),
+                                                                  ("outputs", "directory")}, root
+    names = {item["name"] for item in notebooks["content"]}
     assert {"01_hypothesis.ipynb", "02_training.ipynb", "03_robustness.ipynb"} <= names, names
+    assert outputs["type"] == "directory"
+    assert opens is not None and opens.split("?")[0].endswith("/lab/tree/notebooks"), opens
 
 
 @pytest.mark.parametrize("notebook", ["01_hypothesis", "02_training", "03_robustness"])

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from spatlib.config import DataConfig
-from spatlib.data import (DataError, DeviceLoader, augmentation_defaults, channel_stats,
-                          dataset_from_config, load_dataset, pad_crop_flip, split_validation)
+from spatlib.data import (DIGITS_SIZES, DataError, DeviceLoader, augmentation_defaults, channel_stats,
+                          check_data, dataset_from_config, load_dataset, pad_crop_flip,
+                          split_validation)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -102,7 +103,7 @@ def test_npz_valid_nhw_and_class_names(tmp_path):
     assert load_dataset("npz", path=_write(tmp_path)).num_classes == 3   # max label + 1
 
 
-@pytest.mark.parametrize("arrays, message", [
+NPZ_PROBLEMS = [
     (dict(y_test=None), "missing key.*y_test"),
     (dict(x_train=np.zeros((4, 6, 6, 3), np.float32)), "x_train.*float32.*uint8"),
     (dict(x_test=np.zeros((2, 6), np.uint8)), "x_test has shape"),
@@ -112,7 +113,10 @@ def test_npz_valid_nhw_and_class_names(tmp_path):
     (dict(y_train=np.array([0, 1, 5, 1]), class_names=np.array(["a", "b", "c"])), "out of range"),
     (dict(x_test=np.zeros((0, 6, 6, 3), np.uint8), y_test=np.zeros(0, np.int64)),
      "x_test is empty; a run needs test images"),
-])
+]
+
+
+@pytest.mark.parametrize("arrays, message", NPZ_PROBLEMS)
 def test_npz_errors_name_the_problem(tmp_path, arrays, message):
     with pytest.raises(DataError, match=message):
         load_dataset("npz", path=_write(tmp_path, **arrays))
@@ -133,6 +137,49 @@ def test_npz_that_is_not_a_zip_is_named_so_not_pickled_data(tmp_path):
         with pytest.raises(DataError) as e:
             load_dataset("npz", path=str(path))
         assert "is not a .npz archive" in str(e.value) and "pickle" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# the cheap check a batch runs first: what the loader would refuse, named by its key
+@pytest.mark.parametrize("arrays, message", NPZ_PROBLEMS)
+def test_check_data_refuses_what_the_loader_refuses_naming_data_path(tmp_path, arrays, message):
+    path = _write(tmp_path, **arrays)
+    with pytest.raises(DataError) as loaded:
+        load_dataset("npz", path=path)
+    with pytest.raises(DataError) as checked:
+        check_data(DataConfig(name="npz", path=path))
+    assert str(loaded.value) == f"npz: {path}: " + str(checked.value).split(f"data.path: {path}: ", 1)[1]
+
+
+def test_check_data_sizes_match_a_load_and_name_the_key_at_fault(tmp_path, digits):
+    assert (DIGITS_SIZES["n_train"], DIGITS_SIZES["n_test"]) == (len(digits.y_train), len(digits.y_test))
+    assert check_data(DataConfig()).describe() == "digits: 1347 train + 450 test images of 1x8x8, 10 classes"
+    path = _write(tmp_path, class_names=np.array(["a", "b", "c", "d"]))
+    summary = check_data(DataConfig(name="npz", path=path, train_limit=3, val_size=2))
+    ds = load_dataset("npz", path=path, train_limit=3)
+    assert (summary.n_train, summary.n_test, summary.shape, summary.num_classes) == (
+        len(ds.y_train), len(ds.y_test), tuple(ds.x_train.shape[1:]), ds.num_classes)
+    assert summary.source == f"npz ({path})"
+    with pytest.raises(DataError, match=r"^data.path: .*nope.npz: file not found$"):
+        check_data(DataConfig(name="npz", path=str(tmp_path / "nope.npz")))
+    with pytest.raises(DataError, match=r"^data.path: required"):
+        check_data(DataConfig(name="npz"))
+    with pytest.raises(DataError, match=r"^data.val_size: 3 leaves no training image: the data has "
+                                        r"3 training images \(data.train_limit 3\)$"):
+        check_data(DataConfig(name="npz", path=path, train_limit=3, val_size=3))
+    with pytest.raises(DataError, match=r"^data.val_size: 2000 .* 1347 training images$"):
+        check_data(DataConfig(val_size=2000))
+    # torchvision's files: absent and no download is an error naming the folder; a download is noted
+    with pytest.raises(DataError, match=rf"^data.root: {tmp_path / 'cifar-10-batches-py'} holds none "
+                                        r"of its files and data.download is false"):
+        check_data(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+    assert "to be downloaded into" in check_data(DataConfig(name="mnist", root=str(tmp_path))).describe()
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (raw / f).write_bytes(b"")
+    with pytest.raises(DataError, match="lacks t10k-labels-idx1-ubyte and data.download is false"):
+        check_data(DataConfig(name="mnist", root=str(tmp_path), download=False))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""The installed package: imports touch no GPU, the `spat` command dispatches."""
+"""The installed package: imports touch no GPU, the `spat` command dispatches, the build
+metadata is current."""
 import pkgutil
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import spatlib
 
@@ -23,3 +26,20 @@ def test_spat_command_lists_commands_and_rejects_unknown_ones():
     assert ok.returncode == 0 and "batch" in ok.stdout and "train" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "spatlib.cli", "trian"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+
+
+def test_building_the_package_raises_no_deprecation_warning(tmp_path):
+    """pip install ran setuptools' metadata step and warned (three times) that project.license
+    as a TOML table is deprecated: the SPDX string needs setuptools >= 77 at build time."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "spatlib").mkdir()
+    for name in ("pyproject.toml", "README.md", "spatlib/__init__.py"):
+        shutil.copy2(root / name, tmp_path / name)
+    code = ("import tempfile\nfrom setuptools import build_meta\n"
+            "build_meta.prepare_metadata_for_build_wheel(tempfile.mkdtemp())")
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Deprecat" not in out.stdout + out.stderr, out.stderr
+    text = (root / "pyproject.toml").read_text()
+    assert 'license = "MIT"' in text and 'requires = ["setuptools>=77"]' in text

@@ -188,7 +188,7 @@ def test_smoke_batch_on_slurm_matches_the_local_launcher(cluster, tmp_path):
     assert a == b
     status = spat("status", str(exp), cwd=tmp_path, timeout=60)
     assert status.returncode == 0
-    assert [ln.split()[-1] for ln in status.stdout.splitlines()] == ["done"] * 4
+    assert [ln.split()[1] for ln in status.stdout.splitlines()] == ["done"] * 4
     # a rerun finds everything finished: nothing is submitted
     n = len(slurm_jobs_from(tmp_path))
     again = spat("batch", str(ROOT / "params/smoke.yaml"), "--launcher", "slurm", "--out", "slurm",
@@ -252,25 +252,24 @@ def test_requeued_run_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_pa
 def test_broken_run_is_reported_with_its_log_and_the_others_finish(cluster, tmp_path):
     params = write_experiment(tmp_path / "e.yaml", "broken", {
         "standard": {"train": {"method": "standard"}},
-        # valid settings, but the file is missing: fails at runtime, in the job
-        "missing": {"train": {"method": "standard"},
-                    "data": {"name": "npz", "path": str(tmp_path / "no_such_data.npz")}},
+        # valid settings that fail at runtime, in the job (bad data fails before any submission)
+        "diverging": {"train": {"method": "standard", "lr": 1.0e+30}},
     })
     out = spat("batch", str(params), "--launcher", "slurm", "--no-hypothesis", cwd=tmp_path)
     assert out.returncode == 1, out.stdout[-3000:]
     exp = tmp_path / "outputs" / "broken"
     assert (exp / "runs" / "standard-digits-s0" / "metrics.json").is_file()
     assert (exp / "results.csv").is_file()                    # 03 read the run that finished
-    failed_log = exp / "logs" / "missing-npz-s0.log"
+    failed_log = exp / "logs" / "diverging-digits-s0.log"
     assert "1 job(s) FAILED" in out.stdout
-    assert "missing-npz-s0: " in out.stdout and f"log: {failed_log}" in out.stdout
-    assert "no_such_data.npz" in failed_log.read_text()
+    assert "diverging-digits-s0: " in out.stdout and f"log: {failed_log}" in out.stdout
+    assert "TrainingDivergedError" in failed_log.read_text()
     status = spat("status", str(exp), cwd=tmp_path, timeout=60)
     assert status.returncode == 1
     lines = status.stdout.splitlines()
-    assert any(ln.startswith("missing-npz-s0") and " failed" in ln for ln in lines), status.stdout
+    assert any(ln.startswith("diverging-digits-s0") and " failed" in ln for ln in lines), status.stdout
     assert f"log: {failed_log}" in status.stdout
-    assert any(ln.startswith("standard-digits-s0") and ln.endswith("done") for ln in lines)
+    assert any(ln.split()[:2] == ["standard-digits-s0", "done"] for ln in lines)
 
 
 @pytest.mark.slow

@@ -598,6 +598,21 @@ def test_spat_train_trains_one_run_of_an_experiment_into_the_batch_folder(tmp_pa
     assert "experiment file" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_spat_train_says_a_finished_run_was_not_retrained(tmp_path, capsys):
+    params = tmp_path / "run.yaml"
+    params.write_text(yaml.safe_dump(digits_config(train={"epochs": 1, "max_batches": 2},
+                                                   eval={"n_examples": 20})))
+    args = [str(params), "--run-dir", str(tmp_path / "run")]
+    assert T.main(args) == 0
+    first = capsys.readouterr()
+    assert "already finished" not in first.err
+    finished_at = json.loads(first.out)["finished_at"]
+    assert T.main(args) == 0
+    again = capsys.readouterr()
+    assert again.err.splitlines()[0] == f"already finished (metrics.json of {finished_at}): not retrained"
+    assert json.loads(again.out) == json.loads(first.out)        # stdout stays the metrics JSON
+
+
 def test_spat_train_still_takes_one_runs_params_file(tmp_path, capsys):
     params = tmp_path / "run.yaml"
     params.write_text(yaml.safe_dump(digits_config(train={"epochs": 1, "max_batches": 2},
