@@ -212,6 +212,8 @@ def test_evaluate_run_computes_once_then_reads_the_cache(tmp_path, capsys):
     capsys.readouterr()
     # a cache computed by other code is recomputed, and the reason printed: a changed module ...
     doc = json.loads(first.path.read_text())
+    assert doc["key"]["code"] == report.eval_code(cfg["eval"]["suite"])   # the suite's code, in the key
+    assert {"evaluate.py", "attacks.py", "models.py", "data.py", "torch"} <= set(doc["key"]["code"])
     doc["key"]["code"]["attacks.py"] = "0" * 16
     first.path.write_text(json.dumps(doc))
     assert not report.evaluate_run(run_dir, device="cpu").cached
