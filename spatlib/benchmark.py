@@ -239,7 +239,9 @@ class TrainerSlice:
             attack.class_chunk = case.class_chunk
         self.config = RunConfig(
             name=f"bench-{case.key}", seed=0,
-            data=DataConfig(name="npz", path=str(data_path), download=False, val_size=0, augment=True),
+            # every training image trains (slices never validate: no hold-out to take out)
+            data=DataConfig(name="npz", path=str(data_path), download=False, val_split="test",
+                            augment=True),
             model=ModelConfig(name=case.model, depth=34, width=10),
             attack=attack,
             # epochs: the lr schedule spans every slice the benchmark runs (no decay to ~0);

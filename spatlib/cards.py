@@ -14,15 +14,18 @@ as RobustBench's models and the kit's own) and need ``--dataset`` or ``--data-pa
 
 A run folder is evaluated exactly as :func:`spatlib.report.evaluate_run` evaluates it (same
 weights, settings, seed and batches, hence the same numbers): when its ``eval_<eps>.json``
-cache matches the settings, the card is read from it (``source: cache``, no attack runs);
+cache matches the weights, the settings and the code (:func:`spatlib.report.eval_cache_key`),
+the card is read from it (``source: cache``, no attack runs; a cache that does not match is
+named with the reason);
 otherwise :func:`spatlib.evaluate.robustness` runs with evaluate_run's arguments, and nothing
 is written into the run folder (``spat eval`` reads its target; it does not pay for notebook
 03's robustness curve either).
 
 The card (:func:`make_card`) is flat, RobustBench style: the model's name in tables
 (``--name``), dataset, threat model, eps, clean and worst-case robust accuracy, per-attack
-accuracy (``acc_<attack>``: cascaded, see :mod:`spatlib.evaluate`), n, the threat-model check and
-provenance.
+accuracy (``acc_<attack>``: cascaded, see :mod:`spatlib.evaluate`), n, the threat-model check,
+where a kit model's checkpoint was selected (``selection``: held-out training images, or TEST
+images, optimistic) and provenance.
 
 Notebook 03 reads the same cards: :func:`write_run_cards` writes the card of every run it
 evaluated (the card ``spat eval RUN_DIR`` writes, from the same numbers), and
@@ -50,16 +53,16 @@ from torch import nn
 
 from . import report
 from .config import SUITE_ATTACKS, ConfigError, DataConfig, RunConfig, from_dict, parse_eps
-from .data import DataError, Dataset, dataset_from_config
-from .evaluate import RobustnessResult, robustness
+from .data import DataError, Dataset, dataset_from_config, select_validation, selection_label
+from .evaluate import RobustnessResult, result_from_json, robustness
 from .models import model_from_config
 from .runfolder import (BEST, CONFIG, LAST, CheckpointError, eval_cache_path, load_checkpoint,
-                        load_weights, spatlib_version)
+                        load_metrics, load_weights, spatlib_version, upgrade_config)
 from .util import device_name, eval_mode, git_commit, resolve_device, sha256_file, utc_now
 
 __all__ = ["CARD_FORMAT", "CARD_KEYS", "TargetError", "Target", "load_target", "run_target",
-           "evaluate_target", "make_card", "write_card", "write_run_cards", "load_card",
-           "load_cards", "card_row", "card_lines", "build_parser", "cli_main"]
+           "evaluate_target", "checkpoint_selection", "make_card", "write_card", "write_run_cards",
+           "load_card", "load_cards", "card_row", "card_lines", "build_parser", "cli_main"]
 
 CARD_FORMAT = "spatlib-card/1"
 EXTERNAL_EPS = 8 / 255        # RobustBench's CIFAR L-inf budget: the default without a kit config
@@ -110,7 +113,7 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _kit_model(ckpt: dict, weights: str, path: Path) -> tuple[nn.Module, RunConfig, Dataset]:
-    cfg = from_dict(ckpt["config"])
+    cfg = from_dict(upgrade_config(ckpt["config"]))
     ds = dataset_from_config(cfg.data)
     model = model_from_config(cfg.model, ds, seed=cfg.seed)   # seeded: the caller's RNG untouched
     load_weights(model, ckpt, weights, path)
@@ -263,11 +266,29 @@ def _suite(text: str | list[str] | None, default: list[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+def checkpoint_selection(target: Target) -> str | None:
+    """Where a kit model's checkpoint was selected, in words (``held-out training images
+    (150)``, ``TEST images (512): optimistic``): its run folder's metrics.json, else its
+    config and data. None for a model the kit did not train (its selection is not known)."""
+    if target.config is None:
+        return None
+    if target.kind == "run":
+        metrics = load_metrics(target.spec)
+        if metrics:
+            return selection_label(metrics.get("val_source"), metrics.get("n_val"))
+    if target.dataset is not None:
+        return select_validation(target.config.data, target.dataset, target.config.seed).label
+    return selection_label(None)
+
+
 def make_card(result: RobustnessResult, *, target: Target, dataset: str, num_classes: int,
               suite: list[str], seed: int, batch_size: int, device: torch.device, source: str,
               seconds: float, name: str | None = None) -> dict:
     """The flat JSON result card of one evaluation (accuracies as fractions in [0, 1]);
-    ``name``: the model's label in tables (default: ``target.default_name``)."""
+    ``name``: the model's label in tables (default: ``target.default_name``). ``source``:
+    ``cache`` only when the numbers were read from a run's cache whose key (weights, settings,
+    code) is this evaluation's; ``selection``: where the model's checkpoint was selected
+    (:func:`checkpoint_selection`)."""
     tm = list(result.threat_model.values())
     card = {
         "format": CARD_FORMAT, "name": name or target.default_name,
@@ -283,8 +304,8 @@ def make_card(result: RobustnessResult, *, target: Target, dataset: str, num_cla
         "max_pixel": max((r["max_pixel"] for r in tm), default=None),
         "model": target.description, "target": str(target.spec), "target_kind": target.kind,
         "which": target.which, "target_file": str(target.file),
-        "target_sha256": sha256_file(target.file), "seed": seed, "batch_size": batch_size,
-        "source": source, "seconds": seconds,
+        "target_sha256": sha256_file(target.file), "selection": checkpoint_selection(target),
+        "seed": seed, "batch_size": batch_size, "source": source, "seconds": seconds,
         "spatlib_version": spatlib_version(), "git_commit": git_commit(),
         "torch_version": str(torch.__version__), "device": str(device),
         "device_name": device_name(device), "date": utc_now(),
@@ -345,10 +366,9 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
     t0 = time.perf_counter()
     same_as_run = (target.kind == "run" and dataset is None and data_path is None
                    and seed_v == cfg.seed)
-    if same_as_run and _cache_matches(Path(spec), cfg, ev, target.which):
-        result = report.evaluate_run(spec, ev, which=target.which, device=dev).result
-        source = "cache"
-    else:
+    result = _cached_result(Path(spec), cfg, ev, target.which) if same_as_run else None
+    source = "cache"
+    if result is None:
         n = len(ds.y_test) if n_req is None else min(n_req, len(ds.y_test))
         # evaluate_run's call: the same arguments give the same numbers
         result = robustness(target.model, ds.x_test[:n], ds.y_test[:n], suite_v, eps=eps_v,
@@ -361,15 +381,15 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
     return card, result
 
 
-def _cache_matches(run_dir: Path, cfg: RunConfig, ev, which: str) -> bool:
+def _cached_result(run_dir: Path, cfg: RunConfig, ev, which: str) -> RobustnessResult | None:
+    """The run folder's cached suite result when its key (:func:`spatlib.report.eval_cache_key`:
+    weights, settings, code) is this evaluation's; else None, with one printed line saying why
+    an existing cache is not used."""
     path = eval_cache_path(run_dir, report.eval_eps(cfg, ev))
-    if not path.is_file():
-        return False
-    try:
-        saved = json.loads(path.read_text()).get("key")
-    except (json.JSONDecodeError, AttributeError):
-        return False
-    return saved == report.eval_cache_key(run_dir, cfg, ev, which)
+    data, reason = report.read_cache(path, report.eval_cache_key(run_dir, cfg, ev, which))
+    if reason is not None:
+        print(f"{run_dir.name}/{path.name}: not used: {reason}", flush=True)
+    return result_from_json(data["result"]) if data is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +432,8 @@ def _card_problem(card: dict) -> str | None:
             return f"{key}: expected a non-empty string, got {card[key]!r}"
     if "name" in card and (not isinstance(card["name"], str) or not card["name"].strip()):
         return f"name: expected a non-empty string, got {card['name']!r}"
+    if card.get("selection") is not None and not isinstance(card["selection"], str):
+        return f"selection: expected a string or null, got {card['selection']!r}"
     for key in ("n_examples", "num_classes"):
         if isinstance(card[key], bool) or not isinstance(card[key], int) or card[key] < 1:
             return f"{key}: expected an integer >= 1, got {card[key]!r}"
@@ -495,7 +517,8 @@ def card_row(card: dict) -> dict:
     """A card as a row of notebook 03's runs frame: the columns of
     :func:`spatlib.report.evaluation_row` that :func:`spatlib.report.aggregate` and
     :func:`spatlib.report.results_table` read (accuracies as fractions, NaN for attacks the
-    card's suite left out), plus ``source``: ``card: <file name>``, the table's Source."""
+    card's suite left out), plus ``source``: ``card: <file name>``, the table's Source, and
+    ``selection`` (``not recorded`` for a card without one: a model the kit did not train)."""
     file = card.get("card_file")
     name = _card_name(card)
     row = {"run": name, "method": name, "train_method": "", "rule": "",
@@ -508,6 +531,7 @@ def card_row(card: dict) -> dict:
     row["worst_case"] = float(card["robust_acc"])
     row["threat_model_ok"] = card["threat_model_ok"]
     row["source"] = f"card: {Path(file).name}" if file else "card"
+    row["selection"] = card.get("selection") or selection_label(None)
     return row
 
 

@@ -37,6 +37,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SUITE_ATTACKS = ("clean", "fgsm", "pgd20", "pgd100", "cw", "autoattack")   # the suite, in order
 CHECKPOINTS = ("best", "last", "ema")
 ORACLES = ("knn", "ensemble")
+VAL_SPLITS = ("train", "test")       # where model selection takes its images
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +148,13 @@ class DataConfig:
     download: bool = True
     train_limit: int | None = spec(None, optional(POSITIVE_INT))   # first N training images
     test_limit: int | None = spec(None, optional(POSITIVE_INT))    # first N test images
-    val_size: int = spec(0, NON_NEGATIVE_INT)   # images held out of train for model selection (0: none)
+    # model selection: val_size images of the val_split. train (default): a stratified hold-out
+    # of the training images (after train_limit), never trained on; None: a tenth of them, at
+    # least one per class, at most 1000 (data.validation_size). test: the first val_size (None:
+    # 512) TEST images, as checkpoint selection on test images: optimistic, and every metrics
+    # file, table and card says so
+    val_size: int | None = spec(None, optional(NON_NEGATIVE_INT))
+    val_split: str = spec("train", choice(VAL_SPLITS))
     augment: bool = True               # per-dataset pad-crop / flip defaults
     synthetic_classes: int = spec(10, at_least(2))                 # name=synthetic only
     synthetic_shape: list[int] = spec(factory=lambda: [1, 8, 8], check=Check(
@@ -446,6 +453,13 @@ def _check_consistency(cfg: RunConfig) -> None:
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.path: required when data.name is 'npz' (a .npz with "
                           "x_train, y_train, x_test, y_test)")
+    if cfg.data.val_size == 0:
+        # 0 once meant "select on the first 512 test images", silently: it is refused instead
+        raise ConfigError(f"data.val_size: 0 leaves model selection no images; leave it out "
+                          f"(None: a tenth of the training images, at most 1000) or give a "
+                          f"number >= 1" + ("" if cfg.data.val_split == "test" else
+                                            "; selecting on test images takes data.val_split: "
+                                            "test (optimistic, and every table says so)"))
     if RULES[cfg.attack.rule].needs_grads and cfg.attack.saliency != "input_grad":
         raise ConfigError(f"attack.rule: {cfg.attack.rule!r} needs attack.saliency 'input_grad' "
                           f"(it reads the input gradients)")

@@ -11,6 +11,10 @@ the model's ``Normalize`` layer uses. Names (see ``config.DATASETS``):
 - ``npz``: bring your own ``.npz`` (``x_train, y_train, x_test, y_test``; uint8 NHWC or NHW).
 - ``synthetic``: seeded, learnable, any shape; for tests and benchmarks.
 
+Model selection (:func:`select_validation`) validates on a stratified hold-out of the training
+images by default; on test images only with ``data.val_split: test``, and then the run says so
+(:func:`selection_label`).
+
 :class:`DeviceLoader` holds a split on the device as uint8 and does the shuffling, pad-crop and
 flip there, batched, from a generator seeded by (seed, epoch) so a resumed run sees the same
 batches as an uninterrupted one.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DATASETS, DataConfig
-from .util import derive_seed
+from .util import ConfigError, derive_seed
 
 # --------------------------------------------------------------------------------------------
 # Per-dataset facts. mean/std: published per-channel constants of the full train split, in [0,1]
@@ -473,12 +478,12 @@ def augmentation_defaults(name: str, image_shape: tuple[int, ...] | None = None)
     return {"pad": DATASET_FACTS[name]["pad"], "flip": DATASET_FACTS[name]["flip"]}
 
 
-def split_validation(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int):
-    """Hold out ``val_size`` examples, stratified by label, chosen by ``seed`` alone.
+def holdout_indices(y: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) of ``val_size`` examples held out of labels ``y``
+    (N,), stratified by label, chosen by ``seed`` alone; both int64 and ascending.
 
     Each class gives its share of ``val_size`` (largest remainders break ties, lower label
-    first). Both parts keep the original order. Returns ``(x_train, y_train, x_val, y_val)``;
-    ``val_size=0`` gives empty val tensors.
+    first). ``val_size=0`` gives an empty validation part.
     """
     n = len(y)
     if not 0 <= val_size < n:
@@ -499,8 +504,106 @@ def split_validation(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int)
     val_idx = perm[order[rank < quota[grouped]]]
     mask = torch.zeros(n, dtype=torch.bool)
     mask[val_idx] = True
-    mask = mask.to(y.device)
-    return x[~mask], y[~mask], x[mask], y[mask]
+    return (~mask).nonzero().squeeze(1), mask.nonzero().squeeze(1)
+
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int):
+    """Hold out ``val_size`` examples of (x, y), stratified by label (:func:`holdout_indices`).
+    Both parts keep the original order. Returns ``(x_train, y_train, x_val, y_val)``;
+    ``val_size=0`` gives empty val tensors."""
+    train_idx, val_idx = holdout_indices(y, val_size, seed)
+    train_idx, val_idx = train_idx.to(y.device), val_idx.to(y.device)
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+
+
+# --------------------------------------------------------------------------------------------
+# model selection: which images the trainer validates on
+VAL_AUTO_EVERY = 10      # data.val_size None: one training image in ten is held out ...
+VAL_AUTO_MAX = 1000      # ... at most 1000 (the paper setups' 1,000 of CIFAR's 50,000) ...
+VAL_TEST_DEFAULT = 512   # data.val_split test, val_size None: the first 512 test images
+
+
+def validation_size(cfg: DataConfig, n_train: int, n_test: int, num_classes: int) -> int:
+    """How many images model selection takes from ``cfg.val_split``, given the split sizes
+    (after train_limit / test_limit) and the number of classes in the training labels.
+
+    ``val_size`` None: a tenth of the training images (rounded), at least one per class and at
+    most :data:`VAL_AUTO_MAX`, always leaving training images; on the test split the first
+    :data:`VAL_TEST_DEFAULT`. Raises ConfigError naming ``data.val_size`` when the split cannot
+    give that many.
+    """
+    if cfg.val_size == 0:
+        raise ConfigError("data.val_size: 0 leaves model selection no images")
+    if cfg.val_split == "test":
+        if n_test == 0:
+            raise ConfigError("data.val_split: test, but the test split is empty")
+        if cfg.val_size is None:
+            return min(VAL_TEST_DEFAULT, n_test)
+        if cfg.val_size > n_test:
+            raise ConfigError(f"data.val_size: {cfg.val_size} is more than the {n_test} test "
+                              f"images of {cfg.name} (after test_limit)")
+        return cfg.val_size
+    if cfg.val_size is None:
+        size = min(max((n_train + VAL_AUTO_EVERY // 2) // VAL_AUTO_EVERY, num_classes),
+                   VAL_AUTO_MAX, n_train - 1)
+        if size < 1:
+            raise ConfigError(f"data.val_size: {cfg.name} has {n_train} training image(s) after "
+                              f"train_limit: too few to hold any out for model selection")
+        return size
+    if cfg.val_size >= n_train:
+        raise ConfigError(f"data.val_size: {cfg.val_size} leaves no training images "
+                          f"({cfg.name} has {n_train} after train_limit)")
+    return cfg.val_size
+
+
+def selection_label(val_source: str | None, n_val: int | None = None) -> str:
+    """How a run's checkpoint was selected, in words, from its ``val_source`` (metrics.json,
+    history.csv): ``held-out training images (150)``, ``TEST images (512): optimistic``, or
+    ``not recorded``."""
+    if val_source == "train_holdout":
+        return "held-out training images" + (f" ({n_val})" if n_val is not None else "")
+    m = re.fullmatch(r"test\[:(\d+)\]", val_source or "")
+    if m:
+        return f"TEST images ({m.group(1)}): optimistic"
+    return "not recorded"
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The images model selection uses: ``index`` (V,) into the ``split`` (``train`` or
+    ``test``) images of a :class:`Dataset`, and ``train_index``, the training images left to
+    train on (every one when the split is ``test``). Both int64, ascending."""
+    split: str
+    index: torch.Tensor
+    train_index: torch.Tensor
+
+    @property
+    def source(self) -> str:
+        """``train_holdout`` or ``test[:V]``: metrics.json's and history.csv's ``val_source``."""
+        return "train_holdout" if self.split == "train" else f"test[:{len(self.index)}]"
+
+    @property
+    def label(self) -> str:
+        """The selection in words (:func:`selection_label`), for tables and cards."""
+        return selection_label(self.source, len(self.index))
+
+    def images(self, ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_train, y_train, x_val, y_val)`` of ``ds``: what the trainer trains and selects on."""
+        x, y = (ds.x_train, ds.y_train) if self.split == "train" else (ds.x_test, ds.y_test)
+        return (ds.x_train[self.train_index], ds.y_train[self.train_index],
+                x[self.index], y[self.index])
+
+
+def select_validation(cfg: DataConfig, ds: Dataset, seed: int) -> Validation:
+    """The validation images of a run (``cfg``: its data section, ``ds``: its dataset): a
+    stratified hold-out of the training images chosen by ``seed`` (:func:`holdout_indices`),
+    or with ``val_split: test`` the first test images (:func:`validation_size` says how many)."""
+    n_train, n_test = len(ds.y_train), len(ds.y_test)
+    size = validation_size(cfg, n_train, n_test, int(torch.unique(ds.y_train).numel()))
+    if cfg.val_split == "test":
+        return Validation("test", torch.arange(size), torch.arange(n_train))
+    train_idx, val_idx = holdout_indices(ds.y_train, size, seed)
+    return Validation("train", val_idx, train_idx)
 
 
 # --------------------------------------------------------------------------------------------

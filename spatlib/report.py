@@ -2,8 +2,10 @@
 
 * :func:`evaluate_run` runs the evaluation suite (:func:`spatlib.evaluate.robustness`) and the
   PGD-20 robustness curve on a finished run folder and caches both in ``eval_<eps>.json`` beside
-  the checkpoint, keyed by every setting that changes the numbers (and the checkpoint's hash):
-  notebook 02 pays for it inside the parallel batch jobs, notebook 03 reads it back for free.
+  the checkpoint, keyed by every setting that changes the numbers, the checkpoint's hash and a
+  fingerprint of the code that computes them (:func:`eval_code`): notebook 02 pays for it
+  inside the parallel batch jobs, notebook 03 reads it back for free. These are a run's only
+  test numbers (its metrics.json holds training facts).
 * :func:`collect_results` turns run folders into one tidy row per run; :func:`aggregate` takes
   mean and standard deviation over seeds per (method, dataset, model); :func:`results_table`
   formats them as ``mean ± std`` (percent) beside the published reference rows
@@ -20,6 +22,7 @@ the worst case over the whole suite, at most AutoAttack's standalone number.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import math
 import time
@@ -35,11 +38,19 @@ from .config import (SUITE_ATTACKS, EvalConfig, RunConfig, from_dict, parse_eps,
                      split_run_name, to_dict)
 from .evaluate import (ATTACK_LABELS, RobustnessResult, accuracy_vs_eps, result_from_json,
                        result_to_json, robustness)
-from .util import atomic_write_text, resolve_device, sha256_file
+from .data import selection_label
+from .util import atomic_write_text, code_fingerprint, resolve_device, sha256_file
 from .runfolder import (BEST, LAST, eval_cache_path, load_history, load_metrics, load_run_model,
                         read_run_config)
 
-EVAL_FORMAT = "spatlib-eval/1"
+EVAL_FORMAT = "spatlib-eval/2"   # 2: the key holds the code fingerprint (eval_code)
+# The code behind a cached evaluation (util.code_fingerprint follows what these use): the suite,
+# the attacks and what they import, the models, and evaluate_run's path from the run folder to
+# the numbers (the weights, the test images). config is not followed: its settings enter the
+# key as values (the eval settings, the checkpoint's resolved config), not as code.
+EVAL_CODE = (("evaluate", None), ("attacks", None), ("semantics", None), ("models", None),
+             ("report", "evaluate_run"))
+EVAL_CODE_SKIP = ("config",)
 ATTACKS = SUITE_ATTACKS      # the suite's order, defined once in config
 GROUP_KEYS = ["method", "dataset", "model"]
 MEASURED = "measured"        # the source of the rows of run folders (evaluation_row)
@@ -59,13 +70,15 @@ def model_label(cfg: RunConfig) -> str:
 
 
 def describe_dataset(cfg: RunConfig) -> str:
-    """One stable line about the data a config trains on (sizes after limits and val split)."""
-    from .data import dataset_from_config   # lazy: loading data is the caller's choice
+    """One stable line about the data a config trains on (sizes after limits and val split;
+    validation on test images is named as such)."""
+    from .data import dataset_from_config, select_validation   # lazy: loading data is the caller's choice
     ds = dataset_from_config(cfg.data)
-    n_train, val = len(ds.y_train), cfg.data.val_size
+    val = select_validation(cfg.data, ds, cfg.seed)
     c, h, w = ds.x_train.shape[1:]
-    return (f"{cfg.data.name}: {n_train - val} train + {val} validation + {len(ds.y_test)} test "
-            f"images of {c}x{h}x{w}, {ds.num_classes} classes")
+    where = "validation" if val.split == "train" else "validation (TEST images: optimistic)"
+    return (f"{cfg.data.name}: {len(val.train_index)} train + {len(val.index)} {where} + "
+            f"{len(ds.y_test)} test images of {c}x{h}x{w}, {ds.num_classes} classes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,17 +116,71 @@ def eval_eps(cfg: RunConfig, ev: EvalConfig) -> float:
     return float(ev.eps if ev.eps is not None else cfg.attack.eps)
 
 
+def eval_code(suite: Sequence[str]) -> dict[str, str]:
+    """The code a suite's numbers come from: an AST hash per module of what :data:`EVAL_CODE`
+    runs (:func:`spatlib.util.code_fingerprint`: a docstring or comment edit keeps it), the
+    torch version, and pyautoattack's when the suite runs AutoAttack."""
+    code = code_fingerprint(EVAL_CODE, skip=EVAL_CODE_SKIP)
+    code["torch"] = str(torch.__version__)
+    if "autoattack" in suite:
+        try:
+            code["pyautoattack"] = importlib.metadata.version("pyautoattack")
+        except importlib.metadata.PackageNotFoundError:
+            code["pyautoattack"] = "not installed"
+    return code
+
+
 def eval_cache_key(run_dir: str | Path, cfg: RunConfig, ev: EvalConfig, which: str = "best") -> dict:
-    """Everything the cached numbers depend on: the weights (sha256 of the checkpoint file)
-    and every evaluation setting, including the batch size (the attack noise is drawn per batch)."""
+    """Everything the cached numbers depend on: the weights (sha256 of the checkpoint file),
+    every evaluation setting, including the batch size (the attack noise is drawn per batch),
+    and the code that computes them (:func:`eval_code`)."""
     ckpt = Path(run_dir) / (BEST if which == "best" else LAST)
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: no checkpoint; the run has not finished an epoch")
+    suite = [a for a in ATTACKS if a in ev.suite]
     return {"format": EVAL_FORMAT, "which": which, "checkpoint_sha256": sha256_file(ckpt),
-            "suite": [a for a in ATTACKS if a in ev.suite], "eps": eval_eps(cfg, ev),
+            "suite": suite, "eps": eval_eps(cfg, ev),
             "n_examples": ev.n_examples, "batch_size": ev.batch_size,
             "pgd100_restarts": ev.pgd100_restarts, "cw_steps": ev.cw_steps,
-            "eps_curve": [float(e) for e in ev.eps_curve], "seed": cfg.seed}
+            "eps_curve": [float(e) for e in ev.eps_curve], "seed": cfg.seed,
+            "code": eval_code(suite)}
+
+
+def cache_mismatch(saved: Mapping | None, key: Mapping) -> str | None:
+    """Why a cache keyed ``saved`` cannot stand for ``key`` (:func:`eval_cache_key`), in a few
+    words (``code changed (attacks.py)``, ``weights changed``, ``settings changed: n_examples
+    150 -> 50``; several joined by ``; ``); None when it can."""
+    if not isinstance(saved, Mapping):
+        return "unreadable"
+    if saved.get("format") != key["format"]:
+        return f"written by other code (format {saved.get('format')!r}, now {key['format']!r})"
+    why = []
+    if saved.get("checkpoint_sha256") != key["checkpoint_sha256"]:
+        why.append("weights changed")
+    old_code, new_code = saved.get("code") or {}, key["code"]
+    changed = [k for k in sorted(set(old_code) | set(new_code)) if old_code.get(k) != new_code.get(k)]
+    if changed:
+        why.append("code changed (" + ", ".join(
+            k if k.endswith(".py") else f"{k} {old_code.get(k)} -> {new_code.get(k)}"
+            for k in changed) + ")")
+    settings = [f"{k} {saved.get(k)} -> {key[k]}" for k in key
+                if k not in ("format", "checkpoint_sha256", "code") and saved.get(k) != key[k]]
+    if settings:
+        why.append("settings changed: " + ", ".join(settings))
+    return "; ".join(why) or None
+
+
+def read_cache(path: Path, key: Mapping) -> tuple[dict | None, str | None]:
+    """(the cache at ``path`` when its key is ``key``, else None; why it is not, or None when
+    there is no file at all)."""
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "unreadable (not JSON)"
+    reason = cache_mismatch(data.get("key") if isinstance(data, dict) else None, key)
+    return (data, None) if reason is None else (None, reason)
 
 
 def _evaluation_from_cache(data: dict, run_dir: Path, cfg: RunConfig, ev: EvalConfig,
@@ -132,8 +199,10 @@ def evaluate_run(run_dir: str | Path, eval: EvalConfig | Mapping | None = None, 
     """The suite (and the PGD-20 curve over ``eval.eps_curve``) on a run's test images, cached.
 
     ``eval``: settings on top of ``base`` (default: the run's own ``eval`` section). The result
-    is read from ``eval_<eps>.json`` in the run folder when its key (:func:`eval_cache_key`)
-    matches, else computed on ``device`` and written there; ``force`` recomputes.
+    is read from ``eval_<eps>.json`` in the run folder when its key (:func:`eval_cache_key`:
+    the weights, the settings and the code) matches, else computed on ``device`` and written
+    there, with one printed line saying why an existing cache was not used
+    (:func:`cache_mismatch`); ``force`` recomputes.
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -141,13 +210,12 @@ def evaluate_run(run_dir: str | Path, eval: EvalConfig | Mapping | None = None, 
     eps = eval_eps(cfg, ev)
     key = eval_cache_key(run_dir, cfg, ev, which)
     path = eval_cache_path(run_dir, eps)
-    if path.is_file() and not force:
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            data = {}          # a damaged cache is recomputed, not trusted
-        if data.get("key") == key:
+    if not force:
+        data, reason = read_cache(path, key)
+        if data is not None:
             return _evaluation_from_cache(data, run_dir, cfg, ev, path, cached=True)
+        if reason is not None:   # a damaged or stale cache is recomputed, never trusted
+            print(f"{run_dir.name}/{path.name}: recomputed: {reason}", flush=True)
 
     t0 = time.perf_counter()
     model, _, ds = load_run_model(run_dir, which=which, device=resolve_device(device))
@@ -189,7 +257,9 @@ class Collected:
 
 def evaluation_row(ev: RunEvaluation, labels: Mapping | None = None) -> dict:
     """One tidy row of a run: labels, settings, suite accuracies (fractions; NaN where the
-    suite left the attack out), worst case, and what metrics.json says of training."""
+    suite left the attack out), worst case, and what metrics.json says of training (where
+    its checkpoint was selected: ``selection``, :func:`spatlib.data.selection_label`). The
+    suite's numbers are the run's only test numbers."""
     cfg, r = ev.config, ev.result
     lab = dict(labels or split_run_name(cfg.name))
     metrics = load_metrics(ev.run_dir)
@@ -206,7 +276,8 @@ def evaluation_row(ev: RunEvaluation, labels: Mapping | None = None) -> dict:
     row["eval_seconds"] = ev.seconds
     row["eval_cached"] = ev.cached
     row["source"] = MEASURED
-    for k in ("best_epoch", "epochs_trained", "train_time_s", "test_clean_acc", "test_pgd20_acc"):
+    row["selection"] = selection_label(metrics.get("val_source"), metrics.get("n_val"))
+    for k in ("best_epoch", "epochs_trained", "train_time_s"):
         row[k] = metrics.get(k, float("nan"))
     return row
 
@@ -247,7 +318,8 @@ def aggregate(runs: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFr
 
     One row per ``keys`` group in order of first appearance, with ``n_seeds``, ``seeds``, ``eps_str``,
     and ``<attack>_mean`` / ``<attack>_std`` for each attack the runs measured, plus
-    ``worst_case_mean`` / ``worst_case_std``. When ``runs`` has a ``source`` column (every
+    ``worst_case_mean`` / ``worst_case_std``, and ``selection`` (where the runs' checkpoints
+    were selected, each wording once) when ``runs`` has it. When ``runs`` has a ``source`` column (every
     :func:`evaluation_row` and ``spatlib.cards.card_row`` has), ``source`` is a key too, so a
     result card never averages with a run.
     """
@@ -263,6 +335,8 @@ def aggregate(runs: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFr
         row["n_examples"] = ", ".join(str(int(n)) for n in dict.fromkeys(part["n_examples"]))
         row["n_seeds"] = len(part)
         row["seeds"] = ", ".join(str(s) for s in part["seed"])
+        if "selection" in part:
+            row["selection"] = ", ".join(dict.fromkeys(str(v) for v in part["selection"]))
         for a in cols:
             v = 100 * part[a].astype(float)
             row[f"{a}_mean"] = v.mean()
@@ -326,9 +400,11 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
     Columns: Method, Dataset, Model, eps, Images (test images each run was evaluated on),
     Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack, Seeds, Source (``measured``, or the
     ``source`` of a row that is not a run's, e.g. ``card: FILE``). Attacks no measured row
-    ran are left out.
+    ran are left out. Where any row selected its checkpoint on test images
+    (``data.val_split: test``), a Selected on column says where every row selected its own.
     """
     attacks = [a for a in ATTACKS if f"{a}_mean" in agg]
+    on_test = selected_on_test(agg)
     rows = []
     for _, r in agg.iterrows():
         row = {"Method": r["method"], "Dataset": r["dataset"], "Model": r["model"], "eps": r["eps_str"],
@@ -336,6 +412,8 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         for a in attacks:
             row[ATTACK_LABELS[a]] = format_mean_std(r[f"{a}_mean"], r.get(f"{a}_std", float("nan")))
         row["Seeds"] = str(r["n_seeds"])
+        if on_test:
+            row["Selected on"] = r.get("selection", "")
         row["Source"] = r.get("source", MEASURED)
         rows.append(row)
     for _, r in matching_references(refs, agg).iterrows():
@@ -348,9 +426,17 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         if "autoattack" in attacks:
             row["AutoAttack"] = format_mean_std(r["robust"], float("nan"))
         row["Seeds"] = ""
+        if on_test:
+            row["Selected on"] = ""
         row["Source"] = r["source"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def selected_on_test(frame: pd.DataFrame) -> bool:
+    """True when a row of ``frame`` (runs or :func:`aggregate`'s groups) selected its
+    checkpoint on test images: its test numbers are optimistic, and the tables say so."""
+    return "selection" in frame and frame["selection"].astype(str).str.contains("TEST").any()
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -391,6 +477,11 @@ def results_markdown(table: pd.DataFrame, refs: pd.DataFrame | None, *, experime
         n = sorted(set(int(v) for v in runs["n_examples"]))
         lines += [f"Runs: {len(runs)}; test images per run: {', '.join(map(str, n))}; threat-model "
                   f"check passed: {bool(runs['threat_model_ok'].all())}.", ""]
+    if "Selected on" in table:
+        lines += ["**Checkpoints selected on test images.** A row whose *Selected on* names TEST "
+                  "images chose its checkpoint (the epoch of best validation accuracy) on test "
+                  "images (`data.val_split: test`): its test numbers are optimistic, since the "
+                  "images that picked the epoch also score it.", ""]
     if cards is not None and not cards.empty:
         lines += [f"Result cards: {len(cards)} ({', '.join(cards['source'])}); threat-model check "
                   f"passed: {bool(cards['threat_model_ok'].all())}. A card's row is a model "
@@ -445,7 +536,7 @@ def save_results(out_dir: str | Path, collected: Collected, agg: pd.DataFrame, t
 
 
 __all__ = ["ATTACKS", "RunEvaluation", "Collected", "evaluate_run", "eval_cache_key", "eval_cache_path",
-           "resolve_eval", "collect_results", "find_run_dirs", "aggregate", "results_table",
+           "eval_code", "cache_mismatch", "read_cache", "selected_on_test", "resolve_eval", "collect_results", "find_run_dirs", "aggregate", "results_table",
            "format_mean_std", "load_references", "matching_references", "to_markdown",
            "results_markdown", "save_results", "read_run_config", "load_history",
            "load_metrics", "describe_dataset", "model_label"]

@@ -29,14 +29,14 @@ import torch
 import yaml
 from torch import nn
 
-from .config import RunConfig, format_eps, from_dict
+from .config import ConfigError, RunConfig, format_eps, from_dict, to_dict
 from .data import Dataset, dataset_from_config
 from .models import model_from_config
 from .util import atomic_write_bytes, atomic_write_text, device_name, git_commit, remove_stale_temps
 
 __all__ = ["CONFIG", "HISTORY", "LAST", "BEST", "METRICS", "RUN_FILES", "CHECKPOINT_FORMAT",
            "HISTORY_COLUMNS", "COSMETIC_KEYS", "CheckpointError", "eval_cache_path",
-           "config_diff", "check_same_run", "read_saved_config", "read_finished_metrics",
+           "config_diff", "upgrade_config", "check_same_run", "read_saved_config", "read_finished_metrics",
            "read_run_config", "load_history", "load_metrics", "history_csv", "write_history",
            "write_config", "write_metrics", "save_checkpoint", "best_of", "load_checkpoint",
            "load_weights", "repair_best", "clean_temps", "spatlib_version", "provenance",
@@ -97,10 +97,27 @@ def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = COSMETIC_KEYS) -
             and a.get(k) != b.get(k)]
 
 
+def upgrade_config(saved: dict | None) -> dict:
+    """A config dict saved by this or an older spatlib (config.yaml, a checkpoint's ``config``)
+    in today's keys, meaning what it meant when it was saved: a key added since takes its
+    default (a new key's default keeps what runs did before it existed), and a ``data`` section
+    from before ``val_split`` with ``val_size: 0``, which then meant "select on the first 512
+    test images", becomes ``val_split: test``. One that no longer parses comes back as saved
+    (:func:`check_same_run` then names the keys that differ)."""
+    saved = dict(saved or {})
+    data = saved.get("data")
+    if isinstance(data, dict) and "val_split" not in data and data.get("val_size") == 0:
+        saved["data"] = {**data, "val_size": None, "val_split": "test"}
+    try:
+        return to_dict(from_dict(saved))
+    except ConfigError:
+        return saved
+
+
 def check_same_run(saved: dict, requested: dict, path: Path) -> None:
     """:class:`CheckpointError` naming the differing keys unless ``saved`` (the config of
-    ``path``) and ``requested`` train the same run."""
-    diff = config_diff(saved, requested)
+    ``path``, as :func:`upgrade_config` reads it) and ``requested`` train the same run."""
+    diff = config_diff(upgrade_config(saved), requested)
     if diff:
         raise CheckpointError(
             f"{path} belongs to a run with a different config; differing keys: {'; '.join(diff)}. "
@@ -135,7 +152,7 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.yaml; is {run_dir} a spatlib run folder?")
-    return from_dict(yaml.safe_load(path.read_text()) or {})
+    return from_dict(upgrade_config(yaml.safe_load(path.read_text()) or {}))
 
 
 def load_history(run_dir: str | Path):
@@ -341,7 +358,7 @@ def load_run_model(run_dir: str | Path, which: str = "best",
     name, weights = choices[which]
     path = Path(run_dir) / name
     ckpt = load_checkpoint(path)
-    cfg = from_dict(ckpt["config"])
+    cfg = from_dict(upgrade_config(ckpt["config"]))
     dataset = dataset_from_config(cfg.data)
     model = model_from_config(cfg.model, dataset, seed=cfg.seed)  # seeded: the caller's RNG is untouched
     load_weights(model, ckpt, weights, path)

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from . import allocator, attacks
 from . import runfolder as rf
-from .config import (EXPERIMENT_KEYS, ConfigError, RunConfig, TrainConfig, format_eps, from_dict,
-                     load_config, load_experiment, read_yaml, to_dict)
-from .data import DataError, DeviceLoader, augmentation_defaults, dataset_from_config, split_validation
+from .config import (EXPERIMENT_KEYS, ConfigError, RunConfig, TrainConfig, from_dict, load_config,
+                     load_experiment, read_yaml, to_dict)
+from .data import DataError, DeviceLoader, augmentation_defaults, dataset_from_config, select_validation
 from .distributed import Distributed, init_distributed
 from .methods import METHODS, Method, kl_divergence, mart_loss, trades_loss, training_attack
 from .models import model_from_config
@@ -51,16 +51,14 @@ __all__ = ["train", "Trainer", "StepStats", "EMA", "load_checkpoint", "load_run_
            "cli_main", "METHODS", "Method", "CheckpointError", "TrainingDivergedError", "lr_at",
            "eps_at", "trades_loss", "mart_loss", "kl_divergence", "config_diff",
            "HISTORY_COLUMNS", "backend_flags", "resolve_precision", "epoch_line",
-           "final_eval_settings", "run_config_from_params"]
+           "run_config_from_params"]
 
-VAL_FALLBACK = 512        # test images used for validation when data.val_size is 0
 # Methods that never see f(x) (PGD-AT; SPAT-AT when its class evidence did not run f(x) in eval
 # mode) measure the clean training accuracy with one more forward (eval mode, no grad) on every
 # CLEAN_ACC_EVERY-th batch of an epoch, from the first: an unbiased estimate over a quarter of
 # the batches, for a quarter of the cost (that forward was 4% of a PGD-10 step on CPU).
 CLEAN_ACC_EVERY = 4
 SYNC_EVERY = 50           # batches between host syncs (progress postfix + NaN check)
-TEST_STEPS = 20           # final PGD-20 with alpha = eps / 4
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -259,23 +257,14 @@ class Trainer:
                               f"processes ({self.dist.world}); the global batch is split across them")
 
     def _setup_data(self) -> None:
-        """The dataset, a held-out validation slice (or the test prefix), the device loader."""
+        """The dataset, the validation images (a hold-out of the training images, or with
+        ``data.val_split: test`` the first test images: :func:`data.select_validation`), the
+        device loader."""
         cfg, tc, device, world = self.cfg, self.tc, self.device, self.dist.world
         ds = self.dataset = dataset_from_config(cfg.data)
-        n_train = len(ds.y_train)
-        if cfg.data.val_size > 0:
-            if cfg.data.val_size >= n_train:
-                raise ConfigError(f"data.val_size: {cfg.data.val_size} leaves no training images "
-                                  f"({cfg.data.name} has {n_train} after train_limit)")
-            x_tr, y_tr, self.x_val, self.y_val = split_validation(
-                ds.x_train, ds.y_train, cfg.data.val_size, cfg.seed)
-            self.val_source = "train_holdout"
-        else:
-            x_tr, y_tr = ds.x_train, ds.y_train
-            self.x_val, self.y_val = ds.x_test[:VAL_FALLBACK], ds.y_test[:VAL_FALLBACK]
-            self.val_source = f"test[:{len(self.y_val)}]"
-        if len(self.y_val) == 0:
-            raise ConfigError("data.val_size: 0 and the test split is empty: nothing to validate on")
+        self.validation = select_validation(cfg.data, ds, cfg.seed)
+        self.val_source = self.validation.source
+        x_tr, y_tr, self.x_val, self.y_val = self.validation.images(ds)
         self.channels_last = tc.channels_last and device.type == "cuda"
         if device.type == "cpu":
             allocator.keep_freed_memory()   # attack steps reuse their pages (spatlib.allocator)
@@ -650,7 +639,7 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train from ``self.epoch`` to the end (or early stop), checkpointing every epoch into
-        ``run_dir``, then the final test metrics. The global RNG (dropout) is forked, seeded
+        ``run_dir``; returns :meth:`final_metrics`. The global RNG (dropout) is forked, seeded
         from the config (or restored on resume) and given back to the caller afterwards."""
         if self.run_dir is None:
             raise ValueError("Trainer.fit: the trainer was built without a run_dir to write to")
@@ -727,77 +716,26 @@ class Trainer:
             self.stopped_early = True
         return improved
 
-    def test_metrics(self) -> dict:
-        """Clean and PGD-20 test accuracy of the selected (best) weights of ``run_dir``, with
-        the evaluation settings that produced them (:func:`final_eval_settings`)."""
-        self.dist.barrier()  # rank 0 has written checkpoint_best.pt
-        t0 = time.perf_counter()
-        best_path = self.run_dir / rf.BEST
-        ckpt = load_checkpoint(best_path)
-        model = copy.deepcopy(self.ema.module if self.ema else self.model)
-        rf.load_weights(model, ckpt, "selected", best_path)
-        model.to(self.device)
-        ev, ds = self.cfg.eval, self.dataset
-        eps = ev.eps if ev.eps is not None else self.cfg.attack.eps
-        n = len(ds.y_test) if ev.n_examples is None else min(ev.n_examples, len(ds.y_test))
-        clean, robust = self.evaluate(model, ds.x_test[:n], ds.y_test[:n], eps=eps, alpha=eps / 4,
-                                      steps=TEST_STEPS, tag="test", amp=False)
-        return {"eps": format_eps(eps), "test_clean_acc": clean, "test_pgd20_acc": robust,
-                "n_test": n, "best_epoch": int(ckpt["epoch"]),
-                "eval_settings": final_eval_settings(self.cfg),
-                "eval_time_s": time.perf_counter() - t0, "evaluated_at": utc_now()}
-
     def final_metrics(self) -> dict:
-        """Clean and PGD-20 test accuracy of the selected (best) weights + provenance."""
-        test = self.test_metrics()
-        total = self.elapsed_s + test["eval_time_s"]
+        """What the run's training did (metrics.json): the selected epoch, its validation
+        accuracies and where they were measured, times, provenance. No test numbers: those
+        come from the robustness suite (``spat eval RUN_DIR``, notebook 02), one per setting."""
         return {
             "run": self.cfg.name, "method": self.tc.method, "dataset": self.cfg.data.name,
-            "model": self.cfg.model.name, "eps": test["eps"],
-            "test_clean_acc": test["test_clean_acc"], "test_pgd20_acc": test["test_pgd20_acc"],
-            "n_test": test["n_test"],
-            "selected": "ema" if self.ema else "raw", "best_epoch": test["best_epoch"],
+            "model": self.cfg.model.name,
+            "selected": "ema" if self.ema else "raw", "best_epoch": self.best["epoch"],
             "best_val_clean_acc": self.best["val_clean_acc"],
             "best_val_robust_acc": self.best["val_robust_acc"],
             "selection_metric": "val_clean_acc" if self.tc.method == "standard" else "val_robust_acc",
-            "val_source": self.val_source, "epochs_trained": self.epoch,
-            "stopped_early": self.stopped_early, "total_time_s": total,
+            "val_source": self.val_source, "n_val": len(self.y_val),
+            "selection": self.validation.label, "epochs_trained": self.epoch,
+            "stopped_early": self.stopped_early, "total_time_s": self.elapsed_s,
             "train_time_s": self.train_time_s,
             "images_per_s": self.images_seen / self.train_time_s if self.train_time_s else float("nan"),
             **rf.provenance(self.device), "world_size": self.dist.world,
             "precision": self.precision, "deterministic": self.tc.deterministic,
             "seed": self.cfg.seed, "started_at": self.started_at, "finished_at": utc_now(),
-            "eval_settings": test["eval_settings"], "eval_time_s": test["eval_time_s"],
-            "evaluated_at": test["evaluated_at"],
         }
-
-    def reevaluate(self, metrics: dict) -> dict:
-        """``metrics`` (a finished run's) with the test metrics recomputed from
-        checkpoint_best.pt under this config's evaluation settings; nothing is trained."""
-        with backend_flags(self.tc.deterministic, self.device):
-            test = self.test_metrics()
-        return {**metrics, **test, "reevaluated": True}
-
-
-def final_eval_settings(cfg: RunConfig) -> dict:
-    """The settings the final test metrics depend on (recorded in metrics.json): a finished
-    run whose recorded settings differ from the requested ones is re-evaluated, not retrained."""
-    ev = cfg.eval
-    return {"eps": ev.eps if ev.eps is not None else cfg.attack.eps, "n_examples": ev.n_examples,
-            "batch_size": ev.batch_size, "pgd_steps": TEST_STEPS}
-
-
-def _recorded_eval_settings(metrics: dict, saved: dict | None) -> dict | None:
-    """The eval settings of a finished run: metrics.json's record, or (for a run finished
-    before they were recorded) those of its config.yaml; None when neither says."""
-    if "eval_settings" in metrics:
-        return metrics["eval_settings"]
-    if saved is None:
-        return None
-    try:
-        return final_eval_settings(from_dict(saved))
-    except ConfigError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -806,11 +744,12 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
 
     Resumes from ``run_dir/checkpoint_last.pt`` when present (same config required, else
     :class:`CheckpointError` naming the differing keys). A finished run (metrics.json) is not
-    retrained: it is returned as is, or, when its evaluation settings (:func:`final_eval_settings`:
-    eval.eps, eval.n_examples, eval.batch_size) differ from ``config``'s, its test metrics are
-    recomputed from checkpoint_best.pt and metrics.json and config.yaml rewritten. Every check
-    (config, data, model, checkpoint) runs before the first file is written, and config.yaml
-    is written before the first step (an unwritable folder fails there, as an OSError).
+    retrained: its metrics are returned as they are, and nothing is written (its ``eval``
+    settings may differ: they change no weight). The metrics hold no test numbers: the
+    robustness suite gives them (:func:`spatlib.report.evaluate_run`, ``spat eval RUN_DIR``).
+    Every check (config, data, model, checkpoint) runs before the first file is written, and
+    config.yaml is written before the first step (an unwritable folder fails there, as an
+    OSError).
 
     What it shows: ``progress`` True/False forces the tqdm bars on or off; None shows them on a
     terminal and in a Jupyter kernel (widgets); ``train.progress: false`` hides them always.
@@ -826,11 +765,10 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
     if saved is not None:  # a run folder: it must be this run
         rf.check_same_run(saved, requested, run_dir / rf.CONFIG)
     finished = rf.read_finished_metrics(run_dir)
-    if finished is not None and _recorded_eval_settings(finished, saved) in (
-            None, final_eval_settings(cfg)):
-        return finished   # a finished run is not retrained, nor re-evaluated alike
+    if finished is not None:
+        return finished   # a finished run is not retrained
     last = None
-    if finished is None and (run_dir / rf.LAST).is_file():
+    if (run_dir / rf.LAST).is_file():
         last = load_checkpoint(run_dir / rf.LAST)
         rf.check_same_run(last["config"], requested, run_dir / rf.LAST)
 
@@ -844,26 +782,20 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
         lines = dist.main and (not show or in_kernel)
         trainer = Trainer(cfg, run_dir, device=device, dist=dist, progress=show,
                           epoch_lines=lines)
-        if finished is not None:   # evaluation settings changed: re-evaluate, never retrain
-            metrics = trainer.reevaluate(finished)
-            if dist.main:   # metrics first: they record the settings the next call compares
-                rf.write_metrics(run_dir, metrics)
-                rf.write_config(run_dir, cfg)
-        else:
+        if last is not None:
+            trainer.restore(last, run_dir / rf.LAST)
+        if dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            rf.clean_temps(run_dir)
             if last is not None:
-                trainer.restore(last, run_dir / rf.LAST)
-            if dist.main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                rf.clean_temps(run_dir)
-                if last is not None:
-                    rf.repair_best(run_dir, last)
-                    # a kill between the checkpoint and history.csv: the checkpoint is the truth
-                    rf.write_history(run_dir, trainer.history, trainer.columns)
-                rf.write_config(run_dir, cfg)
-            del last
-            metrics = trainer.fit()
-            if dist.main:
-                rf.write_metrics(run_dir, metrics)
+                rf.repair_best(run_dir, last)
+                # a kill between the checkpoint and history.csv: the checkpoint is the truth
+                rf.write_history(run_dir, trainer.history, trainer.columns)
+            rf.write_config(run_dir, cfg)
+        del last
+        metrics = trainer.fit()
+        if dist.main:
+            rf.write_metrics(run_dir, metrics)
         metrics = dist.broadcast_object(metrics)
     except BaseException:
         dist.close(barrier=False)
@@ -920,7 +852,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="spat train",
         description="Train one spat-kit run into a run folder (resumes from its last checkpoint; "
-                    "a finished run is returned, re-evaluated when eval settings changed). "
+                    "a finished run is returned as it is) and print its metrics.json: training "
+                    "facts, no test numbers (spat eval RUN_DIR runs the robustness suite). "
                     "Also run as: python -m spatlib.train.",
         epilog="examples: spat train params/digits.yaml --run pgd_at-digits-s0 --set train.epochs=2\n"
                "          spat train my_run.yaml --run-dir outputs/one-run",
@@ -963,6 +896,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, indent=2))
+        # metrics.json holds no test numbers: one suite gives them, cached per setting
+        print(f"test numbers: spat eval {run_dir} (the robustness suite under the run's eval "
+              f"settings, cached in {run_dir / 'eval_<eps>.json'}; notebooks 02 and 03 read the "
+              f"same cache)", file=sys.stderr)
     return 0
 
 

@@ -8,18 +8,22 @@ Nothing here imports another spatlib module. What lives here:
 * :func:`eval_mode`: eval mode for a block, every submodule's own flag restored after;
 * :func:`atomic_write_bytes` / :func:`atomic_write_text`: a reader (or a killed process) sees
   the old file or the new one, never half of one;
-* provenance: :func:`utc_now`, :func:`git_commit`, :func:`sha256_file`.
+* provenance: :func:`utc_now`, :func:`git_commit`, :func:`sha256_file`, and
+  :func:`code_fingerprint`: a hash of the code behind a number (its AST, not its text).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime
 import difflib
+import functools
 import hashlib
 import os
 import platform
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -166,3 +170,136 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+# --------------------------------------------------------------------------------------------
+# the code behind a number
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _strip_docstrings(tree: ast.Module) -> ast.Module:
+    """``tree`` without the docstring of its module, classes and functions (in place)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def _package_import(node: ast.ImportFrom) -> list[tuple[str, str, str | None]]:
+    """(local name, spatlib module, its name or None for the module itself) per imported name."""
+    if node.level == 1:
+        if node.module is None:                              # from . import allocator
+            return [(a.asname or a.name, a.name, None) for a in node.names]
+        return [(a.asname or a.name, node.module.split(".")[0], a.name) for a in node.names]
+    if node.level == 0 and node.module and node.module.startswith("spatlib."):
+        return [(a.asname or a.name, node.module.split(".")[1], a.name) for a in node.names]
+    return []
+
+
+@dataclass
+class _ModuleIndex:
+    """One parsed module: its top-level statements by the name they define, the ones that
+    define none (calls, ifs), and its imports of spatlib names."""
+    defs: dict[str, list[ast.stmt]]
+    other: list[ast.stmt]
+    imports: dict[str, tuple[str, str | None]]
+
+    @classmethod
+    def parse(cls, path: Path) -> _ModuleIndex:
+        tree = _strip_docstrings(ast.parse(path.read_text(), str(path)))
+        index = cls({}, [], {})
+        for st in tree.body:
+            for node in ast.walk(st):
+                if isinstance(node, ast.ImportFrom) and not isinstance(
+                        st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    index.imports.update((local, (m, n)) for local, m, n in _package_import(node))
+            if isinstance(st, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [st.name]
+            elif isinstance(st, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = st.targets if isinstance(st, ast.Assign) else [st.target]
+                names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+            else:
+                names = []
+            for name in names:
+                index.defs.setdefault(name, []).append(st)
+            if not names:
+                index.other.append(st)
+        return index
+
+    def references(self, st: ast.stmt) -> set[tuple[str, str | None]]:
+        """The (spatlib module, name) pairs a statement uses: this module's own top-level names,
+        imported names (imports inside functions too), ``module.attribute`` of an imported
+        module."""
+        imports = dict(self.imports)
+        for node in ast.walk(st):
+            if isinstance(node, ast.ImportFrom):
+                imports.update((local, (m, n)) for local, m, n in _package_import(node))
+        out: set[tuple[str, str | None]] = set()
+        for node in ast.walk(st):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and imports.get(node.value.id, ("", ""))[1] is None):
+                out.add((imports[node.value.id][0], node.attr))
+            elif isinstance(node, ast.Name):
+                if node.id in imports and imports[node.id][1] is not None:
+                    out.add(imports[node.id])
+                elif node.id in self.defs:
+                    out.add(("", node.id))                   # "": this module
+        return out
+
+
+def code_fingerprint(roots: Iterable[tuple[str, str | None]], *, skip: Iterable[str] = (),
+                     package: str | Path | None = None) -> dict[str, str]:
+    """A hash per spatlib module of the code that ``roots`` run: ``{"attacks.py": hex, ...}``.
+
+    ``roots``: (module, top-level name) pairs, or (module, None) for a whole module. From them,
+    every top-level definition they use is followed, in their module and through imports into
+    other modules of ``package`` (default: this package) but those in ``skip``, so a module
+    contributes only the definitions reached. Each one is hashed as its AST (``ast.dump``,
+    docstrings removed): comments, docstrings and formatting change nothing; a changed
+    constant, expression or call does. A cached number keyed by it is stale exactly when the
+    code behind it changed.
+    """
+    package = Path(package) if package is not None else PACKAGE_DIR
+    stamps = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                   for p in sorted(package.glob("*.py")))
+    return dict(_fingerprint(str(package), tuple(roots), frozenset(skip), stamps))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(package: str, roots: tuple, skip: frozenset,
+                 stamps: tuple) -> tuple[tuple[str, str], ...]:
+    """:func:`code_fingerprint`, memoized on the package's file stamps (``stamps``)."""
+    modules: dict[str, _ModuleIndex] = {}
+    reached: dict[str, dict[int, ast.stmt]] = {}
+    todo, seen = list(roots), set()
+    while todo:
+        module, name = todo.pop()
+        if (module, name) in seen or module in skip:
+            continue
+        seen.add((module, name))
+        if module not in modules:
+            modules[module] = _ModuleIndex.parse(Path(package) / f"{module}.py")
+        index = modules[module]
+        if name is None:
+            stmts = [s for group in index.defs.values() for s in group] + index.other
+        elif name in index.defs:
+            stmts = index.defs[name]
+        else:   # a name this module imports and others take from it (a re-export)
+            stmts = []
+            if name in index.imports:
+                todo.append(index.imports[name])
+        for st in stmts:
+            reached.setdefault(module, {})[id(st)] = st
+            todo += [(m or module, n) for m, n in index.references(st)]
+    out = []
+    for module in sorted(reached):
+        h = hashlib.sha256()
+        for st in sorted(reached[module].values(), key=lambda s: s.lineno):
+            h.update(ast.dump(st).encode())
+        out.append((f"{module}.py", h.hexdigest()[:16]))
+    return tuple(out)

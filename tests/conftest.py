@@ -61,6 +61,31 @@ def gap_linear_model():
     return lambda weight, bias=None: _GapLinearModel(weight.float(), bias).eval()
 
 
+class _BatchNormModel(nn.Module):
+    """Two classes from the mean pixel m through BatchNorm: logits (-z, z), z = (m - mu) /
+    sqrt(var + 1e-5). Eval mode: mu = 0.5, var = 1 (the running statistics), so class 1 iff
+    m > 0.5. Train mode: mu and var of the batch, so class 1 iff m is above the batch mean:
+    the same images get other answers, and the running statistics move."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(1, affine=False)
+        with torch.no_grad():
+            self.bn.running_mean.fill_(0.5)
+            self.bn.running_var.fill_(1.0)
+
+    def forward(self, x):
+        z = self.bn(x.mean((1, 2, 3)).unsqueeze(1))
+        return torch.cat([-z, z], 1)
+
+
+@pytest.fixture
+def bn_model():
+    """Factory: ``bn_model()`` -> a model whose answers differ in train and eval mode (left
+    in train mode, as a training loop leaves it)."""
+    return lambda: _BatchNormModel().train()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def single_thread():
     """One intra-op thread for the whole suite: the models here are tiny, and on a 2-core

@@ -4,7 +4,7 @@ Notebook 03 reads the same cards: it writes a run's card as spat eval does, and 
 external model joins its results table with the numbers it holds.
 
 One tiny digits run (SmallCNN, PGD-AT, 1 epoch of 3 batches) is trained once per module; the
-expected numbers come from the run itself (metrics.json) and from report.evaluate_run.
+expected numbers come from its selected weights (a plain forward) and from report.evaluate_run.
 """
 import json
 import subprocess
@@ -67,15 +67,19 @@ def _numbers(card: dict) -> dict:
                                  "n_examples", "eps", "max_linf", "threat_model_ok")}
 
 
-def test_run_folder_reproduces_its_metrics_and_evaluate_run(run_dir, spat_eval):
+def test_run_folder_reproduces_its_weights_and_evaluate_run(run_dir, spat_eval):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     code, out, err, card = spat_eval(str(run_dir))
     assert code == 0, err
     assert card["source"] == "computed"
     assert not list(run_dir.glob("eval_*.json"))          # spat eval writes nothing into the run
-    # the run's own final clean accuracy, on the same test images
-    assert card["n_examples"] == metrics["n_test"] == N
-    assert card["clean_acc"] == pytest.approx(metrics["test_clean_acc"], abs=1e-12)
+    # the selected weights' clean accuracy on the first N test images, by a plain forward
+    model, _, ds = load_run_model(run_dir, device="cpu")
+    with torch.no_grad():
+        plain = (model(ds.x_test[:N].float() / 255).argmax(1) == ds.y_test[:N]).double().mean().item()
+    assert card["n_examples"] == N and card["clean_acc"] == pytest.approx(plain, abs=1e-12)
+    # where the checkpoint was selected: the digits default, a tenth of the 1,347 training images
+    assert card["selection"] == metrics["selection"] == "held-out training images (135)"
     assert card["dataset"] == "digits" and card["threat_model"] == "Linf"
     assert card["eps"] == "0.1" and card["eps_float"] == pytest.approx(0.1)
     assert card["suite"] == ["clean", "fgsm", "pgd20"] and card["threat_model_ok"] is True
@@ -94,6 +98,22 @@ def test_run_folder_reproduces_its_metrics_and_evaluate_run(run_dir, spat_eval):
     assert cached["source"] == "cache" and _numbers(cached) == _numbers(card)
 
 
+def test_a_card_is_read_from_the_cache_only_while_the_code_is_the_same(run_dir, spat_eval, tmp_path):
+    import shutil
+    mine = tmp_path / "tiny-digits"
+    shutil.copytree(run_dir, mine)
+    ev = report.evaluate_run(mine, device="cpu")
+    code, _, err, card = spat_eval(str(mine))
+    assert code == 0 and card["source"] == "cache", err
+    doc = json.loads(ev.path.read_text())
+    doc["key"]["code"]["models.py"] = "0" * 16          # computed by other model code
+    ev.path.write_text(json.dumps(doc))
+    code, out, err, again = spat_eval(str(mine))
+    assert code == 0 and again["source"] == "computed", err
+    assert out.startswith("tiny-digits/eval_0.1.json: not used: code changed (models.py)\n")
+    assert _numbers(again) == _numbers(card)            # the same code in truth: the same numbers
+
+
 def test_checkpoint_torchscript_and_factory_give_the_run_numbers(run_dir, spat_eval, tmp_path):
     code, _, err, ref = spat_eval(str(run_dir), "--suite", SUITE)
     assert code == 0, err
@@ -109,6 +129,9 @@ def test_checkpoint_torchscript_and_factory_give_the_run_numbers(run_dir, spat_e
     code, _, err, ts = spat_eval(str(ts_path), *ext)
     assert code == 0, err
     assert ts["target_kind"] == "torchscript" and _numbers(ts) == _numbers(ref)
+    # where a checkpoint was selected: the kit knows it for its own, not for a foreign model
+    assert ck["selection"] == ref["selection"] == "held-out training images (135)"
+    assert ts["selection"] is None and cards.card_row({**ts, "card_file": "x.json"})["selection"] == "not recorded"
 
     weights = tmp_path / "weights.pt"
     torch.save(model.state_dict(), weights)

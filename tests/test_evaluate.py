@@ -131,3 +131,86 @@ def test_hundred_classes_with_topk10():
                       generator=torch.Generator().manual_seed(0))
         x_adv = attack(x[:16], y[:16])
         assert (x_adv - x[:16]).abs().max() <= 8 / 255 + 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# the suite's bookkeeping, on tiny models with known answers
+def test_the_suite_evaluates_in_eval_mode(bn_model):
+    # images of mean 0.6 and 0.8, all of class 1: in eval mode every one is class 1 (above the
+    # running mean 0.5) and no eps-0.05 attack can move a mean by 0.1; with batch statistics
+    # (train mode) the 0.6 half would be class 0. The model comes in train mode.
+    model = bn_model()
+    x = torch.tensor([0.6, 0.8] * 4).view(8, 1, 1, 1).expand(8, 1, 2, 2).contiguous()
+    y = torch.ones(8, dtype=torch.long)
+    stats = (model.bn.running_mean.clone(), model.bn.running_var.clone())
+    r = robustness(model, x, y, ["clean", "fgsm", "pgd20"], eps=0.05)
+    assert r.accuracy == {"clean": 1.0, "fgsm": 1.0, "pgd20": 1.0}
+    assert model.training                                   # given back as it came
+    assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
+
+
+def test_pgd100_keeps_the_restart_that_fools_over_one_of_higher_loss(linear_model):
+    # logits 10 x over 3 channels, label 0. Restart A fools the model at CE 1.005 (logits
+    # 4, 4.5, 1.5); restart B does not, at the higher CE 1.033 (logits 3, 2.9, 2.9). The worst
+    # case is A, whichever restart ran first.
+    model = linear_model(10 * torch.eye(3).view(3, 3, 1, 1))
+    x, y = torch.tensor([0.5, 0.3, 0.2]).view(1, 3, 1, 1), torch.tensor([0])
+    fools = torch.tensor([0.40, 0.45, 0.15]).view(1, 3, 1, 1)
+    higher_loss = torch.tensor([0.30, 0.29, 0.29]).view(1, 3, 1, 1)
+    ce = lambda v: F.cross_entropy(model(v), y).item()   # noqa: E731
+    assert model(fools).argmax(1).item() == 1 and model(higher_loss).argmax(1).item() == 0
+    assert ce(higher_loss) > ce(fools)
+    for order in ([higher_loss, fools], [fools, higher_loss]):
+        attack = suite_attack("pgd100", model, eps=0.5, pgd100_restarts=2)
+        restarts = iter(order)
+        attack.perturb = lambda *a, **k: next(restarts)
+        assert torch.allclose(attack(x, y), fools), order
+
+
+class _ShiftAttack:
+    """A stand-in for a suite attack: moves the images whose value is in ``fools`` down by
+    eps (across the model's 0.5 boundary) and records the values it was given."""
+
+    def __init__(self, fools: list[float], eps: float, seen: list):
+        self.fools, self.eps, self.seen = torch.tensor(fools), eps, seen
+
+    def __call__(self, x, y):
+        self.seen.extend(x.flatten().tolist())
+        hit = (x.flatten(1)[:, :1] - self.fools).abs().min(1).values < 1e-4
+        return torch.where(hit.view(-1, 1, 1, 1), x - self.eps, x)
+
+
+@pytest.fixture
+def shifted_suite(linear_model, monkeypatch):
+    """(model, x, y, seen): class 1 iff x > 0.5; five clean-correct points 0.60 .. 0.68 and one
+    clean-wrong 0.30; FGSM fools 0.60 and 0.62, PGD-20 fools 0.62 and 0.64; ``seen[name]``:
+    the values each attack was given."""
+    import spatlib.evaluate as evaluate
+    model = linear_model(torch.tensor([0.0, 10.0]).view(2, 1, 1, 1), torch.tensor([0.0, -5.0]))
+    x = torch.tensor([0.60, 0.62, 0.64, 0.66, 0.68, 0.30]).view(6, 1, 1, 1)
+    y = torch.ones(6, dtype=torch.long)
+    fools = {"fgsm": [0.60, 0.62], "pgd20": [0.62, 0.64]}
+    seen = {name: [] for name in fools}
+    monkeypatch.setattr(evaluate, "suite_attack", lambda name, model, eps, **kw: _ShiftAttack(
+        fools[name], eps, seen[name]))
+    return model, x, y, seen
+
+
+def test_the_cascade_attacks_only_the_points_still_robust(shifted_suite):
+    model, x, y, seen = shifted_suite
+    r = robustness(model, x, y, ["clean", "fgsm", "pgd20"], eps=0.3)
+    assert seen["fgsm"] == pytest.approx([0.60, 0.62, 0.64, 0.66, 0.68])   # the clean-correct ones
+    assert seen["pgd20"] == pytest.approx([0.64, 0.66, 0.68])              # those FGSM left
+    assert r.accuracy == pytest.approx({"clean": 5 / 6, "fgsm": 3 / 6, "pgd20": 2 / 6})
+    assert r.robust.tolist() == [False, False, False, True, True, False]
+
+
+def test_standalone_worst_case_is_correct_under_every_attack(shifted_suite):
+    # standalone, each attack sees every clean-correct point; the worst case is still per
+    # example: robust only where no attack fooled it (not where the last one did not)
+    model, x, y, seen = shifted_suite
+    r = robustness(model, x, y, ["clean", "fgsm", "pgd20"], eps=0.3, cascade=False)
+    assert seen["pgd20"] == pytest.approx([0.60, 0.62, 0.64, 0.66, 0.68])
+    assert r.accuracy == pytest.approx({"clean": 5 / 6, "fgsm": 3 / 6, "pgd20": 3 / 6})
+    assert r.robust.tolist() == [False, False, False, True, True, False]
+    assert r.robust_accuracy == pytest.approx(2 / 6)

@@ -21,8 +21,9 @@ ATTACKS = ["clean", "fgsm", "pgd20", "pgd100", "cw", "autoattack"]
 
 
 def _fake_run(root: Path, variant: str, seed: int, acc: dict, *, dataset="digits", eps=0.15,
-              n=4, per_class=None, curve=None) -> Path:
-    """A finished run folder whose eval cache says ``acc`` (attack -> accuracy fraction)."""
+              n=4, per_class=None, curve=None, val_source="train_holdout") -> Path:
+    """A finished run folder whose eval cache says ``acc`` (attack -> accuracy fraction),
+    selected on 150 held-out training images (or ``val_source``)."""
     name = f"{variant}-{dataset}-s{seed}"
     run_dir = root / name
     run_dir.mkdir(parents=True)
@@ -32,7 +33,8 @@ def _fake_run(root: Path, variant: str, seed: int, acc: dict, *, dataset="digits
                      "eval": {"suite": list(acc), "n_examples": n, "eps_curve": [0.0, eps]}})
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "checkpoint_best.pt").write_bytes(f"weights of {name}".encode())
-    (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": 3, "epochs_trained": 4}))
+    (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": 3, "epochs_trained": 4,
+                                                      "val_source": val_source, "n_val": 150}))
     key = report.eval_cache_key(run_dir, cfg, cfg.eval)
     flags = {a: [1] * round(v * n) + [0] * (n - round(v * n)) for a, v in acc.items()}
     worst = flags[list(acc)[-1]]
@@ -70,6 +72,8 @@ def test_collect_reads_the_cache_and_aggregates_mean_and_sample_std(three_seeds)
     assert list(runs["run"]) == ["pgd_at-digits-s0", "pgd_at-digits-s1", "pgd_at-digits-s2",
                                  "standard-digits-s0"]
     assert runs["eval_cached"].all()                      # nothing was attacked: the cache answered
+    assert set(runs["selection"]) == {"held-out training images (150)"}
+    assert not [c for c in runs if c.startswith("test_")]   # the suite's numbers are the only ones
     assert math.isnan(runs.loc[0, "fgsm"])                # not in the suite
     agg = report.aggregate(runs)
     pgd = agg[agg["method"] == "pgd_at"].iloc[0]
@@ -187,9 +191,9 @@ def test_resolve_eval_rejects_a_typo_naming_the_key(three_seeds):
         report.resolve_eval(cfg, {"n_exmples": 2})
 
 
-def test_evaluate_run_computes_once_then_reads_the_cache(tmp_path):
+def test_evaluate_run_computes_once_then_reads_the_cache(tmp_path, capsys):
     """A real (tiny) run: the second call attacks nothing and returns the same numbers; new
-    eval settings or new weights invalidate the cache."""
+    eval settings, new weights or other code invalidate the cache, with the reason printed."""
     from spatlib.train import train
     cfg = {"name": "tiny", "seed": 0,
            "data": {"name": "synthetic", "synthetic_train": 64, "synthetic_test": 16},
@@ -205,7 +209,26 @@ def test_evaluate_run_computes_once_then_reads_the_cache(tmp_path):
     assert second.cached
     assert second.result.accuracy == first.result.accuracy
     assert torch.equal(second.result.robust, first.result.robust)
+    capsys.readouterr()
+    # a cache computed by other code is recomputed, and the reason printed: a changed module ...
+    doc = json.loads(first.path.read_text())
+    assert doc["key"]["code"] == report.eval_code(cfg["eval"]["suite"])   # the suite's code, in the key
+    assert {"evaluate.py", "attacks.py", "models.py", "data.py", "torch"} <= set(doc["key"]["code"])
+    doc["key"]["code"]["attacks.py"] = "0" * 16
+    first.path.write_text(json.dumps(doc))
+    assert not report.evaluate_run(run_dir, device="cpu").cached
+    assert capsys.readouterr().out == "tiny/eval_0.1.json: recomputed: code changed (attacks.py)\n"
+    assert report.evaluate_run(run_dir, device="cpu").cached           # written anew, now current
+    # ... or a cache of the format before the code was part of the key
+    doc = json.loads(first.path.read_text())
+    doc["key"]["format"] = "spatlib-eval/1"
+    del doc["key"]["code"]
+    first.path.write_text(json.dumps(doc))
+    assert not report.evaluate_run(run_dir, device="cpu").cached
+    assert capsys.readouterr().out == ("tiny/eval_0.1.json: recomputed: written by other code "
+                                       "(format 'spatlib-eval/1', now 'spatlib-eval/2')\n")
     assert not report.evaluate_run(run_dir, {"n_examples": 8}, device="cpu").cached
+    assert "recomputed: settings changed: n_examples 16 -> 8" in capsys.readouterr().out
     # the experiment's current eval settings (a --set on finished runs) win over the saved ones
     current = from_dict({**cfg, "eval": {**cfg["eval"], "n_examples": 12}})
     collected = report.collect_results([run_dir], configs={"tiny": current}, device="cpu")
@@ -216,7 +239,10 @@ def test_evaluate_run_computes_once_then_reads_the_cache(tmp_path):
     key = report.eval_cache_key(run_dir, report.read_run_config(run_dir),
                                 report.read_run_config(run_dir).eval)
     assert key["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    assert key["checkpoint_sha256"] != json.loads(first.path.read_text())["key"]["checkpoint_sha256"]
+    old = json.loads(first.path.read_text())["key"]
+    assert report.cache_mismatch(old, key) == "weights changed; settings changed: n_examples 12 -> 16"
+    assert report.cache_mismatch(old, {**key, "checkpoint_sha256": old["checkpoint_sha256"],
+                                       "n_examples": 12}) is None
 
 
 def test_comparison_names_pick_spat_against_pgd_with_the_random_control():
@@ -225,3 +251,69 @@ def test_comparison_names_pick_spat_against_pgd_with_the_random_control():
     assert hypothesis.comparison_names(["pgd", "spat_equality"]) == ("spat_equality", "pgd", None)
     with pytest.raises(ValueError, match="pgd"):
         hypothesis.comparison_names(["spat_intersection"])
+
+
+def test_results_table_says_where_checkpoints_were_selected_when_any_was_on_test(tmp_path):
+    runs = tmp_path / "runs"
+    dirs = [_fake_run(runs, "pgd_at", 0, {"clean": 1.0, "pgd20": 0.5}),
+            _fake_run(runs, "spat_at", 0, {"clean": 0.75, "pgd20": 0.5}, val_source="test[:4]")]
+    collected = report.collect_results(dirs)
+    assert list(collected.runs["selection"]) == ["held-out training images (150)",
+                                                 "TEST images (4): optimistic"]
+    agg = report.aggregate(collected.runs)
+    table = report.results_table(agg, report.load_references())
+    assert list(table["Selected on"]) == ["held-out training images (150)", "TEST images (4): optimistic"]
+    assert list(table.columns)[-2:] == ["Selected on", "Source"]
+    paths = report.save_results(tmp_path / "out", collected, agg, table, None, experiment="toy")
+    md = paths["results.md"].read_text()
+    assert "| spat_at | digits | SmallCNN | 0.15 | 4 | 75.00 | 50.00 | 1 | TEST images (4): optimistic | measured |" in md
+    assert "selected on test images" in md.lower() and "optimistic" in md
+    assert pd.read_csv(paths["runs.csv"])["selection"].tolist() == list(collected.runs["selection"])
+    # none on test images: no column (the default reads as before)
+    held = report.aggregate(collected.runs.iloc[:1])
+    assert "Selected on" not in report.results_table(held)
+
+
+def test_code_fingerprint_sees_code_not_docstrings_or_comments(tmp_path):
+    import shutil
+    from spatlib.util import PACKAGE_DIR, code_fingerprint
+    pkg = tmp_path / "spatlib"
+    shutil.copytree(PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def fingerprint():
+        return code_fingerprint(report.EVAL_CODE, skip=report.EVAL_CODE_SKIP, package=pkg)
+
+    def edited(module: str, old: str, new: str) -> dict:
+        path = pkg / f"{module}.py"
+        text = path.read_text()
+        assert text.count(old) == 1, old
+        path.write_text(text.replace(old, new))
+        try:
+            return fingerprint()
+        finally:
+            path.write_text(text)
+
+    base = fingerprint()
+    assert {"evaluate.py", "attacks.py", "semantics.py", "models.py", "data.py", "util.py"} <= set(base)
+    assert "config.py" not in base                     # settings enter the key as values
+    # a docstring, a comment, a blank line: the same code
+    assert edited("attacks", "L-inf projected gradient ascent (Madry et al.)",
+                  "Projected gradient ascent in the L-inf ball") == base
+    assert edited("evaluate", "SUITE_STEP = 0.25   #", "\nSUITE_STEP = 0.25   # (eps / 4) ") == base
+    # code the evaluation never runs: the same numbers (the trainer's loader)
+    assert edited("data", "self.epoch = epoch", "self.epoch = int(epoch)") == base
+    # a changed constant, or a changed helper the suite calls: other numbers
+    changed = edited("evaluate", "SUITE_STEP = 0.25", "SUITE_STEP = 0.3")
+    assert {k for k in base if changed[k] != base[k]} == {"evaluate.py"}
+    changed = edited("util", "            model.train(train)", "            model.train(not train)")
+    assert {k for k in base if changed[k] != base[k]} == {"util.py"}
+    assert fingerprint() == base
+
+
+def test_describe_dataset_names_validation_on_test_images():
+    held = from_dict({"data": {"name": "digits"}})
+    assert report.describe_dataset(held) == ("digits: 1212 train + 135 validation + 450 test images "
+                                             "of 1x8x8, 10 classes")          # a tenth held out
+    on_test = from_dict({"data": {"name": "digits", "val_split": "test"}})
+    assert report.describe_dataset(on_test) == ("digits: 1347 train + 450 validation (TEST images: "
+                                                "optimistic) + 450 test images of 1x8x8, 10 classes")

@@ -46,11 +46,11 @@ def test_a_registered_rule_trains_through_spat_train(toy_rule, tmp_path, capsys)
     code = train_module.main(["--run-dir", str(run_dir), "--set", "name=toy", "train.method=spat_at",
                               "attack.rule=left_half", "attack.eps=0.1", "attack.alpha=0.05",
                               "attack.steps=2", "train.epochs=1", "train.batch_size=64",
-                              "train.max_batches=2", "train.val_steps=1", "data.val_size=0",
+                              "train.max_batches=2", "train.val_steps=1", "data.val_size=50",
                               "eval.n_examples=16", "train.progress=false"])
     assert code == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["method"] == "spat_at" and 0.0 <= metrics["test_pgd20_acc"] <= 1.0
+    assert metrics["method"] == "spat_at" and 0.0 <= metrics["best_val_robust_acc"] <= 1.0
     assert "rule: left_half" in (run_dir / "config.yaml").read_text()
 
 

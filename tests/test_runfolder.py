@@ -124,3 +124,19 @@ def test_unreadable_checkpoints_say_what_is_wrong_without_torchs_unsafe_advice(t
         assert message.startswith(f"{path}: ") and "weights_only" not in message, message
         assert len(message.splitlines()) == 1, message
     assert rf.load_checkpoint(good)["epoch"] == 2   # a whole checkpoint still loads
+
+
+def test_configs_saved_before_val_split_mean_what_they_meant():
+    # config.yaml of a run trained before data.val_split: val_size 150 held out training
+    # images (today's val_split: train); val_size 0 selected on the first 512 test images
+    today = RunConfig().to_dict()
+    held = RunConfig().to_dict()
+    held["data"]["val_size"] = 150
+    del held["data"]["val_split"]
+    assert rf.upgrade_config(held)["data"] == {**today["data"], "val_size": 150, "val_split": "train"}
+    on_test = {**held, "data": {**held["data"], "val_size": 0}}
+    assert rf.upgrade_config(on_test)["data"] == {**today["data"], "val_size": None, "val_split": "test"}
+    # a key added since gets its default; a config that no longer parses is left as saved
+    del held["train"]["patience"]
+    assert rf.upgrade_config(held)["train"]["patience"] == 0
+    assert rf.upgrade_config({"train": {"lr": -1}}) == {"train": {"lr": -1}}

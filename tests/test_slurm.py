@@ -242,7 +242,7 @@ def test_requeued_run_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_pa
     plan = plan_experiment(params, ["train.epochs=4"], out_dir=tmp_path / "ref")
     ref = train(plan.configs["pgd_at-digits-s0"], tmp_path / "ref_run", progress=False)
     got = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("test_clean_acc", "test_pgd20_acc", "best_epoch", "epochs_trained"):
+    for key in ("best_val_clean_acc", "best_val_robust_acc", "best_epoch", "epochs_trained"):
         assert got[key] == ref[key], key
     a, b = history(tmp_path / "ref_run"), history(run_dir)
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]

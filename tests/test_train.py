@@ -20,7 +20,8 @@ import torch
 import yaml
 
 import spatlib.train as T
-from spatlib.config import ConfigError, RunConfig, deep_merge, from_dict
+from spatlib import report
+from spatlib.config import DATASETS, ConfigError, RunConfig, deep_merge, from_dict
 from spatlib.models import build_model
 from spatlib.train import (METHODS, CheckpointError, TrainingDivergedError, eps_at,
                            load_checkpoint, load_run_model, lr_at, mart_loss, train, trades_loss)
@@ -178,8 +179,10 @@ def test_each_method_trains_and_loss_decreases(method, tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     assert metrics["method"] == method and metrics["epochs_trained"] == 3
-    assert metrics["eps"] == "0.1" and metrics["n_test"] == 200
-    assert 0 <= metrics["test_pgd20_acc"] <= metrics["test_clean_acc"] <= 1
+    # training facts only: the robustness suite gives the test numbers, one per setting
+    assert not [k for k in metrics if k.startswith(("test_", "n_test", "eval_"))], metrics
+    assert metrics["val_source"] == "train_holdout" and metrics["n_val"] == 200
+    assert metrics["selection"] == "held-out training images (200)"
     assert metrics["best_epoch"] in (1, 2, 3)
     for key in ("spatlib_version", "git_commit", "torch_version", "device_name", "seed",
                 "started_at", "finished_at", "hostname", "total_time_s", "images_per_s"):
@@ -214,7 +217,7 @@ def test_clean_training_accuracy_is_measured_without_touching_the_training(metho
     a = torch.load(tmp_path / "sampled" / "checkpoint_last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "every" / "checkpoint_last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert sampled["test_pgd20_acc"] == every["test_pgd20_acc"]
+    assert sampled["best_val_robust_acc"] == every["best_val_robust_acc"]
     rows_s, rows_e = read_history(tmp_path / "sampled"), read_history(tmp_path / "every")
     for rs, re_ in zip(rows_s, rows_e):
         assert 0 <= rs["train_clean_acc"] <= 1 and rs["train_loss"] == re_["train_loss"]
@@ -275,13 +278,16 @@ def trained_runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_adversarial_training_beats_standard_under_pgd(trained_runs):
-    std = trained_runs["standard"][1]
-    assert std["test_clean_acc"] > 0.9
+    # the suite's PGD-20 at the training eps (0.15) on the first 200 test images
+    acc = {m: report.evaluate_run(d, {"suite": ["clean", "pgd20"]}, device="cpu").result
+           for m, (d, _, _) in trained_runs.items()}
+    assert all(r.eps_str == "0.15" and r.n == 200 for r in acc.values())
+    std = acc["standard"].accuracy
+    assert std["clean"] > 0.9
     for method in ("pgd_at", "spat_at"):
-        m = trained_runs[method][1]
-        assert m["test_pgd20_acc"] > std["test_pgd20_acc"] + 0.2, (method, m, std)
-        assert m["test_clean_acc"] > 0.7
-        assert m["eps"] == "0.15"
+        m = acc[method].accuracy
+        assert m["pgd20"] > std["pgd20"] + 0.2, (method, m, std)
+        assert m["clean"] > 0.7
 
 
 def test_finished_run_is_not_retrained(trained_runs, monkeypatch):
@@ -306,10 +312,11 @@ def test_best_checkpoint_is_the_reported_model(trained_runs):
     run_dir, metrics, _ = trained_runs["spat_at"]
     model, cfg, ds = load_run_model(run_dir)
     assert cfg.train.method == "spat_at" and not model.training
-    n = metrics["n_test"]
     with torch.no_grad():
-        acc = (model(ds.x_test[:n].float() / 255).argmax(1) == ds.y_test[:n]).float().mean().item()
-    assert acc == pytest.approx(metrics["test_clean_acc"], abs=1e-6)
+        acc = (model(ds.x_test[:200].float() / 255).argmax(1) == ds.y_test[:200]).double().mean().item()
+    # the suite evaluates the selected weights: its clean accuracy is theirs
+    suite = report.evaluate_run(run_dir, {"suite": ["clean"]}, device="cpu").result
+    assert suite.n == 200 and suite.accuracy["clean"] == pytest.approx(acc, abs=1e-12)
     best = load_checkpoint(run_dir / "checkpoint_best.pt")
     assert best["epoch"] == metrics["best_epoch"]
     rows = read_history(run_dir)
@@ -338,7 +345,7 @@ def test_cli_reports_bad_params_without_writing(tmp_path, capsys):
 
 
 def test_model_that_cannot_take_the_data_fails_before_training(tmp_path):
-    cfg = digits_config(data={"name": "synthetic", "synthetic_shape": [1, 2, 2], "val_size": 0})
+    cfg = digits_config(data={"name": "synthetic", "synthetic_shape": [1, 2, 2]})
     with pytest.raises(ConfigError, match="model.name"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -388,7 +395,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert len(read_history(run_dir)) == 1
 
 
-def test_ema_validation_early_stopping_and_test_split_fallback(tmp_path, monkeypatch):
+def test_ema_validation_early_stopping_and_selection_on_test_images(tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def flat_validation(self):   # never improves after the first eval
@@ -396,15 +403,17 @@ def test_ema_validation_early_stopping_and_test_split_fallback(tmp_path, monkeyp
         return {"val_clean_acc": 0.5, "val_robust_acc": 0.2,
                 "ema_val_clean_acc": 0.6, "ema_val_robust_acc": 0.3}
     monkeypatch.setattr(T.Trainer, "validate", flat_validation)
-    cfg = digits_config(data={"val_size": 0},
+    # selecting on test images takes an explicit data.val_split: test (val_size: the first 200)
+    cfg = digits_config(data={"val_split": "test"},
                         train={"epochs": 10, "ema": 0.9, "patience": 2, "max_batches": 3})
     run_dir = tmp_path / "run"
     metrics = train(cfg, run_dir)
     assert metrics["stopped_early"] and metrics["epochs_trained"] == 3 and calls["n"] == 3
     assert metrics["best_epoch"] == 1 and metrics["selected"] == "ema"
-    assert metrics["best_val_robust_acc"] == 0.3 and metrics["val_source"] == "test[:450]"
+    assert metrics["best_val_robust_acc"] == 0.3 and metrics["val_source"] == "test[:200]"
+    assert metrics["selection"] == "TEST images (200): optimistic"
     rows = read_history(run_dir)
-    assert rows[0]["ema_val_robust_acc"] == 0.3 and rows[0]["val_source"] == "test[:450]"
+    assert rows[0]["ema_val_robust_acc"] == 0.3 and rows[0]["val_source"] == "test[:200]"
     ckpt = load_checkpoint(run_dir / "checkpoint_last.pt")
     assert ckpt["ema_updates"] == 9 and ckpt["ema_model"] is not None
     ema, _, _ = load_run_model(run_dir, which="ema")
@@ -431,8 +440,8 @@ def test_run_killed_before_metrics_finishes_with_the_same_numbers(tmp_path, monk
     (run_dir / "checkpoint_best.pt").unlink()
     again = train(cfg, run_dir)
     assert load_checkpoint(run_dir / "checkpoint_best.pt")["epoch"] == 2
-    for key in ("test_clean_acc", "test_pgd20_acc", "best_epoch", "best_val_robust_acc",
-                "epochs_trained", "started_at"):
+    for key in ("best_epoch", "best_val_clean_acc", "best_val_robust_acc", "epochs_trained",
+                "started_at", "selection"):
         assert again[key] == first[key], key
     assert len(read_history(run_dir)) == 2
 
@@ -473,8 +482,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
                    capture_output=True, timeout=300)
     ref = json.loads((ref_dir / "metrics.json").read_text())
     got = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("test_clean_acc", "test_pgd20_acc", "best_epoch", "best_val_clean_acc",
-                "best_val_robust_acc", "epochs_trained"):
+    for key in ("best_epoch", "best_val_clean_acc", "best_val_robust_acc", "epochs_trained"):
         assert got[key] == ref[key], key
     columns = ("train_loss", "train_clean_acc", "train_adv_acc", "val_clean_acc",
                "val_robust_acc", "ema_val_clean_acc", "ema_val_robust_acc", "lr", "eps")
@@ -539,11 +547,13 @@ def test_pgd_at_on_cifar10_prefix_learns(tmp_path):
                   "schedule": "cosine", "eps_warmup_epochs": 2, "progress": False},
         "eval": {"n_examples": 500},
     }
-    # measured (seed 0, ~2 min on one busy core): clean 0.342, PGD-20 0.214; chance is 0.1
-    metrics = train(cfg, tmp_path / "run")
-    assert metrics["eps"] == "8/255"
-    assert metrics["test_clean_acc"] > 0.25, metrics
-    assert metrics["test_pgd20_acc"] > 0.15, metrics
+    # measured (seed 0, ~2 min on one busy core): the suite's clean 0.306, PGD-20 0.182 on the
+    # first 500 test images; chance is 0.1
+    train(cfg, tmp_path / "run")
+    r = report.evaluate_run(tmp_path / "run", {"suite": ["clean", "pgd20"]}, device="cpu").result
+    assert r.eps_str == "8/255" and r.n == 500
+    assert r.accuracy["clean"] > 0.25, r
+    assert r.accuracy["pgd20"] > 0.15, r
 
 
 def test_evaluation_settings_do_not_make_a_different_run():
@@ -617,8 +627,13 @@ def test_spat_train_still_takes_one_runs_params_file(tmp_path, capsys):
     params = tmp_path / "run.yaml"
     params.write_text(yaml.safe_dump(digits_config(train={"epochs": 1, "max_batches": 2},
                                                    eval={"n_examples": 20})))
-    assert T.main([str(params), "--run-dir", str(tmp_path / "run")]) == 0
-    assert json.loads(capsys.readouterr().out)["n_test"] == 20
+    run_dir = tmp_path / "run"
+    assert T.main([str(params), "--run-dir", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    # what it trained, and where the test numbers come from (it computes none of its own)
+    assert json.loads(out) == json.loads((run_dir / "metrics.json").read_text())
+    assert "test_clean_acc" not in out
+    assert err.splitlines()[-1].startswith(f"test numbers: spat eval {run_dir} (the robustness suite")
 
 
 def test_spat_train_help_names_spat_train(capsys):
@@ -650,42 +665,25 @@ def test_a_line_per_epoch_where_no_bar_shows(tmp_path, capsys):
     assert not T._in_jupyter_kernel()
 
 
-def sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def test_changed_eval_settings_reevaluate_a_finished_run_without_training(tmp_path, monkeypatch):
+def test_changed_eval_settings_change_no_finished_run(tmp_path, monkeypatch):
+    # eval settings change what the suite measures, never the run: the finished run is returned
+    # as it is, nothing is written, and the suite answers for the new settings
     cfg = digits_config(train={"epochs": 1, "max_batches": 3}, eval={"n_examples": 50})
     run_dir = tmp_path / "run"
     first = train(cfg, run_dir)
-    assert first["n_test"] == 50 and first["eval_settings"]["n_examples"] == 50
-    weights = {n: sha256(run_dir / n) for n in ("checkpoint_best.pt", "checkpoint_last.pt")}
-    history = (run_dir / "history.csv").read_bytes()
+    stamps = {n: (run_dir / n).stat().st_mtime_ns for n in RUN_FILES}
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was retrained")
     monkeypatch.setattr(T.Trainer, "train_epoch", no_training)
-    again = train(deep_merge(cfg, {"eval": {"n_examples": 20}}), run_dir)
-    assert again["n_test"] == 20 and again["eval_settings"]["n_examples"] == 20
-    assert json.loads((run_dir / "metrics.json").read_text()) == again
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["n_examples"] == 20
-    assert {n: sha256(run_dir / n) for n in weights} == weights
-    assert (run_dir / "history.csv").read_bytes() == history
-    for key in ("best_epoch", "started_at", "train_time_s", "best_val_robust_acc"):
-        assert again[key] == first[key], key
-    # the numbers are those of the selected weights on the first 20 test images
+    again = train(deep_merge(cfg, {"eval": {"n_examples": 20, "eps": 0.0}}), run_dir)
+    assert again == first
+    assert {n: (run_dir / n).stat().st_mtime_ns for n in RUN_FILES} == stamps
     model, _, ds = load_run_model(run_dir)
     with torch.no_grad():
-        acc = (model(ds.x_test[:20].float() / 255).argmax(1) == ds.y_test[:20]).float().mean().item()
-    assert again["test_clean_acc"] == pytest.approx(acc, abs=1e-6)
-    # the same settings again: returned as they are, nothing recomputed
-    stamp = (run_dir / "metrics.json").stat().st_mtime_ns
-    assert train(deep_merge(cfg, {"eval": {"n_examples": 20}}), run_dir) == again
-    assert (run_dir / "metrics.json").stat().st_mtime_ns == stamp
-    # and the eps too
-    third = train(deep_merge(cfg, {"eval": {"n_examples": 20, "eps": 0.0}}), run_dir)
-    assert third["eps"] == "0" and third["test_pgd20_acc"] == third["test_clean_acc"] == again["test_clean_acc"]
+        acc = (model(ds.x_test[:20].float() / 255).argmax(1) == ds.y_test[:20]).double().mean().item()
+    suite = report.evaluate_run(run_dir, {"n_examples": 20, "suite": ["clean"]}, device="cpu").result
+    assert suite.n == 20 and suite.accuracy["clean"] == pytest.approx(acc, abs=1e-12)
 
 
 def test_unwritable_run_folder_is_one_line_before_training(tmp_path, capsys, monkeypatch):
@@ -702,3 +700,203 @@ def test_unwritable_run_folder_is_one_line_before_training(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: {run_dir}: Not a directory (ENOTDIR)") and str(run_dir) in err
+
+
+# --------------------------------------------------------------------------------------------
+# model selection never on test images by default
+def test_val_size_zero_is_an_error_naming_the_key_not_a_switch_to_test_images(tmp_path):
+    for data in ({"val_size": 0}, {"val_size": 0, "val_split": "test"}):
+        with pytest.raises(ConfigError, match=r"data\.val_size: 0 leaves model selection no images"):
+            train(digits_config(data=data), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"data\.val_split: test"):
+        from_dict(digits_config(data={"val_size": 0}))
+    with pytest.raises(ConfigError, match=r"data\.val_split: 'held_out' is not allowed"):
+        from_dict(digits_config(data={"val_split": "held_out"}))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("data, n_train, n_test, classes, expected", [
+    ({}, 1347, 450, 10, 135),                    # digits: a tenth of the training images
+    ({}, 50000, 10000, 10, 1000),                # CIFAR: at most 1000
+    ({}, 40, 20, 10, 10),                        # at least one per class
+    ({}, 8, 20, 10, 7),                          # always leaving training images
+    ({"val_size": 150}, 1347, 450, 10, 150),
+    ({"val_split": "test"}, 1347, 450, 10, 450),  # the first 512 test images, or all of them
+    ({"val_split": "test"}, 50000, 10000, 10, 512),
+    ({"val_split": "test", "val_size": 100}, 50000, 10000, 10, 100),
+])
+def test_validation_size(data, n_train, n_test, classes, expected):
+    from spatlib.data import validation_size
+    cfg = from_dict({"data": data}).data
+    assert validation_size(cfg, n_train, n_test, classes) == expected
+
+
+@pytest.mark.parametrize("data, n_train, n_test, message", [
+    ({}, 1, 20, "data.val_size: digits has 1 training image"),
+    ({"val_size": 100}, 100, 20, "data.val_size: 100 leaves no training images"),
+    ({"val_split": "test", "val_size": 30}, 100, 20, "data.val_size: 30 is more than the 20 test images"),
+])
+def test_validation_size_that_cannot_be_met_names_the_key(data, n_train, n_test, message):
+    from spatlib.data import validation_size
+    with pytest.raises(ConfigError, match=message):
+        validation_size(from_dict({"data": data}).data, n_train, n_test, 10)
+
+
+def _fake_mnist(root: Path, folder: str) -> None:
+    """The four idx files torchvision's MNIST / FashionMNIST read, 40 + 20 random images."""
+    import numpy as np
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for split, n in (("train", 40), ("t10k", 20)):
+        images = g.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            np.array([0x803, n, 28, 28], ">i4").tobytes() + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            np.array([0x801, n], ">i4").tobytes() + (np.arange(n) % 10).astype(np.uint8).tobytes())
+
+
+def _fake_cifar(root: Path, name: str, monkeypatch) -> None:
+    """Pickled batches as torchvision's CIFAR-10 / CIFAR-100 read them (40 + 20 images); its
+    md5 check of the real files is switched off for these."""
+    import pickle
+
+    import numpy as np
+    from torchvision.datasets import cifar
+    cls = cifar.CIFAR10 if name == "cifar10" else cifar.CIFAR100
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    k = 10 if name == "cifar10" else 100
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    g = np.random.default_rng(0)
+    files = [(f, 40 // len(cls.train_list)) for f, _ in cls.train_list] + [(f, 20) for f, _ in cls.test_list]
+    for file, n in files:
+        entry = {"data": g.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+                 label_key: list(g.integers(0, k, n))}
+        (folder / file).write_bytes(pickle.dumps(entry))
+    (folder / cls.meta["filename"]).write_bytes(pickle.dumps({cls.meta["key"]: [str(c) for c in range(k)]}))
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
+
+
+def _data_section(name: str, tmp_path: Path, monkeypatch) -> dict:
+    """A data section of ``name`` that loads offline: the bundled digits, a seeded synthetic
+    set, a small npz, or small fake files of torchvision's datasets."""
+    if name in ("digits", "synthetic"):
+        return {"name": name}
+    if name == "npz":
+        import numpy as np
+        g = np.random.default_rng(0)
+        path = tmp_path / "data.npz"
+        np.savez(path, x_train=g.integers(0, 256, (60, 8, 8), dtype=np.uint8),
+                 y_train=np.arange(60) % 10, x_test=g.integers(0, 256, (30, 8, 8), dtype=np.uint8),
+                 y_test=np.arange(30) % 10)
+        return {"name": "npz", "path": str(path)}
+    if name in ("mnist", "fashion_mnist"):
+        _fake_mnist(tmp_path, "MNIST" if name == "mnist" else "FashionMNIST")
+    elif name in ("cifar10", "cifar100"):
+        _fake_cifar(tmp_path, name, monkeypatch)
+    else:
+        raise AssertionError(f"{name}: a dataset this test has no offline data for; add it")
+    return {"name": name, "root": str(tmp_path), "download": False}
+
+
+@pytest.mark.parametrize("name", DATASETS)
+@pytest.mark.parametrize("val_split", ["train", "test"])
+def test_validation_images_are_training_images_never_test_images(name, val_split, tmp_path,
+                                                                 monkeypatch):
+    # Provenance, not pixels (digits has identical images across splits): every loaded image
+    # is replaced by a tag of its split and index, then the trainer's validation and training
+    # images are read back as tags.
+    import spatlib.data as data_mod
+
+    def tag(x: torch.Tensor, split: int) -> torch.Tensor:
+        t = torch.zeros_like(x).flatten(1)
+        idx = torch.arange(len(x))
+        t[:, 0], t[:, 1], t[:, 2] = split, idx // 256, idx % 256
+        return t.view_as(x)
+
+    def tagged(cfg):
+        ds = data_mod.dataset_from_config(cfg)
+        ds.x_train, ds.x_test = tag(ds.x_train, 0), tag(ds.x_test, 1)
+        return ds
+
+    def untag(x: torch.Tensor) -> tuple[set, list]:
+        flat = x.cpu().flatten(1).long()
+        return set(flat[:, 0].tolist()), (flat[:, 1] * 256 + flat[:, 2]).tolist()
+
+    monkeypatch.setattr(T, "dataset_from_config", tagged)
+    data = {**_data_section(name, tmp_path, monkeypatch), "val_split": val_split, "val_size": None}
+    cfg = digits_config(data=data, train={"batch_size": 8, "device": "cpu"})
+    trainer = T.Trainer(cfg, device=torch.device("cpu"))
+    ds = trainer.dataset
+    val_splits, val_idx = untag(trainer.x_val)
+    train_splits, train_idx = untag(trainer.loader.x)
+    assert train_splits == {0} and train_idx == sorted(set(train_idx))      # training images, once
+    assert torch.equal(trainer.y_val, (ds.y_train if val_split == "train" else ds.y_test)[val_idx])
+    if val_split == "train":
+        assert val_splits == {0}, "model selection saw test images"
+        assert not set(val_idx) & set(train_idx), "validation images were trained on"
+        assert sorted(val_idx + train_idx) == list(range(len(ds.y_train)))
+        assert trainer.val_source == "train_holdout" and val_idx
+    else:   # only when asked, and then it says so
+        assert val_splits == {1} and val_idx == list(range(len(val_idx)))
+        assert train_idx == list(range(len(ds.y_train)))
+        assert trainer.validation.label.startswith("TEST images") and "optimistic" in trainer.validation.label
+
+
+def test_a_run_folder_from_before_val_split_is_still_its_own_run(tmp_path):
+    # config.yaml written before data.val_split existed: val_size 200 is today's held-out
+    # selection (the finished run is reused); val_size 0 selected on test images, which today
+    # takes val_split: test (the default request is another run, named by its keys)
+    cfg = digits_config(train={"epochs": 1, "max_batches": 2})
+    run_dir = tmp_path / "run"
+    first = train(cfg, run_dir)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["data"]["val_split"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert train(cfg, run_dir) == first
+    saved["data"]["val_size"] = 0
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(CheckpointError, match=r"data\.val_size: None -> 200; data\.val_split: 'test' -> 'train'"):
+        train(cfg, run_dir)
+    assert train(deep_merge(cfg, {"data": {"val_size": None, "val_split": "test"}}), run_dir) == first
+    assert T.rf.read_run_config(run_dir).data.val_split == "test"
+
+
+# --------------------------------------------------------------------------------------------
+# the EMA and the eps warm-up, by hand
+def test_ema_update_by_hand():
+    # w = 1, then the model moves to 3 and to 5. The decay ramps as min(decay, (1+t)/(10+t)):
+    # d1 = 2/11, d2 = 3/12 with decay 0.99; each update is ema <- d ema + (1 - d) w
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = T.EMA(model, 0.99)
+    expected = 1.0
+    for w, d in ((3.0, 2 / 11), (5.0, 3 / 12)):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        ema.update(model)
+        expected = d * expected + (1 - d) * w
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(29 / 44 + 3.75)     # 29/11 after the first update
+    # a decay below the ramp: d = 0.1 from the first update on
+    low = T.EMA(torch.nn.Linear(1, 1, bias=False).requires_grad_(False), 0.1)
+    low.module.weight.fill_(1.0)
+    target = torch.nn.Linear(1, 1, bias=False).requires_grad_(False)
+    target.weight.fill_(3.0)
+    low.update(target)
+    assert low.module.weight.item() == pytest.approx(0.1 * 1 + 0.9 * 3)
+
+
+def test_eps_warm_up_reaches_the_attack_eps_and_stays(tmp_path):
+    # 54 training images in batches of 16: 4 steps an epoch; the eps of an epoch's row is its
+    # last step's, eps * min(1, (step + 1) / (2 * 4)): half after epoch 1, all of it from epoch 2
+    cfg = {"name": "warmup", "seed": 0,
+           "data": {"name": "synthetic", "synthetic_train": 64, "synthetic_test": 16},
+           "attack": {"eps": 0.2, "alpha": 0.1, "steps": 1},
+           "train": {"method": "pgd_at", "epochs": 4, "batch_size": 16, "eps_warmup_epochs": 2,
+                     "val_steps": 1, "progress": False, "device": "cpu"}}
+    train(cfg, tmp_path / "run")
+    rows = read_history(tmp_path / "run")
+    assert [r["eps"] for r in rows] == pytest.approx([0.1, 0.2, 0.2, 0.2])
