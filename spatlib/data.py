@@ -420,8 +420,8 @@ def check_data(cfg: DataConfig) -> DataSummary:
     """Resolve a data section cheaply, before any work: the npz file exists and holds
     ``x_train, y_train, x_test, y_test`` of consistent shapes and dtypes (read from the .npy
     headers, not the images), torchvision's files are present under the root (or will be
-    downloaded: ``download`` true), and ``val_size`` leaves training images after
-    ``train_limit``. Raises :class:`DataError` as ``data.KEY: ...`` naming the key at fault."""
+    downloaded: ``download`` true), and model selection gets its images (``val_size``,
+    ``val_split``: :func:`validation_size`). Raises :class:`DataError` as ``data.KEY: ...`` naming the key at fault."""
     if cfg.name == "npz":
         if not cfg.path:
             raise DataError("data.path: required for data.name npz (a .npz with x_train, "
@@ -457,10 +457,10 @@ def check_data(cfg: DataConfig) -> DataSummary:
         n_train = min(n_train, cfg.train_limit)
     if cfg.test_limit is not None:
         n_test = min(n_test, cfg.test_limit)
-    if cfg.val_size >= n_train:
-        limit = f" (data.train_limit {cfg.train_limit})" if cfg.train_limit is not None else ""
-        raise DataError(f"data.val_size: {cfg.val_size} leaves no training image: the data has "
-                        f"{n_train} training images{limit}")
+    try:   # the trainer's own rule for how many images model selection takes
+        validation_size(cfg, n_train, n_test, int(classes))
+    except ConfigError as e:
+        raise DataError(str(e)) from None
     return DataSummary(data_source(cfg), n_train, n_test, tuple(shape), int(classes), note)
 
 

@@ -279,7 +279,29 @@ def evaluation_row(ev: RunEvaluation, labels: Mapping | None = None) -> dict:
     row["selection"] = selection_label(metrics.get("val_source"), metrics.get("n_val"))
     for k in ("best_epoch", "epochs_trained", "train_time_s"):
         row[k] = metrics.get(k, float("nan"))
+    row.update(manipulation_check(ev.run_dir, cfg))
     return row
+
+
+def manipulation_check(run_dir: str | Path, cfg: RunConfig) -> dict:
+    """A run's manipulation check from its history.csv: ``shared_share`` (the share of its
+    training examples' |delta| on shared pixels) and ``shared_share_pgd`` (PGD's on the same
+    batches), each the mean over the epochs after the eps warm-up (every epoch when none
+    reaches past it), and ``budget`` (SPAT's budget shape; "" for the other methods). NaN where
+    the run measured none (clean training, ``train.share_every: 0``, a run of an older release)."""
+    out = {"budget": cfg.attack.budget if cfg.train.method.startswith("spat") else "",
+           "shared_share": float("nan"), "shared_share_pgd": float("nan")}
+    try:
+        history = load_history(run_dir)
+    except FileNotFoundError:
+        return out
+    if "shared_share" not in history or not history["shared_share"].notna().any():
+        return out
+    late = history[history["epoch"] > cfg.train.eps_warmup_epochs]
+    late = late if late["shared_share"].notna().any() else history
+    out["shared_share"] = float(late["shared_share"].mean())
+    out["shared_share_pgd"] = float(late["shared_share_pgd"].mean())
+    return out
 
 
 def collect_results(run_dirs: Iterable[str | Path], eval: EvalConfig | Mapping | None = None, *,
@@ -318,8 +340,9 @@ def aggregate(runs: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFr
 
     One row per ``keys`` group in order of first appearance, with ``n_seeds``, ``seeds``, ``eps_str``,
     and ``<attack>_mean`` / ``<attack>_std`` for each attack the runs measured, plus
-    ``worst_case_mean`` / ``worst_case_std``, and ``selection`` (where the runs' checkpoints
-    were selected, each wording once) when ``runs`` has it. When ``runs`` has a ``source`` column (every
+    ``worst_case_mean`` / ``worst_case_std``, ``selection`` (where the runs' checkpoints
+    were selected, each wording once) when ``runs`` has it, and the manipulation check
+    ``shared_share_mean`` / ``shared_share_pgd_mean`` (percent) where the runs measured it. When ``runs`` has a ``source`` column (every
     :func:`evaluation_row` and ``spatlib.cards.card_row`` has), ``source`` is a key too, so a
     result card never averages with a run.
     """
@@ -337,12 +360,30 @@ def aggregate(runs: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFr
         row["seeds"] = ", ".join(str(s) for s in part["seed"])
         if "selection" in part:
             row["selection"] = ", ".join(dict.fromkeys(str(v) for v in part["selection"]))
+        if "shared_share" in part and part["shared_share"].notna().any():
+            row["shared_share_mean"] = 100 * float(part["shared_share"].mean())
+            row["shared_share_pgd_mean"] = 100 * float(part["shared_share_pgd"].mean())
         for a in cols:
             v = 100 * part[a].astype(float)
             row[f"{a}_mean"] = v.mean()
             row[f"{a}_std"] = v.std(ddof=1) if len(v) > 1 else float("nan")
         out.append(row)
     return pd.DataFrame(out)
+
+
+SHARED_COLUMN = "Shared share % (x PGD)"   # the results table's manipulation-check column
+
+
+def format_shared_share(share: float, pgd: float) -> str:
+    """``"28.1 (1.61x PGD)"``: a method's shared share of |delta| (percent) and its ratio to
+    PGD's on the same batches; ``"18.4 (PGD)"`` when the two are one; ``""`` when not measured."""
+    if share is None or math.isnan(share):
+        return ""
+    if pgd is None or math.isnan(pgd) or pgd <= 0:
+        return f"{share:.1f}"
+    if abs(share - pgd) < 1e-9:
+        return f"{share:.1f} (PGD)"
+    return f"{share:.1f} ({share / pgd:.2f}x PGD)"
 
 
 def format_mean_std(mean: float, std: float, digits: int = 2) -> str:
@@ -398,13 +439,16 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
     published AutoAttack rows of the same datasets and eps, marked ``(published)``.
 
     Columns: Method, Dataset, Model, eps, Images (test images each run was evaluated on),
-    Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack, Seeds, Source (``measured``, or the
-    ``source`` of a row that is not a run's, e.g. ``card: FILE``). Attacks no measured row
-    ran are left out. Where any row selected its checkpoint on test images
+    Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack, Seeds, the manipulation check where runs
+    measured it (:data:`SHARED_COLUMN`: ``28.1 (1.61x PGD)``, the share of the training
+    examples' |delta| on shared pixels and its ratio to PGD's on the same batches), Source
+    (``measured``, or the ``source`` of a row that is not a run's, e.g. ``card: FILE``).
+    Attacks no measured row ran are left out. Where any row selected its checkpoint on test images
     (``data.val_split: test``), a Selected on column says where every row selected its own.
     """
     attacks = [a for a in ATTACKS if f"{a}_mean" in agg]
     on_test = selected_on_test(agg)
+    check = "shared_share_mean" in agg and agg["shared_share_mean"].notna().any()
     rows = []
     for _, r in agg.iterrows():
         row = {"Method": r["method"], "Dataset": r["dataset"], "Model": r["model"], "eps": r["eps_str"],
@@ -412,6 +456,9 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         for a in attacks:
             row[ATTACK_LABELS[a]] = format_mean_std(r[f"{a}_mean"], r.get(f"{a}_std", float("nan")))
         row["Seeds"] = str(r["n_seeds"])
+        if check:
+            row[SHARED_COLUMN] = format_shared_share(r.get("shared_share_mean", float("nan")),
+                                                     r.get("shared_share_pgd_mean", float("nan")))
         if on_test:
             row["Selected on"] = r.get("selection", "")
         row["Source"] = r.get("source", MEASURED)
@@ -426,6 +473,8 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         if "autoattack" in attacks:
             row["AutoAttack"] = format_mean_std(r["robust"], float("nan"))
         row["Seeds"] = ""
+        if check:
+            row[SHARED_COLUMN] = ""
         if on_test:
             row["Selected on"] = ""
         row["Source"] = r["source"]

@@ -83,14 +83,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = COSMETIC_KEYS) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, as ``key: old -> new``.
-
-    A key the old config lacks (saved before the setting existed) counts as its default: the
-    code that wrote it behaved as the default does, so a run folder stays resumable (and a
-    finished one reusable) across a release that adds a setting."""
+    """Dotted keys whose values differ between two config dicts, as ``key: old -> new``
+    (a config saved by an older release: read it with :func:`upgrade_config` first)."""
     a, b = _flatten(old or {}), _flatten(new or {})
-    defaults = _flatten(RunConfig().to_dict())
-    a = {**{k: v for k, v in defaults.items() if k in b}, **a}
     return [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
             for k in sorted(set(a) | set(b))
             if not any(k == i or (i.endswith(".") and k.startswith(i)) for i in ignore)

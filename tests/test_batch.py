@@ -83,14 +83,15 @@ def test_notebook_sections_are_checked_against_the_parameters_cells(tmp_path):
 
 
 def test_every_params_file_validates_and_expands_as_documented(tmp_path):
-    expected = {"smoke": 2, "digits": 18, "cifar10_quick": 6, "mnist": 18,
+    expected = {"smoke": 2, "digits": 21, "cifar10_quick": 6, "mnist": 18,
                 "cifar10_paper": 30, "cifar100_paper": 30}
     for name, n_runs in expected.items():
         plan = batch.plan_experiment(PARAMS / f"{name}.yaml", out_root=tmp_path)
         assert plan.name == name and len(plan.runs) == n_runs, name
     digits = batch.plan_experiment(PARAMS / "digits.yaml", out_root=tmp_path)
     variants = {lab["variant"] for lab in digits.labels.values()}
-    assert variants == {"standard", "pgd_at", "trades", "spat_at", "spat_trades", "spat_random"}
+    assert variants == {"standard", "pgd_at", "trades", "spat_at", "spat_random", "spat_radius",
+                        "spat_radius_random"}
     assert digits.configs["spat_random-digits-s2"]["attack"]["rule"] == "random"
     assert digits.configs["spat_random-digits-s2"]["train"]["method"] == "spat_at"
     assert "autoattack" in digits.configs["pgd_at-digits-s0"]["eval"]["suite"]

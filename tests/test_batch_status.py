@@ -203,8 +203,8 @@ def test_each_bad_data_section_is_named_with_its_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         batch.check_jobs_data(batch.build_jobs(plan, NOTEBOOKS, threads=None))
     assert str(e.value).splitlines() == [
-        "run 'spat_at-digits-s0': data.val_size: 5000 leaves no training image: the data has "
-        "1347 training images",
+        "run 'spat_at-digits-s0': data.val_size: 5000 leaves no training images (digits has 1347 "
+        "after train_limit)",
         f"section 'hypothesis': data.path: {tmp_path / 'gone.npz'}: file not found"]
     bad = tmp_path / "bad.npz"
     np.savez(bad, x_train=np.zeros((4, 6, 6, 3), np.float32), y_train=np.arange(4),

@@ -102,6 +102,28 @@ def test_results_table_formats_mean_pm_std_and_leaves_out_unmeasured_attacks(thr
     assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 4 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 | measured |"
 
 
+def test_the_manipulation_check_of_each_method_joins_runs_csv_and_the_table(three_seeds):
+    # history.csv's shared shares after the eps warm-up (epochs > 1 here), mean over seeds
+    shares = {0: ([0.50, 0.30, 0.20], [0.20, 0.20, 0.20]), 1: ([0.50, 0.28, 0.30], [0.20, 0.20, 0.20]),
+              2: ([0.50, 0.31, 0.29], [0.20, 0.18, 0.22])}
+    for seed, (share, pgd) in shares.items():
+        run = three_seeds[seed]
+        cfg = from_dict({**report.read_run_config(run).to_dict(), "train": {"method": "spat_at",
+                                                                             "eps_warmup_epochs": 1}})
+        (run / "config.yaml").write_text(cfg.to_yaml())
+        pd.DataFrame({"epoch": [1, 2, 3], "shared_share": share, "shared_share_pgd": pgd}).to_csv(
+            run / "history.csv", index=False)
+    runs = report.collect_results(three_seeds).runs
+    assert runs.loc[0, "shared_share"] == pytest.approx(0.25) and runs.loc[0, "shared_share_pgd"] == 0.2
+    assert runs.loc[0, "budget"] == "step" and runs.loc[3, "budget"] == ""
+    assert math.isnan(runs.loc[3, "shared_share"])          # standard: no history, no check
+    table = report.results_table(report.aggregate(runs))
+    mean_share = 100 * np.mean([0.25, 0.29, 0.30])
+    assert table.iloc[0][report.SHARED_COLUMN] == f"{mean_share:.1f} ({mean_share / 20:.2f}x PGD)"
+    assert table.iloc[1][report.SHARED_COLUMN] == ""
+    assert report.format_shared_share(18.4, 18.4) == "18.4 (PGD)"
+
+
 def test_published_rows_join_only_their_dataset_and_eps_and_are_marked():
     agg = pd.DataFrame([{"method": "spat_at", "dataset": "cifar10", "model": "WRN-34-10",
                          "eps_str": "8/255", "n_seeds": 1, "clean_mean": 80.0, "clean_std": np.nan,

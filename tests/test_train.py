@@ -570,13 +570,13 @@ def test_evaluation_settings_do_not_make_a_different_run():
 
 def test_a_setting_added_since_a_run_was_saved_counts_as_its_default():
     # a run folder of an older release lacks attack.budget: it trained as budget 'step' does
-    from spatlib.train import config_diff
+    from spatlib.runfolder import config_diff, upgrade_config
     old = RunConfig().to_dict()
     del old["attack"]["budget"], old["attack"]["radius_mean"], old["train"]["share_every"]
-    assert config_diff(old, RunConfig().to_dict()) == []
+    assert config_diff(upgrade_config(old), RunConfig().to_dict()) == []
     new = RunConfig().to_dict()
     new["attack"]["budget"] = "radius"
-    assert config_diff(old, new) == ["attack.budget: 'step' -> 'radius'"]
+    assert config_diff(upgrade_config(old), new) == ["attack.budget: 'step' -> 'radius'"]
 
 
 # --------------------------------------------------------------------------------------------
