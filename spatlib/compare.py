@@ -397,7 +397,8 @@ def format_comparison(row: Mapping) -> str:
 def format_plan(row: Mapping) -> str:
     """How many seeds a row's comparison needs: ``spat_at - pgd_at, worst case: 3 seeds x 150
     images find 12.3 points at 80% power; 2.0 points need 41 seeds per method on these 150
-    images, 9 seeds per method on the full test set (450 images)``."""
+    images, 9 seeds per method on the full test set (450 images) (a rough guide: the seed
+    spread is measured with 2 df)``."""
     att = ATTACK_LABELS.get(row["attack"], row["attack"])
     head = f"{row['comparison']}, {att}: "
     if row["n_seeds"] < 2:
@@ -418,7 +419,9 @@ def format_plan(row: Mapping) -> str:
     full = row.get("n_images_full", float("nan"))
     if not math.isnan(full) and full != row["n_images"]:
         line += f", {seeds(row['seeds_needed_full'], f'the full test set ({full:.0f} images)')}"
-    return line
+    # the seed part is measured with S - 1 degrees of freedom: from 3 seeds, the planned
+    # number of seeds easily varies threefold between repeats of the same experiment
+    return line + f" (a rough guide: the seed spread is measured with {row['n_seeds'] - 1} df)"
 
 
 def comparison_table(df: pd.DataFrame) -> pd.DataFrame:

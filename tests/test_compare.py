@@ -352,6 +352,7 @@ def test_compare_methods_rows_match_paired_difference():
     plan = compare.format_plan(pgd)
     assert plan.startswith("spat_at - pgd_at, PGD-20: 3 seeds x 100 images find "), plan
     assert "2.0 points need" in plan and "the full test set (450 images)" in plan
+    assert plan.endswith("(a rough guide: the seed spread is measured with 2 df)")
     table = compare.comparison_table(df)
     assert list(table["B - A (points)"]) == ["+0.0", "+10.0", "+10.0"]
     assert list(table["verdict"][1:]) == ["B better", "B better"]
