@@ -17,8 +17,8 @@ better. Two questions get two answers (the statistics are :mod:`spatlib.stats`):
   these S + S networks differ again on other test images? A percentile paired bootstrap over
   test images (seeds never resampled) and the exact paired test (McNemar's per seed; combined
   over seeds as the exact sign-flip test on the images' seed-summed differences). These
-  say nothing about retraining: with 3 seeds and a few points of seed spread they call a
-  difference between identical methods "significant" 10-45% of the time.
+  say nothing about retraining: with 3 seeds and 5 points of seed spread on 150 images they
+  call identical methods different about a third of the time (:mod:`spatlib.stats`).
 
 The power lines: ``mde`` is the smallest true difference the seed-aware test finds with 80%
 power at these seeds and images (``mde_images``: the same for the image-level exact test, a
