@@ -3,85 +3,102 @@
 Every method of an experiment is evaluated on the same test images, so the right comparison
 is *paired*: per test image and per seed, did A and B get it right? (For the suite, each
 attack's flags are cascaded, see :mod:`spatlib.evaluate`; ``worst_case`` is the robust flag.)
-Seed ``s`` of A is paired with seed ``s`` of B. For two methods this module reports
+Seed ``s`` of A is paired with seed ``s`` of B (the same seed: the same initialization and data
+order). ``diff`` is the accuracy of B minus that of A (fractions here; ``*_pct`` = accuracy
+points in the tables), the mean over seeds of the per-seed difference: positive means B is
+better. Two questions get two answers (the statistics are :mod:`spatlib.stats`):
 
-* ``diff``: accuracy of B minus accuracy of A (fractions here, ``*_pct`` = accuracy points in
-  the tables), the mean over seeds of the per-seed difference: positive means B is better;
-* a percentile **paired bootstrap** interval over test images, stratified by seed (seeds are
-  never resampled: with 3 seeds there is nothing to resample; the interval is about the test
-  images, given these trained models);
-* an **exact paired test**: McNemar's exact test per seed (reported), combined over seeds into
-  one exact conditional test (below);
-* the **power line** ``mde``: the smallest true difference these images and seeds detect with
-  80% power at two-sided alpha 0.05, so "not significant" can be read as "too few images".
+* **the methods** (the primary result: ``ci_low``, ``ci_high``, ``p_value``, ``df``, ``se``):
+  would B beat A again with other training seeds and other test images? The seed-aware
+  Cochran-Cox t interval, whose variance combines the spread of the per-seed differences
+  (``seed_sd``) with the images' paired variance (:func:`spatlib.stats.seed_aware`). With one
+  seed per method the training randomness is unmeasured: these are NaN and no verdict is given;
+* **these trained models** (``ci_low_images``, ``ci_high_images``, ``p_value_images``): would
+  these S + S networks differ again on other test images? A percentile paired bootstrap over
+  test images (seeds never resampled) and the exact paired test (McNemar's per seed; combined
+  over seeds as the exact sign-flip test on the images' seed-summed differences). These
+  say nothing about retraining: with 3 seeds and 5 points of seed spread on 150 images they
+  call identical methods different about a third of the time (:mod:`spatlib.stats`).
 
-:func:`compare_methods` makes the table (one row per comparison and attack),
-:func:`default_comparisons` names an experiment's comparisons, :func:`comparisons_for_runs`
-builds the table from :func:`spatlib.report.collect_results`, and
-:func:`save_comparisons` writes ``comparisons.csv`` beside ``results.csv`` (the forest plot is
-:func:`spatlib.figures.plot_forest`).
+The power lines: ``mde`` is the smallest true difference the seed-aware test finds with 80%
+power at these seeds and images (``mde_images``: the same for the image-level exact test, a
+normal approximation); ``seeds_needed`` is how many seeds per method the seed-aware test needs
+for 80% power at ``plan_diff`` (default 2 points) on these images, and ``seeds_needed_full`` on
+the dataset's full test set (``n_images_full``, :data:`FULL_TEST_IMAGES` or given): more seeds
+shrink only the seed part of the variance, more images the image part.
+
+A table of comparisons (:func:`compare_methods`, :func:`comparisons_for_runs`) is one family:
+its rows get Holm-adjusted p-values (``p_holm``, :func:`spatlib.stats.holm`; NaN rows do not
+count) and a ``verdict`` that reads ``p_holm``: "B better" or "A better" below ``alpha``,
+otherwise "cannot be told apart with these images and seeds" with the interval (not
+significant is not equal); one seed: "1 seed: training randomness unmeasured".
 
 Images shared by the seeds (``images="shared"``, the default). The kit evaluates every run on
 the *same* first N test images, so the seeds' outcomes on one image are correlated (an image
-that is hard for seed 0 is hard for seed 1). Resampling each seed's images independently would
-treat the 3 x N outcomes as 3 x N independent images and make the interval too narrow. So a
-bootstrap replicate draws one multiset of N image indices and applies it to A and B in every
-seed; the unit of the test and of the power line is the image, with its seed-averaged
-difference ``d_i = mean_s (b_si - a_si)``. ``images="per_seed"`` is for seeds evaluated on
-different images: each seed's images are resampled independently and every (seed, image) is
-its own unit. With one seed both modes are the same.
+that is hard for seed 0 is hard for seed 1): the bootstrap draws one multiset of image indices
+for A and B in every seed, the exact test's unit is the image with its seed-summed difference,
+and the seed-aware variance separates the seed part from the shared image part.
+``images="per_seed"`` is for seeds evaluated on different images: each seed's images are
+resampled independently, every (seed, image) is a unit of the exact test (the pooled McNemar
+test), and the seed-aware interval is the t interval on the per-seed differences.
 
-The exact test. Under H0 (A and B exchangeable on each unit), the sign of each unit's
-difference ``t_u`` is a fair coin given ``|t_u|``; the statistic ``T = sum_u t_u`` then has an
-exact permutation distribution (a convolution of binomials), and ``p = P(|T| >= |T_obs|)``.
-With one seed, or with ``images="per_seed"``, every ``|t_u|`` is 0 or 1 and this *is* the
-exact McNemar test on the pooled discordant pairs (the binomial test, Mantel-Haenszel style:
-the stratified conditional test is the binomial on the total discordant count when the
-discordant pairs of the strata are exchangeable under H0). With shared images it is the same
-test on the images, which keeps the seeds' correlation out of the p-value; Fisher's method
-over per-seed p-values would need independent seeds, which shared images are not.
-
-The power line. The estimate is ``mean_u t_u`` over ``n`` units; under H0 its variance is
-``V0 = mean_u(t_u^2) / n`` (for McNemar: the discordance rate over n). The normal
-approximation rejects when ``|diff| > z_{1-alpha/2} sqrt(V0)``, so a true difference ``delta``
-is detected with probability ``power`` when ``delta = (z_{1-alpha/2} + z_power) sqrt(V0)``
-(the McNemar sample-size formula, using the null variance on both sides, which slightly
-overstates the alternative's variance: conservative). A true difference ``delta`` cannot come
-with less discordance than ``delta`` itself forces (``mean t^2 >= |delta| h`` for
-``|delta| <= h``, h the grid step of t: 1, or 1/S for shared images), so ``V0`` is floored at
-that: two identical runs give ``mde = z^2 h / n``, not 0. The mde scales as ``1/sqrt(n)``.
+:func:`compare_methods` makes the table (one row per comparison and attack),
+:func:`default_comparisons` names an experiment's comparisons, :func:`comparisons_for_runs`
+builds the table from :func:`spatlib.report.collect_results`, :func:`format_comparison` and
+:func:`format_plan` write a row as sentences, and :func:`save_comparisons` writes
+``comparisons.csv`` beside ``results.csv`` (the forest plot is :func:`spatlib.figures.plot_forest`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from . import stats
 from .evaluate import ATTACK_LABELS as SUITE_LABELS
+from .stats import IMAGE_MODES
 from .util import atomic_write_text, derive_seed, did_you_mean
 
-IMAGE_MODES = ("shared", "per_seed")
 WORST_CASE = "worst_case"
 ATTACK_LABELS = {**SUITE_LABELS, WORST_CASE: "worst case"}
+PLAN_DIFF = 0.02             # the planning difference of seeds_needed: 2 accuracy points
+ALPHA = 0.05                 # verdicts: p_holm below this; the power lines are at this level
+# test-set sizes of the datasets (the "full test set" of seeds_needed_full); the digits split
+# holds out 25% of 1,797 (spatlib.data); npz and synthetic data: give full_images
+FULL_TEST_IMAGES = {"digits": 450, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000,
+                    "cifar100": 10_000}
+ONE_SEED = "1 seed: training randomness unmeasured; no method-level verdict"
 COLUMNS = ["comparison", "method_a", "method_b", "attack", "acc_a_pct", "acc_b_pct", "diff_pct",
-           "ci_low_pct", "ci_high_pct", "p_value", "mde_pct", "n_images", "n_seeds", "b_only",
-           "a_only", "level", "images"]
+           "ci_low_pct", "ci_high_pct", "p_value", "p_holm", "df", "se_pct", "seed_sd_pct",
+           "ci_low_images_pct", "ci_high_images_pct", "p_value_images", "mde_pct", "mde_images_pct",
+           "seeds_needed", "plan_diff_pct", "n_images_full", "seeds_needed_full", "n_images",
+           "n_seeds", "b_only", "a_only", "level", "images", "verdict"]
 
 
 @dataclass(frozen=True)
 class PairedDifference:
     """B minus A, paired per image and seed. Accuracies and differences are fractions."""
     diff: float                  # acc(B) - acc(A), mean over seeds
-    ci_low: float                # percentile paired bootstrap interval at ``level``
+    ci_low: float                # seed-aware interval at ``level`` (NaN with one seed)
     ci_high: float
-    p_value: float               # exact two-sided test, combined over seeds (module doc)
-    mde: float                   # smallest difference detected with ``power`` (NaN: none)
+    p_value: float               # seed-aware two-sided p (NaN with one seed)
+    df: float                    # its effective degrees of freedom
+    se: float                    # its standard error
+    seed_sd: float               # sd of the per-seed differences (NaN with one seed)
+    ci_low_images: float         # given these trained models: paired bootstrap interval
+    ci_high_images: float
+    p_value_images: float        # given these trained models: exact test, combined over seeds
+    mde: float                   # smallest difference the seed-aware test finds with ``power``
+    mde_images: float            # the same for the image-level exact test (normal approx.)
+    seeds_needed: float          # seeds per method for ``power`` at ``plan_diff`` on these images
+    plan_diff: float
+    n_images_full: float         # the full test set (NaN: not known)
+    seeds_needed_full: float     # seeds_needed on the full test set
     acc_a: float
     acc_b: float
     n_images: int                # test images per seed
@@ -91,6 +108,7 @@ class PairedDifference:
     per_seed_p: dict             # seed -> exact McNemar p-value of that seed alone
     level: float
     images: str                  # "shared" | "per_seed"
+    inference: stats.SeedAware   # the variance parts, for planning other designs
 
     @property
     def discordant(self) -> int:
@@ -119,9 +137,7 @@ def _as_flags(v, where: str) -> np.ndarray:
 def _paired_flags(a: Mapping[Hashable, object], b: Mapping[Hashable, object], images: str
                   ) -> tuple[list, np.ndarray, np.ndarray]:
     """Validated (seeds, A flags (S, N), B flags (S, N))."""
-    if images not in IMAGE_MODES:
-        raise ValueError(f"images: expected one of {', '.join(IMAGE_MODES)}, got {images!r}"
-                         f"{did_you_mean(images, IMAGE_MODES)}")
+    stats.check_image_mode(images)
     if not a or not b:
         raise ValueError(f"no seeds: A has {len(a)} and B has {len(b)}; each needs at least one")
     if set(a) != set(b):
@@ -148,142 +164,100 @@ def _paired_flags(a: Mapping[Hashable, object], b: Mapping[Hashable, object], im
     return seeds, np.stack(fa), np.stack(fb)
 
 
+def _check_plan(plan_diff: float, full_images) -> None:
+    if not 0 < plan_diff < 1:
+        raise ValueError(f"plan_diff: expected a difference in (0, 1) as a fraction (0.02 = 2 accuracy "
+                         f"points), got {plan_diff}")
+    if full_images is not None and not (isinstance(full_images, (int, np.integer)) and full_images >= 2):
+        raise ValueError(f"full_images: expected the full test set's size (an integer >= 2), "
+                         f"got {full_images!r}")
+
+
 # --------------------------------------------------------------------------------------------
-# the three statistics
-def _units(fa: np.ndarray, fb: np.ndarray, images: str) -> tuple[np.ndarray, float]:
-    """Per-unit integer differences t_u (sum over seeds of b - a, for shared images) and the
-    scale that turns them into the estimate's units (diff = mean(t) * scale)."""
-    d = fb.astype(np.int64) - fa.astype(np.int64)          # (S, N) in {-1, 0, 1}
-    if images == "shared":
-        return d.sum(0), 1.0 / d.shape[0]
-    return d.reshape(-1), 1.0
-
-
-def _binomial_half_pmf(m: int) -> np.ndarray:
-    """P(X = x) for X ~ Binomial(m, 1/2), x = 0..m (log space: no underflow before the sum)."""
-    x = np.arange(m + 1)
-    logc = np.array([math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1) for k in x])
-    return np.exp(logc - m * math.log(2.0))
-
-
-def sign_flip_p_value(t: np.ndarray) -> float:
-    """Exact two-sided p of ``T = sum(t)`` when each integer t_u's sign is a fair coin given |t_u|.
-
-    ``T = sum_k k (2 X_k - m_k)`` with ``X_k ~ Binomial(m_k, 1/2)``, m_k = #{u: |t_u| = k}; the
-    pmf of T is the convolution of these and ``p = P(|T| >= |T_obs|)``. For t in {-1, 0, 1} this
-    is the exact McNemar test: ``p = min(1, 2 P(Bin(D, 1/2) <= min(b, c)))``, D = b + c.
-    """
-    t = np.asarray(t, dtype=np.int64)
-    t_obs = int(abs(t.sum()))
-    if t_obs == 0:
-        return 1.0
-    mags = np.abs(t[t != 0])
-    pmf = np.ones(1)                                        # distribution of T + offset
-    for k, m in zip(*np.unique(mags, return_counts=True)):
-        part = np.zeros(2 * int(k) * int(m) + 1)            # values k(2x - m), x = 0..m
-        part[:: 2 * int(k)] = _binomial_half_pmf(int(m))
-        pmf = np.convolve(pmf, part)
-    total = (len(pmf) - 1) // 2                             # T ranges over -total..total
-    values = np.arange(-total, total + 1)
-    return float(min(1.0, pmf[np.abs(values) >= t_obs].sum()))
-
-
+# one comparison
 def bootstrap_differences(a: Mapping[Hashable, object], b: Mapping[Hashable, object], *,
                           n_boot: int = 10_000, seed: int = 0, images: str = "shared") -> np.ndarray:
-    """``n_boot`` paired bootstrap replicates of acc(B) - acc(A), stratified by seed.
-
-    A replicate resamples the test images with replacement, the same indices for A and B (and,
-    with ``images="shared"``, for every seed; ``"per_seed"``: independently per seed), and takes
-    the mean over seeds of the per-seed difference. Drawing N images with replacement and summing
-    their paired differences is the same, in distribution, as drawing how many of the N land on
-    each distinct difference value (a multinomial over the values' shares): that is what is
-    drawn, so memory does not grow with N. Reproducible from ``seed``.
+    """``n_boot`` paired bootstrap replicates of acc(B) - acc(A) over test images, stratified
+    by seed (:func:`spatlib.stats.paired_bootstrap`: with ``images="shared"`` one multiset of
+    images for A, B and every seed; ``"per_seed"``: independently per seed). Reproducible
+    from ``seed``. Given these trained models: seeds are never resampled.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot: expected at least 1 bootstrap replicate, got {n_boot}")
     _, fa, fb = _paired_flags(a, b, images)
-    rng = np.random.default_rng(seed)
-    n_seeds, n = fa.shape
-    d = fb.astype(np.int64) - fa.astype(np.int64)
-    groups = [d.sum(0)] if images == "shared" else list(d)
-    out = np.zeros(n_boot)
-    for g in groups:
-        values, counts = np.unique(g, return_counts=True)
-        draws = rng.multinomial(n, counts / n, size=n_boot)   # (n_boot, n_values)
-        out += draws @ values.astype(float) / n
-    return out / n_seeds
-
-
-def minimum_detectable_difference(t: np.ndarray, scale: float = 1.0, *, alpha: float = 0.05,
-                                  power: float = 0.8) -> float:
-    """The smallest true difference (estimate units) that a two-sided level-``alpha`` paired test
-    on these units detects with probability ``power`` (normal approximation; module doc).
-
-    ``t``: per-unit integer differences; the estimate is ``mean(t) * scale`` and t's grid step is
-    ``scale`` (1 for McNemar pairs, 1/S for seed-averaged shared images). NaN when no difference
-    up to 1 (100 points) is detectable with so few units.
-    """
-    if not 0 < alpha < 1 or not 0 < power < 1:
-        raise ValueError(f"alpha and power must lie in (0, 1), got alpha={alpha}, power={power}")
-    t = np.asarray(t, dtype=float) * scale
-    n = len(t)
-    if n == 0:
-        raise ValueError("no units: the power line needs at least one test image")
-    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
-    m2_obs = float(np.mean(t ** 2))
-    h = scale
-
-    def m2_floor(delta: float) -> float:
-        # the least mean square of grid values (step h) whose mean is delta: mass split
-        # between the two grid points around delta
-        k, f = divmod(delta / h, 1.0)
-        return (1 - f) * (k * h) ** 2 + f * ((k + 1) * h) ** 2
-
-    def short(delta: float) -> float:     # > 0 while delta is below what is detectable
-        return z * math.sqrt(max(m2_obs, m2_floor(delta)) / n) - delta
-
-    first = z * math.sqrt(m2_obs / n)
-    if first > 0 and m2_floor(first) <= m2_obs:
-        return first
-    if short(1.0) > 0:
-        return float("nan")
-    lo, hi = max(first, 0.0), 1.0
-    for _ in range(100):                  # bisection to ~1e-30: far below any reported digit
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if short(mid) > 0 else (lo, mid)
-    return hi
+    return stats.paired_bootstrap(fb.astype(np.int64) - fa.astype(np.int64), n_boot=n_boot,
+                                  rng=np.random.default_rng(seed), images=images)
 
 
 def paired_difference(a: Mapping[Hashable, object], b: Mapping[Hashable, object], *,
                       n_boot: int = 10_000, seed: int = 0, level: float = 0.95,
-                      images: str = "shared", alpha: float = 0.05, power: float = 0.8
+                      images: str = "shared", alpha: float = ALPHA, power: float = stats.PLAN_POWER,
+                      plan_diff: float = PLAN_DIFF, full_images: int | None = None
                       ) -> PairedDifference:
     """Accuracy of B minus accuracy of A, paired per test image and per seed.
 
     ``a``, ``b``: seed -> (N,) booleans (correct or not per test image, same images for A and
-    B, same seeds; torch tensors are fine). Returns the difference (mean over seeds), its
-    percentile bootstrap interval at ``level`` (:func:`bootstrap_differences`, ``n_boot``
-    replicates seeded by ``seed``), the exact paired test's p-value combined over seeds
-    (:func:`sign_flip_p_value`; per seed: exact McNemar), the discordant counts and the
-    minimum detectable difference at ``power`` and two-sided ``alpha``. See the module doc
-    for ``images`` and the statistics. Bad input raises ValueError naming the problem.
+    B, same seeds; torch tensors are fine). Returns the difference (mean over seeds) with the
+    seed-aware interval at ``level`` and its p-value (about the methods; NaN with one seed),
+    the image-level bootstrap interval (``n_boot`` replicates seeded by ``seed``) and exact
+    p-value (given these trained models; per seed: exact McNemar), the discordant counts, the
+    power lines at ``power`` and two-sided ``alpha`` (``mde``, ``mde_images``) and the seeds
+    per method needed to find ``plan_diff`` (a fraction) on these images and, given
+    ``full_images``, on the full test set. See the module doc. Bad input raises ValueError
+    naming the problem.
     """
     if not 0 < level < 1:
         raise ValueError(f"level: expected a confidence level in (0, 1), got {level}")
+    _check_plan(plan_diff, full_images)
     seeds, fa, fb = _paired_flags(a, b, images)
+    d = fb.astype(np.int64) - fa.astype(np.int64)          # (S, N) in {-1, 0, 1}
     boot = bootstrap_differences(a, b, n_boot=n_boot, seed=seed, images=images)
     lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
-    t, scale = _units(fa, fb, images)
-    acc_a, acc_b = float(fa.mean()), float(fb.mean())
-    d = fb.astype(np.int64) - fa.astype(np.int64)
-    per_seed = {s: sign_flip_p_value(row) for s, row in zip(seeds, d)}
+    units, scale = (d.sum(0), 1.0 / d.shape[0]) if images == "shared" else (d.reshape(-1), 1.0)
+    r = stats.seed_aware(d, images=images, level=level)
+    plan = dict(alpha=alpha, power=power)
+    needed = stats.seeds_needed(r, plan_diff, **plan)
+    needed_full = (stats.seeds_needed(r, plan_diff, n_images=full_images, **plan)
+                   if full_images is not None else float("nan"))
     return PairedDifference(
-        diff=float(d.mean()), ci_low=float(lo), ci_high=float(hi),
-        p_value=sign_flip_p_value(t),
-        mde=minimum_detectable_difference(t, scale, alpha=alpha, power=power),
-        acc_a=acc_a, acc_b=acc_b, n_images=int(fa.shape[1]), n_seeds=len(seeds),
-        b_only=int((d > 0).sum()), a_only=int((d < 0).sum()), per_seed_p=per_seed,
-        level=float(level), images=images)
+        diff=float(d.mean()), ci_low=float(r.ci_low), ci_high=float(r.ci_high),
+        p_value=float(r.p_value), df=float(r.df), se=float(r.se), seed_sd=float(r.seed_sd),
+        ci_low_images=float(lo), ci_high_images=float(hi),
+        p_value_images=stats.sign_flip_p_value(units),
+        mde=stats.seed_aware_mde(r, **plan),
+        mde_images=stats.minimum_detectable_difference(units, scale, **plan),
+        seeds_needed=needed, plan_diff=float(plan_diff),
+        n_images_full=float(full_images) if full_images is not None else float("nan"),
+        seeds_needed_full=needed_full,
+        acc_a=float(fa.mean()), acc_b=float(fb.mean()), n_images=int(fa.shape[1]), n_seeds=len(seeds),
+        b_only=int((d > 0).sum()), a_only=int((d < 0).sum()),
+        per_seed_p={s: stats.sign_flip_p_value(row) for s, row in zip(seeds, d)},
+        level=float(level), images=images, inference=r)
+
+
+def verdict(diff: float, ci_low: float, ci_high: float, p_holm: float, n_seeds: int, *,
+            level: float = 0.95, alpha: float = ALPHA) -> str:
+    """The verdict of one comparison (fractions): "B better" / "A better" only when the
+    Holm-adjusted p is below ``alpha``; otherwise the two cannot be told apart (with the
+    interval: not significant is not equal); with one seed, no method-level verdict."""
+    if n_seeds < 2:
+        return ONE_SEED
+    if math.isnan(p_holm):
+        return "1 image: image variance unmeasured; no method-level verdict"
+    if p_holm < alpha:
+        return "B better" if diff > 0 else "A better"
+    return (f"cannot be told apart with these images and seeds ({100 * level:.0f}% CI "
+            f"{100 * ci_low:+.1f} to {100 * ci_high:+.1f} points)")
+
+
+def _with_holm(df: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """The table as one family: ``p_holm`` over all its rows and each row's ``verdict``."""
+    df = df.copy()
+    df["p_holm"] = stats.holm(df["p_value"].to_numpy(dtype=float)) if len(df) else []
+    df["verdict"] = [verdict(r.diff_pct / 100, r.ci_low_pct / 100, r.ci_high_pct / 100, r.p_holm,
+                             int(r.n_seeds), level=float(r.level), alpha=alpha)
+                     for r in df.itertuples()]
+    return df
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,18 +315,23 @@ def per_example_from_frame(df: pd.DataFrame) -> dict[tuple, np.ndarray]:
 def compare_methods(per_example: Mapping[tuple, object] | pd.DataFrame,
                     pairs: Sequence[tuple[str, str]], attacks: Sequence[str] | None = None, *,
                     n_boot: int = 10_000, seed: int = 0, level: float = 0.95,
-                    images: str = "shared") -> pd.DataFrame:
-    """One row per (comparison, attack): B - A in accuracy points with its interval, p-value,
-    power line (``mde_pct``) and counts (columns :data:`COLUMNS`).
+                    images: str = "shared", alpha: float = ALPHA, plan_diff: float = PLAN_DIFF,
+                    full_images: int | None = None) -> pd.DataFrame:
+    """One row per (comparison, attack): B - A in accuracy points, the seed-aware interval and
+    p-value, Holm's adjustment over the table (``p_holm``), the image-level figures (given these
+    trained models), the power lines, the seeds needed, the counts and the verdict (columns
+    :data:`COLUMNS`; :func:`paired_difference` for each row).
 
     ``per_example``: (method, seed, attack) -> (N,) booleans, or a long frame
     (:func:`per_example_from_frame`); ``pairs``: (A, B) method pairs (:func:`default_comparisons`);
     ``attacks``: default every attack both methods have, in the order first seen (include
     ``worst_case`` in the mapping for the worst case). Each row's bootstrap is seeded from
-    (``seed``, A, B, attack), so a row does not change when other rows are added.
+    (``seed``, A, B, attack), so a row's numbers do not change when other rows are added (its
+    ``p_holm`` does: the family grows).
     """
     if isinstance(per_example, pd.DataFrame):
         per_example = per_example_from_frame(per_example)
+    _check_plan(plan_diff, full_images)
     flags: dict[str, dict[str, dict]] = {}
     for key, v in per_example.items():
         if not (isinstance(key, tuple) and len(key) == 3):
@@ -377,46 +356,96 @@ def compare_methods(per_example: Mapping[tuple, object] | pd.DataFrame,
                                      f"{did_you_mean(att, flags[m])}; it has {', '.join(flags[m])}")
             try:
                 r = paired_difference(flags[ma][att], flags[mb][att], n_boot=n_boot,
-                                      seed=derive_seed(seed, ma, mb, att), level=level, images=images)
+                                      seed=derive_seed(seed, ma, mb, att), level=level, images=images,
+                                      alpha=alpha, plan_diff=plan_diff, full_images=full_images)
             except ValueError as e:
                 raise ValueError(f"{mb} - {ma}, {att}: {e}") from None
+            pct = {f"{k}_pct": 100 * getattr(r, k) for k in (
+                "acc_a", "acc_b", "diff", "ci_low", "ci_high", "se", "seed_sd", "ci_low_images",
+                "ci_high_images", "mde", "mde_images", "plan_diff")}
             rows.append({"comparison": f"{mb} - {ma}", "method_a": ma, "method_b": mb, "attack": att,
-                         "acc_a_pct": 100 * r.acc_a, "acc_b_pct": 100 * r.acc_b,
-                         "diff_pct": 100 * r.diff, "ci_low_pct": 100 * r.ci_low,
-                         "ci_high_pct": 100 * r.ci_high, "p_value": r.p_value,
-                         "mde_pct": 100 * r.mde, "n_images": r.n_images, "n_seeds": r.n_seeds,
-                         "b_only": r.b_only, "a_only": r.a_only, "level": r.level,
-                         "images": r.images})
-    return pd.DataFrame(rows, columns=COLUMNS)
+                         **pct, "p_value": r.p_value, "df": r.df, "p_value_images": r.p_value_images,
+                         "seeds_needed": r.seeds_needed, "n_images_full": r.n_images_full,
+                         "seeds_needed_full": r.seeds_needed_full, "n_images": r.n_images,
+                         "n_seeds": r.n_seeds, "b_only": r.b_only, "a_only": r.a_only,
+                         "level": r.level, "images": r.images})
+    return _with_holm(pd.DataFrame(rows, columns=COLUMNS), alpha)
+
+
+def _ci(lo: float, hi: float) -> str:
+    return f"{lo:+.1f} to {hi:+.1f}"
 
 
 def format_comparison(row: Mapping) -> str:
-    """One sentence a README can quote: ``spat_at - pgd_at, AutoAttack: +3.1 points (95% CI
-    -1.3 to +7.6), p = 0.21 (exact); 150 images x 3 seeds detect 5.0 points at 80% power``."""
+    """A row as a sentence a README can quote, the seed-aware result first: ``spat_at -
+    pgd_at, worst case: -2.9 points (95% CI -12.0 to +6.2 over seeds and images; p = 0.31,
+    Holm p = 1): cannot be told apart with these images and seeds; given these trained models:
+    95% CI -6.2 to +0.2, p = 0.11 (exact)``."""
     att = ATTACK_LABELS.get(row["attack"], row["attack"])
+    level = f"{100 * row['level']:.0f}%"
+    head = f"{row['comparison']}, {att}: {row['diff_pct']:+.1f} points"
+    images = (f"given these trained models: {level} CI "
+              f"{_ci(row['ci_low_images_pct'], row['ci_high_images_pct'])}, p = {row['p_value_images']:.2g} (exact)")
+    if row["n_seeds"] < 2 or math.isnan(row["p_value"]):
+        return f"{head}; {row['verdict']}; {images}"
+    said = {"B better": f"{row['method_b']} better", "A better": f"{row['method_a']} better"}
+    outcome = said.get(row["verdict"], "cannot be told apart with these images and seeds")
+    return (f"{head} ({level} CI {_ci(row['ci_low_pct'], row['ci_high_pct'])} over seeds and images; "
+            f"p = {row['p_value']:.2g}, Holm p = {row['p_holm']:.2g}): {outcome}; {images}")
+
+
+def format_plan(row: Mapping) -> str:
+    """How many seeds a row's comparison needs: ``spat_at - pgd_at, worst case: 3 seeds x 150
+    images find 12.3 points at 80% power; 2.0 points need 41 seeds per method on these 150
+    images, 9 seeds per method on the full test set (450 images) (a rough guide: the seed
+    spread is measured with 2 df)``."""
+    att = ATTACK_LABELS.get(row["attack"], row["attack"])
+    head = f"{row['comparison']}, {att}: "
+    if row["n_seeds"] < 2:
+        return head + ("1 seed: training randomness unmeasured, so the seeds needed are unknown "
+                       "(train at least 2 seeds per method)")
+    plan = f"{row['plan_diff_pct']:.1f} points"
+
+    def seeds(needed: float, where: str) -> str:
+        if math.isnan(needed):
+            return f"no number of seeds on {where} (its image variance alone is too wide)"
+        return f"{needed:.0f} seeds per method on {where}"
+
     mde = row["mde_pct"]
-    power = (f"detect {mde:.1f} points at 80% power" if not math.isnan(mde)
-             else "detect no difference at 80% power")
-    return (f"{row['comparison']}, {att}: {row['diff_pct']:+.1f} points ({100 * row['level']:.0f}% CI "
-            f"{row['ci_low_pct']:+.1f} to {row['ci_high_pct']:+.1f}), p = {row['p_value']:.2g} (exact); "
-            f"{row['n_images']} images x {row['n_seeds']} seeds {power}")
+    found = (f"find {mde:.1f} points at 80% power" if not math.isnan(mde)
+             else "find no difference at 80% power")
+    line = (f"{head}{row['n_seeds']} seeds x {row['n_images']} images {found}; {plan} need "
+            f"{seeds(row['seeds_needed'], 'these ' + str(row['n_images']) + ' images')}")
+    full = row.get("n_images_full", float("nan"))
+    if not math.isnan(full) and full != row["n_images"]:
+        line += f", {seeds(row['seeds_needed_full'], f'the full test set ({full:.0f} images)')}"
+    # the seed part is measured with S - 1 degrees of freedom: from 3 seeds, the planned
+    # number of seeds easily varies threefold between repeats of the same experiment
+    return line + f" (a rough guide: the seed spread is measured with {row['n_seeds'] - 1} df)"
 
 
 def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The comparisons formatted for a notebook or README (points, one decimal)."""
-    out = pd.DataFrame({
+    """The comparisons formatted for a notebook or README (points, one decimal): the
+    seed-aware result first, then the image-level one (given these trained models)."""
+    level = f"{100 * df['level'].iloc[0]:.0f}%" if len(df) else "95%"
+    nan_or = (lambda v, fmt: "n/a" if math.isnan(v) else format(v, fmt))
+    return pd.DataFrame({
         "Comparison": df["comparison"],
         "Attack": [ATTACK_LABELS.get(a, a) for a in df["attack"]],
         "A (%)": df["acc_a_pct"].round(1), "B (%)": df["acc_b_pct"].round(1),
         "B - A (points)": [f"{v:+.1f}" for v in df["diff_pct"]],
-        "95% CI": [f"[{lo:+.1f}, {hi:+.1f}]" for lo, hi in zip(df["ci_low_pct"], df["ci_high_pct"])],
-        "p (exact)": [f"{p:.2g}" for p in df["p_value"]],
-        "detectable (80% power)": [f"{m:.1f}" if not math.isnan(m) else "none" for m in df["mde_pct"]],
+        f"{level} CI (seeds and images)": ["n/a" if math.isnan(lo) else f"[{lo:+.1f}, {hi:+.1f}]"
+                                           for lo, hi in zip(df["ci_low_pct"], df["ci_high_pct"])],
+        "p": [nan_or(p, ".2g") for p in df["p_value"]],
+        "p (Holm)": [nan_or(p, ".2g") for p in df["p_holm"]],
+        "verdict": df["verdict"],
+        f"{level} CI given these models": [f"[{lo:+.1f}, {hi:+.1f}]" for lo, hi in
+                                          zip(df["ci_low_images_pct"], df["ci_high_images_pct"])],
+        "p given these models (exact)": [f"{p:.2g}" for p in df["p_value_images"]],
+        "finds at 80% power": [nan_or(m, ".1f") for m in df["mde_pct"]],
+        "seeds needed": [nan_or(s, ".0f") for s in df["seeds_needed"]],
         "images x seeds": [f"{n} x {s}" for n, s in zip(df["n_images"], df["n_seeds"])],
     })
-    if "level" in df and len(df) and not np.allclose(df["level"], 0.95):
-        out = out.rename(columns={"95% CI": "CI"})
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +478,8 @@ def _run_labels(run_evaluations) -> tuple[dict, pd.DataFrame]:
 
 def comparisons_for_runs(run_evaluations, pairs: Sequence[tuple[str, str]] | None = None, *,
                          n_boot: int = 10_000, seed: int = 0, level: float = 0.95,
-                         images: str = "shared") -> pd.DataFrame:
+                         images: str = "shared", alpha: float = ALPHA, plan_diff: float = PLAN_DIFF,
+                         full_images: int | Mapping[str, int] | None = None) -> pd.DataFrame:
     """The comparison table of an experiment: :func:`compare_methods` on its runs' per-image flags.
 
     ``run_evaluations``: what :func:`spatlib.report.collect_results` returns (its ``runs``
@@ -459,6 +489,10 @@ def comparisons_for_runs(run_evaluations, pairs: Sequence[tuple[str, str]] | Non
     :func:`default_comparisons` of the group's methods, controls found by their rule) are
     compared under every attack of the suite and the worst case, over the seeds both methods
     have (column ``seeds``). A pair named in ``pairs`` that no group holds raises ValueError.
+    The whole table is one family: ``p_holm`` and the verdicts are over all its rows.
+    ``full_images``: the full test set's size for ``seeds_needed_full``, one for every group or
+    per dataset (a mapping from the dataset label or name); default :data:`FULL_TEST_IMAGES`
+    of the runs' dataset (NaN for a dataset it does not list).
     Columns: dataset, model, eps_str, seeds, then :data:`COLUMNS`.
     """
     evals, runs = _run_labels(run_evaluations)
@@ -482,6 +516,7 @@ def comparisons_for_runs(run_evaluations, pairs: Sequence[tuple[str, str]] | Non
                 for m, r in part.drop_duplicates("method").set_index("method").iterrows()}
         todo = ([p for p in pairs if p[0] in seeds and p[1] in seeds] if pairs is not None
                 else default_comparisons(methods, info=info))
+        full = _full_images(full_images, group[0], part)
         for ma, mb in todo:
             common = sorted(seeds[ma] & seeds[mb])
             if not common:
@@ -491,7 +526,8 @@ def comparisons_for_runs(run_evaluations, pairs: Sequence[tuple[str, str]] | Non
                 continue
             seen_pairs.add((ma, mb))
             sub = {k: v for k, v in per.items() if k[0] in (ma, mb) and k[1] in common}
-            df = compare_methods(sub, [(ma, mb)], n_boot=n_boot, seed=seed, level=level, images=images)
+            df = compare_methods(sub, [(ma, mb)], n_boot=n_boot, seed=seed, level=level, images=images,
+                                 alpha=alpha, plan_diff=plan_diff, full_images=full)
             for col, value in zip(GROUP_COLUMNS, group):
                 df[col] = value
             df["seeds"] = ", ".join(map(str, common))
@@ -503,7 +539,17 @@ def comparisons_for_runs(run_evaluations, pairs: Sequence[tuple[str, str]] | Non
             raise ValueError(f"pairs {unmatched}: no dataset, model and eps has runs of both methods; "
                              f"methods: {', '.join(methods)}")
     cols = [*GROUP_COLUMNS, "seeds", *COLUMNS]
-    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+    return _with_holm(pd.concat(out, ignore_index=True)[cols], alpha) if out else pd.DataFrame(columns=cols)
+
+
+def _full_images(full_images, dataset: str, part: pd.DataFrame) -> int | None:
+    """The full test set's size for one group of runs (comparisons_for_runs' ``full_images``)."""
+    name = part["data"].iloc[0] if "data" in part else dataset
+    if full_images is None:
+        return FULL_TEST_IMAGES.get(name)
+    if isinstance(full_images, Mapping):
+        return full_images.get(dataset, full_images.get(name))
+    return full_images
 
 
 def save_comparisons(out_dir: str | Path, df: pd.DataFrame, figure: Figure | None = None, *,
@@ -521,8 +567,7 @@ def save_comparisons(out_dir: str | Path, df: pd.DataFrame, figure: Figure | Non
     return paths
 
 
-__all__ = ["PairedDifference", "paired_difference", "bootstrap_differences", "sign_flip_p_value",
-           "minimum_detectable_difference", "default_comparisons", "compare_methods",
-           "per_example_from_frame", "format_comparison", "comparison_table",
-           "comparisons_for_runs", "save_comparisons",
-           "COLUMNS", "IMAGE_MODES", "WORST_CASE"]
+__all__ = ["PairedDifference", "paired_difference", "bootstrap_differences", "verdict",
+           "default_comparisons", "compare_methods", "per_example_from_frame", "format_comparison",
+           "format_plan", "comparison_table", "comparisons_for_runs", "save_comparisons",
+           "COLUMNS", "IMAGE_MODES", "WORST_CASE", "PLAN_DIFF", "ALPHA", "FULL_TEST_IMAGES", "ONE_SEED"]

@@ -329,6 +329,11 @@ class RobustnessConfig:
     # result cards (spat eval --out) of models the kit did not train: files or globs, a row each
     cards: list[str] = spec(factory=list, check=Check(
         lambda v: all(p.strip() for p in v), "a list of result card files or globs (spat eval --out)"))
+    # comparisons.csv's seeds_needed: seeds per method for 80% power at this true difference,
+    # a fraction of accuracy like every accuracy in spatlib (0.02 = 2 points; the csv's *_pct
+    # columns are points)
+    plan_diff: float = spec(0.02, in_range(0.0, 1.0, closed_low=False, closed_high=False,
+                                           note=" (a fraction of accuracy: 0.02 = 2 points)"))
     device: str = spec("auto", DEVICE)
 
 

@@ -342,9 +342,13 @@ def plot_semantic_report(report: pd.DataFrame) -> Figure:
 
 # --------------------------------------------------------------------------------------------
 # the paired comparisons (spatlib.compare): a forest plot
-def plot_forest(df: pd.DataFrame, title: str | None = None) -> Figure:
-    """One panel per comparison, one row per attack: B - A (points) with its interval, a zero
-    line, and a grey band of +- the power line (differences inside it are undetectable)."""
+def plot_forest(df: pd.DataFrame, title: str | None = None, *, images: bool = True) -> Figure:
+    """One panel per comparison, one row per attack: B - A (points) with its seed-aware
+    interval (thick, over seeds and images; coloured where Holm's p is below 0.05), the
+    image-level interval given these trained models (thin, below it; ``images=False`` leaves
+    it out), a zero line, and a grey band of +- the seed-aware power line (differences inside it
+    are not found at 80% power). A row of one seed has no seed-aware interval: its thin bar only,
+    marked "1 seed"."""
     if df.empty:
         raise ValueError("plot_forest: no comparisons to plot")
     df = df.copy()
@@ -356,10 +360,13 @@ def plot_forest(df: pd.DataFrame, title: str | None = None) -> Figure:
     df["comparison"] = panel
     comps = list(dict.fromkeys(df["comparison"]))
     n_att = max(len(part) for _, part in df.groupby("comparison", sort=False))
-    fig = Figure(figsize=(7.5, max(1.6, 0.35 * n_att + 0.9) * len(comps)), layout="constrained")
+    fig = Figure(figsize=(7.5, max(1.6, 0.45 * n_att + 0.9) * len(comps)), layout="constrained")
     axes = fig.subplots(len(comps), 1, squeeze=False, sharex=True)[:, 0]
-    lo_all = min(df["ci_low_pct"].min(), -np.nanmax(df["mde_pct"].to_numpy(), initial=0.0))
-    hi_all = max(df["ci_high_pct"].max(), np.nanmax(df["mde_pct"].to_numpy(), initial=0.0))
+    mde = np.nanmax(df["mde_pct"].to_numpy(dtype=float), initial=0.0)
+    shown = [df["ci_low_pct"], df["ci_high_pct"]] + ([df["ci_low_images_pct"], df["ci_high_images_pct"]]
+                                                     if images else [])
+    values = np.concatenate([np.asarray(v, dtype=float) for v in shown] + [[-mde, mde, 0.0]])
+    lo_all, hi_all = np.nanmin(values), np.nanmax(values)
     pad = 0.08 * max(hi_all - lo_all, 1.0)
     for ax, comp in zip(axes, comps):
         part = df[df["comparison"] == comp].reset_index(drop=True)
@@ -367,12 +374,20 @@ def plot_forest(df: pd.DataFrame, title: str | None = None) -> Figure:
         for y, (_, r) in zip(ys, part.iterrows()):
             if not math.isnan(r["mde_pct"]):
                 ax.fill_betweenx([y - 0.35, y + 0.35], -r["mde_pct"], r["mde_pct"], color="0.88", lw=0)
-            color = "C3" if r["p_value"] < 0.05 else "C0"
-            ax.errorbar(r["diff_pct"], y, xerr=[[r["diff_pct"] - r["ci_low_pct"]],
-                                                [r["ci_high_pct"] - r["diff_pct"]]],
-                        fmt="o", color=color, capsize=3, ms=5)
-            ax.annotate(f"p={r['p_value']:.2g}", (1.01, y), xycoords=("axes fraction", "data"),
-                        va="center", fontsize=8)
+            if images:
+                ax.errorbar(r["diff_pct"], y - 0.2, xerr=[[r["diff_pct"] - r["ci_low_images_pct"]],
+                                                           [r["ci_high_images_pct"] - r["diff_pct"]]],
+                            fmt="none", ecolor="0.45", elinewidth=0.9, capsize=2)
+            seeds_known = not math.isnan(r["p_value"])
+            if seeds_known:
+                color = "C3" if r["p_holm"] < 0.05 else "C0"
+                ax.errorbar(r["diff_pct"], y, xerr=[[r["diff_pct"] - r["ci_low_pct"]],
+                                                    [r["ci_high_pct"] - r["diff_pct"]]],
+                            fmt="o", color=color, elinewidth=2.5, capsize=3, ms=5)
+            else:
+                ax.plot(r["diff_pct"], y, "o", color="0.45", ms=5)
+            note = f"Holm p={r['p_holm']:.2g}" if seeds_known else "1 seed"
+            ax.annotate(note, (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(ys, [COMPARISON_LABELS.get(a, a) for a in part["attack"]])
         ax.set_ylim(-0.6, len(part) - 0.4)
@@ -381,8 +396,9 @@ def plot_forest(df: pd.DataFrame, title: str | None = None) -> Figure:
         ax.grid(axis="x", alpha=0.3)
     axes[-1].set_xlim(lo_all - pad, hi_all + pad)
     level = float(df["level"].iloc[0]) if "level" in df else 0.95
-    axes[-1].set_xlabel(f"B - A (accuracy points); bar: {100 * level:.0f}% paired bootstrap CI, "
-                        "grey: not detectable at 80% power")
+    thin = ", thin: given these trained models" if images else ""
+    axes[-1].set_xlabel(f"B - A (accuracy points)\n{100 * level:.0f}% CI, thick: over seeds and images"
+                        f"{thin}; grey: not found at 80% power", fontsize=8)
     if title:
         fig.suptitle(title)
     return fig

@@ -14,11 +14,15 @@ numbers a reader can check:
   class-specific pixels, and its L2 / L-inf size. With ``match_success=True`` every attack is
   also run at the eps where its success equals PGD's, so a weaker attack cannot look
   "semantics-preserving" merely by failing more;
-* :func:`compare_attacks` pairs the attacks on the same images (exact McNemar test) and writes a
-  verdict: fewer oracle flips than PGD *and* than the random control is evidence for semantics
-  preservation; fewer than PGD but no fewer than the control is budget redistribution.
+* :func:`compare_attacks` pairs the attacks on the same images (exact McNemar test, Holm over
+  the whole table: every SPAT variant against PGD and against its own random control at every
+  eps) and writes a verdict about the one attacked model: fewer oracle flips than PGD *and*
+  than the random control is evidence for semantics preservation; fewer than PGD while the
+  control flips fewer still is budget redistribution; a difference the test cannot establish
+  is "cannot be told apart with these images", never "does as well".
 
-Imports point inward only: this module uses ``attacks`` and ``semantics``; they never import it.
+Imports point inward only: this module uses ``attacks``, ``semantics`` and ``stats`` (the
+Wilson interval and the exact McNemar test live there); they never import it.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +42,7 @@ from .attacks import MADRY_ALPHA_SCALE, PGD, Attack, assert_threat_model
 from .attacks import make_attack as _make
 from .config import attack_names, format_eps, parse_attack_name, parse_eps
 from .semantics import SALIENCIES, perturbation_mass_share, shared_pixel_score
+from .stats import McNemarResult, holm, mcnemar_test, wilson_interval
 from .util import derive_seed, device_of, eval_mode
 
 # an attack factory builds the attack for one eps: factory(model, eps, generator) -> Attack
@@ -266,49 +271,6 @@ def standard_attacks(names: Sequence[str] | None = None, *, steps: int = 20,
         rule, budget = parse_attack_name(n)
         out[n] = functools.partial(make_attack, rule=rule, budget=budget, **settings)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# statistics
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (95% for z = 1.96); (nan, nan) when n = 0.
-
-    Unlike the normal approximation it stays inside [0, 1] and is sensible at k = 0 or k = n.
-    """
-    if n < 0 or not 0 <= k <= n:
-        raise ValueError(f"wilson_interval: need 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
-class McNemarResult(NamedTuple):
-    """Paired comparison of two binary outcomes on the same examples."""
-    a_only: int       # examples where a flipped and b did not
-    b_only: int       # examples where b flipped and a did not
-    p_value: float    # exact two-sided binomial p-value on the discordant pairs
-
-
-def mcnemar_test(flips_a, flips_b) -> McNemarResult:
-    """Exact McNemar test: under H0 the discordant pairs split Binomial(a_only + b_only, 1/2).
-
-    flips_a, flips_b: boolean arrays (N,) over the same examples. Two-sided p-value
-    ``min(1, 2 * P(X <= min(a_only, b_only)))``, computed exactly with integers.
-    """
-    a = np.asarray(flips_a, dtype=bool)
-    b = np.asarray(flips_b, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError(f"mcnemar_test: paired outcomes need equal shapes, got {a.shape} and {b.shape}")
-    a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
-    n = a_only + b_only
-    if n == 0:
-        return McNemarResult(0, 0, 1.0)
-    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1))
-    return McNemarResult(a_only, b_only, min(1.0, 2 * tail / 2**n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,25 +539,43 @@ def _points(d: float) -> str:
     return f"{100 * d:+.1f} points"
 
 
-def _verdict(attack: str, baseline: str, control: str | None, diff_b: float, p_b: float,
-             diff_c: float, p_c: float, alpha: float) -> str:
-    vs_b = f"{_points(diff_b)}, p={p_b:.2g}"
-    if not p_b < alpha:
-        return (f"{attack} vs {baseline}: {vs_b}: no significant difference in oracle flips at "
-                f"this sample size")
-    if diff_b > 0:
-        return f"{attack} vs {baseline}: {vs_b}: {attack} changes the oracle's label more often"
-    head = f"{attack} vs {baseline}: {vs_b}"
+def _versus(other: str, rate_self: float, rate_other: float, p_holm: float,
+            alpha: float) -> tuple[int, str]:
+    """(-1 fewer flips, +1 more, 0 cannot be told apart; the clause) for one paired test."""
+    said = (f"{rate_self:.1%} vs {rate_other:.1%} oracle flips, {_points(rate_self - rate_other)}, "
+            f"Holm p = {p_holm:.2g}")
+    if p_holm < alpha:
+        sign = -1 if rate_self < rate_other else 1
+        return sign, f"vs {other}: {'fewer' if sign < 0 else 'more'} flips ({said})"
+    return 0, f"vs {other}: cannot be told apart with these images ({said})"
+
+
+def _verdict(row: Mapping, alpha: float) -> str:
+    """One row of :func:`compare_attacks` in words, about the one attacked model, from the
+    Holm-adjusted p-values (not significant is never read as equal)."""
+    variant, baseline, control = row["attack"], row["baseline"], row["control"]
+    control = control if isinstance(control, str) else None
+    sign_b, vs_b = _versus(baseline, row["flip_attack"], row["flip_baseline"], row["p_holm_vs_baseline"],
+                           alpha)
+    head = f"on this attacked model, {variant} {vs_b}"
     if control is None:
-        return f"{head}: fewer oracle flips (no random control to rule out budget redistribution)"
-    vs_c = f"{attack} vs {control}: {_points(diff_c)}, p={p_c:.2g}"
-    if p_c < alpha and diff_c < 0:
-        return (f"{head}; {vs_c}: fewer oracle flips than both {baseline} and the random control: "
-                f"consistent with semantics preservation")
-    if p_c < alpha:
-        return (f"{head}; {vs_c}: the random control flips even fewer: budget redistribution, "
-                f"not semantics")
-    return f"{head}; {vs_c}: the random control does as well: budget redistribution, not semantics"
+        if sign_b < 0:
+            return f"{head}: fewer oracle flips, but no random control to rule out budget redistribution"
+        return head
+    sign_c, vs_c = _versus(control, row["flip_attack"], row["flip_control"], row["p_holm_vs_control"],
+                           alpha)
+    head = f"{head}; {vs_c}"
+    if sign_b < 0 and sign_c < 0:
+        return (f"{head}: fewer than both {baseline} and its random control: consistent with "
+                f"semantics preservation")
+    if sign_b < 0 and sign_c > 0:
+        return f"{head}: the random control flips fewer still: budget redistribution, not semantics"
+    if sign_b < 0:
+        return (f"{head}: fewer than {baseline}, but its random control cannot be told apart from it, "
+                f"so budget redistribution is not ruled out")
+    if sign_b > 0:
+        return f"{head}: {variant} changes the oracle's label more often than {baseline}"
+    return f"{head}: no evidence about semantics preservation with these images"
 
 
 def _find(details: Mapping, name: str, eps: float) -> AttackOutcome:
@@ -606,63 +586,93 @@ def _find(details: Mapping, name: str, eps: float) -> AttackOutcome:
                    f"{sorted({n for n, _ in details})} at {sorted({format_eps(e) for _, e in details})}")
 
 
-def compare_attacks(details: Mapping, attack: str = "spat_intersection", baseline: str = "pgd",
-                    control: str | None = "spat_random", eps: float | str | None = None,
-                    alpha: float = SIGNIFICANCE) -> pd.DataFrame:
-    """Paired comparison of oracle flips on the same images, one row per nominal eps.
+def compare_attacks(details: Mapping, comparisons: Sequence[tuple[str, str, str | None]] | None = None,
+                    *, eps: float | str | None = None, alpha: float = SIGNIFICANCE) -> pd.DataFrame:
+    """Paired comparison of oracle flips on the same images, one row per (nominal eps, variant).
 
-    details: the dict from ``semantic_report(..., return_details=True)``. Only examples the
-    oracle classifies correctly when clean are paired (the same ones for every attack, so the
-    pairs are the oracle_n_valid examples of the report). Columns: ``eps, eps_str, n,
-    flip_attack, flip_baseline, flip_control``, ``diff_vs_baseline`` (attack minus baseline flip
-    rate), ``attack_only_vs_baseline, baseline_only, p_vs_baseline`` (exact McNemar), the same
-    three ``..._vs_control`` / ``control_only`` for the control (NaN without one), and a
-    ``verdict``: fewer flips than the baseline *and* than the control (both p < alpha) reads as
-    semantics preservation; fewer than the baseline only reads as budget redistribution.
+    details: the dict from ``semantic_report(..., return_details=True)``; comparisons: (variant,
+    baseline, control or None) triples, default :func:`attack_comparisons` of the attacks in
+    ``details``; eps: one nominal eps (default: every eps of the variant). Only examples the
+    oracle classifies correctly when clean are paired (the same ones for every attack: the
+    oracle_n_valid examples of the report). Columns: ``eps, eps_str, attack, baseline, control,
+    n, flip_attack, flip_baseline, flip_control``, ``diff_vs_baseline`` (attack minus baseline
+    flip rate), ``attack_only_vs_baseline, baseline_only, p_vs_baseline`` (exact McNemar),
+    ``p_holm_vs_baseline``, the same for the control (NaN without one), and a ``verdict``.
+
+    The table is one family: Holm's adjustment runs over every test in it (each variant
+    against the baseline and against its control, at every eps), and the verdict reads the
+    adjusted p-values at ``alpha``. The verdict is about the one attacked model (one network,
+    paired images): fewer flips than the baseline *and* than the control reads as semantics
+    preservation; fewer than the baseline while the control flips fewer still as budget
+    redistribution; a difference the test cannot establish is "cannot be told apart with these
+    images", never equality.
     """
-    if eps is None:
-        eps_values = sorted({e for n, e in details if n == attack})
-    else:
-        eps_values = [parse_eps(eps)]
+    if comparisons is None:
+        comparisons = attack_comparisons(list(dict.fromkeys(n for n, _ in details)))
     rows = []
-    for e in eps_values:
-        a = _find(details, attack, e)
-        b = _find(details, baseline, e)
-        c = _find(details, control, e) if control is not None else None
-        valid = a.oracle_correct
-        fa, fb = a.oracle_flipped[valid], b.oracle_flipped[valid]
-        n = int(valid.sum())
-        rate = (lambda f: float(f.mean()) if n else float("nan"))
-        mb = mcnemar_test(fa, fb)
-        row = {"eps": e, "eps_str": format_eps(e), "attack": attack, "baseline": baseline,
-               "control": control, "n": n, "flip_attack": rate(fa), "flip_baseline": rate(fb),
-               "flip_control": np.nan, "diff_vs_baseline": rate(fa) - rate(fb),
-               "attack_only_vs_baseline": mb.a_only, "baseline_only": mb.b_only,
-               "p_vs_baseline": mb.p_value, "diff_vs_control": np.nan,
-               "attack_only_vs_control": np.nan, "control_only": np.nan, "p_vs_control": np.nan}
-        if c is not None:
-            fc = c.oracle_flipped[valid]
-            mc = mcnemar_test(fa, fc)
-            row.update(flip_control=rate(fc), diff_vs_control=rate(fa) - rate(fc),
-                       attack_only_vs_control=mc.a_only, control_only=mc.b_only, p_vs_control=mc.p_value)
-        row["verdict"] = _verdict(attack, baseline, control, row["diff_vs_baseline"], row["p_vs_baseline"],
-                                  row["diff_vs_control"], row["p_vs_control"], alpha)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    for variant, baseline, control in comparisons:
+        eps_values = sorted({e for n, e in details if n == variant}) if eps is None else [parse_eps(eps)]
+        for e in eps_values:
+            a = _find(details, variant, e)
+            b = _find(details, baseline, e)
+            c = _find(details, control, e) if control is not None else None
+            valid = a.oracle_correct
+            fa, fb = a.oracle_flipped[valid], b.oracle_flipped[valid]
+            n = int(valid.sum())
+            rate = (lambda f: float(f.mean()) if n else float("nan"))
+            mb = mcnemar_test(fa, fb)
+            row = {"eps": e, "eps_str": format_eps(e), "attack": variant, "baseline": baseline,
+                   "control": control, "n": n, "flip_attack": rate(fa), "flip_baseline": rate(fb),
+                   "flip_control": np.nan, "diff_vs_baseline": rate(fa) - rate(fb),
+                   "attack_only_vs_baseline": mb.a_only, "baseline_only": mb.b_only,
+                   "p_vs_baseline": mb.p_value, "diff_vs_control": np.nan,
+                   "attack_only_vs_control": np.nan, "control_only": np.nan, "p_vs_control": np.nan}
+            if c is not None:
+                fc = c.oracle_flipped[valid]
+                mc = mcnemar_test(fa, fc)
+                row.update(flip_control=rate(fc), diff_vs_control=rate(fa) - rate(fc),
+                           attack_only_vs_control=mc.a_only, control_only=mc.b_only,
+                           p_vs_control=mc.p_value)
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"compare_attacks: no results for {[t[0] for t in comparisons]} at eps "
+                         f"{eps if eps is not None else 'any'}; have {sorted({n for n, _ in details})}")
+    df = pd.DataFrame(rows).sort_values("eps", kind="stable", ignore_index=True)
+    adjusted = holm(np.concatenate([df["p_vs_baseline"].to_numpy(float),
+                                    df["p_vs_control"].to_numpy(float)]))
+    df.insert(df.columns.get_loc("p_vs_baseline") + 1, "p_holm_vs_baseline", adjusted[:len(df)])
+    df["p_holm_vs_control"] = adjusted[len(df):]
+    df["verdict"] = [_verdict(r, alpha) for _, r in df.iterrows()]
+    return df
 
 
 # --------------------------------------------------------------------------------------------
 # notebook 01's tables
-def comparison_names(attacks: Sequence[str]) -> tuple[str, str, str | None]:
-    """(attack, baseline, control) for :func:`spatlib.hypothesis.compare_attacks`: SPAT's
-    default rule (or the first SPAT rule given) against PGD, with the random rule as control."""
+def _control_of(variant: str) -> str:
+    """``spat_<rule>`` -> ``spat_random``; ``spat_<rule>:<mode>`` -> ``spat_random:<mode>``."""
+    _, sep, mode = variant.partition(":")
+    return f"spat_random{sep}{mode}"
+
+
+def attack_comparisons(attacks: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """(variant, baseline, control) for :func:`compare_attacks`: every SPAT variant among
+    ``attacks`` (``spat_<rule>`` and ``spat_<rule>:<budget mode>``, in their order) against
+    ``pgd`` and against its own random control (``spat_random``, resp. ``spat_random:<mode>``;
+    None where it is not among the attacks)."""
+    attacks = list(attacks)
     if "pgd" not in attacks:
-        raise ValueError(f"attacks: the comparison needs 'pgd' as the baseline, got {list(attacks)}")
-    spat = [a for a in attacks if a.startswith("spat_") and a != "spat_random"]
-    if not spat:
-        raise ValueError(f"attacks: the comparison needs a SPAT rule besides the control, got {list(attacks)}")
-    attack = "spat_intersection" if "spat_intersection" in spat else spat[0]
-    return attack, "pgd", "spat_random" if "spat_random" in attacks else None
+        raise ValueError(f"attacks: the comparison needs 'pgd' as the baseline, got {attacks}")
+    variants = [a for a in attacks if a.startswith("spat_") and a.partition(":")[0] != "spat_random"]
+    if not variants:
+        raise ValueError(f"attacks: the comparison needs a SPAT rule besides the control, got {attacks}")
+    return [(v, "pgd", _control_of(v) if _control_of(v) in attacks else None) for v in variants]
+
+
+def comparison_names(attacks: Sequence[str]) -> tuple[str, str, str | None]:
+    """(attack, baseline, control) of SPAT's default rule (or the first SPAT variant given):
+    the :func:`attack_comparisons` triple of that one variant."""
+    triples = attack_comparisons(attacks)
+    return next((t for t in triples if t[0] == "spat_intersection"), triples[0])
 
 
 def semantic_summary(report: pd.DataFrame) -> pd.DataFrame:
@@ -686,4 +696,4 @@ def semantic_summary(report: pd.DataFrame) -> pd.DataFrame:
 __all__ = ["Oracle", "KNNOracle", "EnsembleOracle", "build_oracle", "AttackFactory", "make_attack",
            "standard_attacks", "attack_names", "comparison_names", "semantic_summary", "MADRY_ALPHA_SCALE", "wilson_interval",
            "McNemarResult", "mcnemar_test", "perturbation_mass_share", "AttackOutcome",
-           "semantic_report", "compare_attacks"]
+           "semantic_report", "compare_attacks", "attack_comparisons"]

@@ -2,8 +2,9 @@
 
 Known answers where the math allows one: a synthetic dataset whose classes are defined by their
 own pixel region plus a region shared by all (so which perturbation changes the meaning, and
-how its mass splits, is known by construction), hand-computed Wilson and McNemar values, and a
-hand-made paired table for the verdict. Then the real thing on digits with a standard model.
+how its mass splits, is known by construction), and hand-made paired tables for the verdicts
+(the Wilson and McNemar known answers are in tests/test_stats.py). Then the real thing on
+digits with a standard model.
 """
 import math
 
@@ -15,9 +16,11 @@ import torch.nn.functional as F
 
 from spatlib.attacks import Attack
 from spatlib.data import DeviceLoader, load_dataset
-from spatlib.hypothesis import (AttackOutcome, EnsembleOracle, KNNOracle, build_oracle,
-                                compare_attacks, mcnemar_test, perturbation_mass_share,
-                                semantic_report, standard_attacks, wilson_interval)
+from spatlib import stats
+from spatlib.hypothesis import (AttackOutcome, EnsembleOracle, KNNOracle, attack_comparisons,
+                                build_oracle, compare_attacks, comparison_names, mcnemar_test,
+                                perturbation_mass_share, semantic_report, standard_attacks,
+                                wilson_interval)
 from spatlib.models import build_model
 from spatlib.semantics import shared_pixel_score
 
@@ -195,29 +198,9 @@ def test_match_success_finds_the_least_budget_that_matches(synthetic, linear_mod
 
 # --------------------------------------------------------------------------------------------
 # statistics with known answers
-def test_wilson_interval_known_values():
-    low, high = wilson_interval(42, 100)
-    # (p + z^2/2n) / (1 + z^2/n) -+ z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n), z = 1.96
-    assert (low, high) == pytest.approx((0.327982, 0.517937), abs=1e-6)
-    assert wilson_interval(0, 20)[0] == 0.0 and 0 < wilson_interval(0, 20)[1] < 0.2
-    assert wilson_interval(20, 20)[1] == 1.0
-    assert all(math.isnan(v) for v in wilson_interval(0, 0))
-    with pytest.raises(ValueError):
-        wilson_interval(5, 4)
-
-
-def test_mcnemar_exact_known_value():
-    # 100 paired examples: a alone flips 2, b alone flips 10, both 30, neither 58
-    a = np.array([1] * 2 + [0] * 10 + [1] * 30 + [0] * 58, dtype=bool)
-    b = np.array([0] * 2 + [1] * 10 + [1] * 30 + [0] * 58, dtype=bool)
-    result = mcnemar_test(a, b)
-    assert (result.a_only, result.b_only) == (2, 10)
-    # two-sided exact: 2 * P(Binomial(12, 1/2) <= 2) = 2 * (1 + 12 + 66) / 4096
-    assert result.p_value == pytest.approx(158 / 4096, rel=1e-12)
-    scipy_stats = pytest.importorskip("scipy.stats")
-    assert result.p_value == pytest.approx(scipy_stats.binomtest(2, 12, 0.5).pvalue, rel=1e-9)
-    assert mcnemar_test(a, a).p_value == 1.0                      # no discordant pairs
-    assert mcnemar_test(a, b).p_value == mcnemar_test(b, a).p_value
+def test_statistics_come_from_spatlib_stats():
+    # one implementation of each (the known answers are in tests/test_stats.py)
+    assert wilson_interval is stats.wilson_interval and mcnemar_test is stats.mcnemar_test
 
 
 def _outcome(name, flips, oracle_correct=None):
@@ -241,31 +224,86 @@ def test_compare_attacks_verdicts_on_hand_made_tables():
     control_worse = pgd.copy()                        # 40%
     details = {("pgd", 0.3): _outcome("pgd", pgd), ("spat_intersection", 0.3): _outcome("s", spat)}
 
-    redistribution = compare_attacks({**details, ("spat_random", 0.3): _outcome("r", control_same)})
-    row = redistribution.iloc[0]
+    same = compare_attacks({**details, ("spat_random", 0.3): _outcome("r", control_same)})
+    row = same.iloc[0]
     assert row["n"] == n and row["flip_attack"] == 0.25 and row["flip_baseline"] == 0.40
     assert row["diff_vs_baseline"] == pytest.approx(-0.15)
     assert (row["attack_only_vs_baseline"], row["baseline_only"]) == (0, 30)
     assert row["p_vs_baseline"] == pytest.approx(2 / 2**30)
     assert row["p_vs_control"] == 1.0
-    assert "budget redistribution, not semantics" in row["verdict"]
+    # Holm over the table's two tests: 2 p and max(2 p, 1 x 1.0)
+    assert (row["p_holm_vs_baseline"], row["p_holm_vs_control"]) == (pytest.approx(4 / 2**30), 1.0)
+    assert row["verdict"].startswith("on this attacked model, spat_intersection vs pgd: fewer flips")
+    assert "vs spat_random: cannot be told apart with these images" in row["verdict"]
+    assert row["verdict"].endswith("budget redistribution is not ruled out")
+    assert "as well" not in row["verdict"]
 
     semantic = compare_attacks({**details, ("spat_random", 0.3): _outcome("r", control_worse)}).iloc[0]
-    assert semantic["p_vs_control"] < 0.05 and semantic["diff_vs_control"] < 0
-    assert "consistent with semantics preservation" in semantic["verdict"]
+    assert semantic["p_holm_vs_control"] < 0.05 and semantic["diff_vs_control"] < 0
+    assert semantic["verdict"].endswith("consistent with semantics preservation")
+
+    # fewer than PGD while the control flips fewer still
+    control_better = np.zeros(n, bool)
+    control_better[:10] = True                        # 5%
+    redistribution = compare_attacks({**details, ("spat_random", 0.3): _outcome("r", control_better)}).iloc[0]
+    assert redistribution["verdict"].endswith("budget redistribution, not semantics")
+
+    # the wording bug: a control flipping 6x as often as SPAT at p = 0.0625 is not "does as well"
+    few = np.zeros(n, bool)
+    few[0] = True                                     # SPAT: 1 flip
+    six = np.zeros(n, bool)
+    six[:6] = True                                    # control: 6 flips, 5 discordant, p = 2 / 32
+    many = np.zeros(n, bool)
+    many[:40] = True                                  # PGD: 40 flips
+    row = compare_attacks({("pgd", 0.3): _outcome("pgd", many), ("spat_intersection", 0.3): _outcome("s", few),
+                           ("spat_random", 0.3): _outcome("r", six)}).iloc[0]
+    assert row["p_vs_control"] == pytest.approx(0.0625) and row["flip_control"] == 6 * row["flip_attack"]
+    assert "vs spat_random: cannot be told apart with these images (0.5% vs 3.0% oracle flips" in row["verdict"]
+    assert "as well" not in row["verdict"] and "on this attacked model" in row["verdict"]
 
     # only the examples the oracle gets right when clean are paired
     mask = np.arange(n) >= 60
     d = {k: _outcome(k[0], v.oracle_flipped, mask) for k, v in details.items()}
-    row = compare_attacks(d, control=None).iloc[0]
+    row = compare_attacks(d, [("spat_intersection", "pgd", None)]).iloc[0]
     assert row["n"] == 140 and (row["attack_only_vs_baseline"], row["baseline_only"]) == (0, 20)
-    assert math.isnan(row["p_vs_control"]) and "no random control" in row["verdict"]
+    assert math.isnan(row["p_vs_control"]) and math.isnan(row["p_holm_vs_control"])
+    assert row["verdict"].endswith("no random control to rule out budget redistribution")
 
-    tie = compare_attacks({("pgd", 0.3): _outcome("pgd", pgd),
-                           ("spat_intersection", 0.3): _outcome("s", pgd)}, control=None).iloc[0]
-    assert tie["p_vs_baseline"] == 1.0 and "no significant difference" in tie["verdict"]
+    tie = compare_attacks({("pgd", 0.3): _outcome("pgd", pgd), ("spat_intersection", 0.3): _outcome("s", pgd)}).iloc[0]
+    assert tie["p_vs_baseline"] == 1.0
+    assert "vs pgd: cannot be told apart with these images" in tie["verdict"]
     with pytest.raises(KeyError, match="spat_random"):
-        compare_attacks(details)
+        compare_attacks(details, [("spat_intersection", "pgd", "spat_random")])
+
+
+def test_compare_attacks_every_variant_against_pgd_and_its_own_control_with_holm():
+    """Two budget modes, two rules, two eps: one row per (eps, variant), each against PGD and
+    against the control of its own mode; Holm over all 8 tests of the table."""
+    names = ["pgd", "spat_intersection", "spat_random", "spat_intersection:radius", "spat_random:radius"]
+    assert attack_comparisons(names) == [("spat_intersection", "pgd", "spat_random"),
+                                         ("spat_intersection:radius", "pgd", "spat_random:radius")]
+    assert attack_comparisons(["pgd", "spat_equality:radius"]) == [("spat_equality:radius", "pgd", None)]
+    assert comparison_names(names) == ("spat_intersection", "pgd", "spat_random")
+    with pytest.raises(ValueError, match="'pgd'"):
+        attack_comparisons(["spat_intersection"])
+    rng = np.random.default_rng(0)
+    details = {}
+    for eps in (0.1, 0.2):
+        for name in names:
+            o = _outcome(name, rng.random(150) < (0.3 if name == "pgd" else 0.2))
+            o.eps = o.eps_nominal = eps
+            details[(name, eps)] = o
+    df = compare_attacks(details)
+    assert list(zip(df["eps"], df["attack"], df["control"])) == [
+        (0.1, "spat_intersection", "spat_random"), (0.1, "spat_intersection:radius", "spat_random:radius"),
+        (0.2, "spat_intersection", "spat_random"), (0.2, "spat_intersection:radius", "spat_random:radius")]
+    raw = np.concatenate([df["p_vs_baseline"], df["p_vs_control"]])
+    adjusted = np.concatenate([df["p_holm_vs_baseline"], df["p_holm_vs_control"]])
+    assert adjusted == pytest.approx(stats.holm(raw))
+    assert (adjusted >= raw).all() and (adjusted > raw).any()
+    assert df["verdict"].str.startswith("on this attacked model, spat_intersection").all()
+    one = compare_attacks(details, [("spat_intersection:radius", "pgd", "spat_random:radius")], eps=0.2)
+    assert len(one) == 1 and one.iloc[0]["eps"] == 0.2
 
 
 def test_standard_attacks_differ_only_in_rule_and_budget():
@@ -344,7 +382,7 @@ def test_digits_pgd_flip_rate_with_interval_and_spat_vs_control(digits, digits_m
     assert pgd["attack_success"] > 0.9
     assert pgd["oracle_flip_rate"] > 0.1 and pgd["oracle_p_drop"] > 0.1
 
-    cmp = compare_attacks(details, "spat_intersection", "pgd", "spat_random", eps=0.3)
+    cmp = compare_attacks(details, [("spat_intersection", "pgd", "spat_random")], eps=0.3)
     print(cmp.drop(columns="verdict").T, "\n", cmp["verdict"].iloc[0])
     row = cmp.iloc[0]
     rates = df.set_index("attack")["oracle_flip_rate"]
@@ -355,7 +393,7 @@ def test_digits_pgd_flip_rate_with_interval_and_spat_vs_control(digits, digits_m
     discordant = row["attack_only_vs_baseline"] - row["baseline_only"]
     assert row["diff_vs_baseline"] == pytest.approx(discordant / n_valid)
     assert 0 <= row["p_vs_baseline"] <= 1 and 0 <= row["p_vs_control"] <= 1
-    assert row["verdict"].startswith("spat_intersection vs pgd")
+    assert row["verdict"].startswith("on this attacked model, spat_intersection vs pgd")
 
 
 def test_report_is_reproducible_under_a_fixed_seed(digits, digits_model, knn):
