@@ -273,10 +273,11 @@ def default_comparisons(methods: Iterable[str], *, info: Mapping[str, Mapping] |
 
     SPAT variants are methods named ``spat_*`` other than the controls. A control is a
     variant whose shared-pixel rule is ``random``: with ``info`` (variant -> {"train_method",
-    "rule"}, e.g. from :func:`spatlib.report.collect_results`' runs table) the control of a
-    variant is a random-rule variant with the same training method; from names alone,
-    ``spat_random`` is the control of ``spat_at`` (params/digits.yaml) and ``<v>_random``
-    that of ``<v>``.
+    "rule", "budget"}, e.g. from :func:`spatlib.report.collect_results`' runs table) the control
+    of a variant is a random-rule variant with the same training method and the same budget
+    shape (step weights or per-pixel radius: the control must spend the budget as SPAT does);
+    from names alone, ``spat_random`` is the control of ``spat_at`` (params/digits.yaml) and
+    ``<v>_random`` that of ``<v>``.
     """
     methods = list(dict.fromkeys(methods))
     info = dict(info or {})
@@ -290,7 +291,8 @@ def default_comparisons(methods: Iterable[str], *, info: Mapping[str, Mapping] |
                 pairs.append((base, v))
         if v in info:
             own = [c for c in controls if c in info
-                   and info[c].get("train_method") == info[v].get("train_method")]
+                   and info[c].get("train_method") == info[v].get("train_method")
+                   and info[c].get("budget", "") == info[v].get("budget", "")]
         else:
             own = [c for c in controls if c == f"{v}_random" or (v == "spat_at" and c == "spat_random")]
         pairs += [(c, v) for c in own]
@@ -512,7 +514,7 @@ def comparisons_for_runs(run_evaluations, pairs: Sequence[tuple[str, str]] | Non
                 per[(m, s, att)] = flags
             per[(m, s, WORST_CASE)] = result.robust
         methods = list(seeds)
-        info = {m: {"train_method": r["train_method"], "rule": r["rule"]}
+        info = {m: {"train_method": r["train_method"], "rule": r["rule"], "budget": r.get("budget", "")}
                 for m, r in part.drop_duplicates("method").set_index("method").iterrows()}
         todo = ([p for p in pairs if p[0] in seeds and p[1] in seeds] if pairs is not None
                 else default_comparisons(methods, info=info))

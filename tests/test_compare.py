@@ -288,25 +288,31 @@ def test_bad_settings_raise():
 
 # --------------------------------------------------------------------------------------------
 # tables and the default comparisons
-DIGITS_VARIANTS = ["standard", "pgd_at", "trades", "spat_at", "spat_trades", "spat_random"]
+DIGITS_VARIANTS = ["standard", "pgd_at", "trades", "spat_at", "spat_random", "spat_radius",
+                   "spat_radius_random"]
 
 
 def test_default_comparisons_follow_the_experiment_names():
     variants = list(yaml.safe_load((ROOT / "params" / "digits.yaml").read_text())["variants"])
     assert variants == DIGITS_VARIANTS
     expected = [("pgd_at", "spat_at"), ("trades", "spat_at"), ("spat_random", "spat_at"),
-                ("pgd_at", "spat_trades"), ("trades", "spat_trades")]
+                ("pgd_at", "spat_radius"), ("trades", "spat_radius"),
+                ("spat_radius_random", "spat_radius")]
     assert compare.default_comparisons(variants) == expected
-    info = {"standard": {"train_method": "standard", "rule": ""},
-            "pgd_at": {"train_method": "pgd_at", "rule": ""},
-            "trades": {"train_method": "trades", "rule": ""},
-            "spat_at": {"train_method": "spat_at", "rule": "intersection"},
-            "spat_trades": {"train_method": "spat_trades", "rule": "intersection"},
-            "spat_random": {"train_method": "spat_at", "rule": "random"}}
+    info = {"standard": {"train_method": "standard", "rule": "", "budget": ""},
+            "pgd_at": {"train_method": "pgd_at", "rule": "", "budget": ""},
+            "trades": {"train_method": "trades", "rule": "", "budget": ""},
+            "spat_at": {"train_method": "spat_at", "rule": "intersection", "budget": "step"},
+            "spat_random": {"train_method": "spat_at", "rule": "random", "budget": "step"},
+            "spat_radius": {"train_method": "spat_at", "rule": "intersection", "budget": "radius"},
+            "spat_radius_random": {"train_method": "spat_at", "rule": "random", "budget": "radius"}}
+    # by their rule, training method and budget: each SPAT variant gets the control that spends
+    # the budget as it does, not the other budget's
     assert compare.default_comparisons(variants, info=info) == expected
     # a control named otherwise is found by its rule and training method
-    info2 = {**info, "ctrl": {"train_method": "spat_trades", "rule": "random"}}
-    pairs = compare.default_comparisons([*variants, "ctrl"], info=info2)
+    info2 = {**info, "spat_trades": {"train_method": "spat_trades", "rule": "intersection", "budget": "step"},
+             "ctrl": {"train_method": "spat_trades", "rule": "random", "budget": "step"}}
+    pairs = compare.default_comparisons([*variants, "spat_trades", "ctrl"], info=info2)
     assert ("ctrl", "spat_trades") in pairs and ("ctrl", "spat_at") not in pairs
     assert compare.default_comparisons(["pgd_at", "spat_at"]) == [("pgd_at", "spat_at")]
 
