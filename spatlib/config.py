@@ -212,6 +212,12 @@ class TrainConfig:
     deterministic: bool = False
     max_batches: int | None = spec(None, optional(POSITIVE_INT))  # cap batches per epoch
     progress: bool = True
+    # adversarial weight perturbation (Wu et al. 2020; spatlib.awp), adversarial methods only:
+    # the size of the weight step relative to each layer's norm (0: off; the authors: 0.01
+    # AT-AWP, 0.005 TRADES-AWP) and the epochs trained before it starts
+    awp_gamma: float = spec(0.0, at_least(0, "a number"))
+    awp_warmup: int = spec(0, NON_NEGATIVE_INT)
+    tensorboard: bool = False          # the per-epoch history also as TensorBoard events (run_dir/tensorboard)
 
 
 @dataclass
@@ -419,6 +425,17 @@ def _check_consistency(cfg: RunConfig) -> None:
     if RULES[cfg.attack.rule].needs_grads and cfg.attack.saliency != "input_grad":
         raise ConfigError(f"attack.rule: {cfg.attack.rule!r} needs attack.saliency 'input_grad' "
                           f"(it reads the input gradients)")
+    tc = cfg.train
+    if tc.awp_gamma > 0 and tc.method == "standard":
+        raise ConfigError("train.awp_gamma: AWP perturbs the weights against the adversarial "
+                          "loss, and method 'standard' has none; use an adversarial method or "
+                          "awp_gamma 0")
+    if tc.awp_gamma == 0 and tc.awp_warmup > 0:
+        raise ConfigError(f"train.awp_warmup: {tc.awp_warmup} has no effect with train.awp_gamma "
+                          f"0 (AWP off); set awp_gamma > 0 or leave awp_warmup out")
+    if tc.awp_gamma > 0 and tc.awp_warmup >= tc.epochs:
+        raise ConfigError(f"train.awp_warmup: {tc.awp_warmup} epochs before AWP starts, but the "
+                          f"run has train.epochs {tc.epochs}: AWP would never switch on")
 
 
 def _check_section_consistency(cfg: HypothesisConfig, where: str) -> None:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from . import allocator, attacks
 from . import runfolder as rf
+from .awp import WeightPerturbation
 from .config import (EXPERIMENT_KEYS, ConfigError, RunConfig, TrainConfig, format_eps, from_dict,
                      load_config, load_experiment, read_yaml, to_dict)
 from .data import DataError, DeviceLoader, augmentation_defaults, dataset_from_config, split_validation
@@ -238,6 +239,7 @@ class Trainer:
         self._setup_model()
         self._setup_optimizer()
         self._setup_forward()
+        self._setup_awp()
         self._setup_generators()
         self._init_run_state()
 
@@ -329,6 +331,17 @@ class Trainer:
             device = self.device
             fwd = DDP(self.model, device_ids=[device] if device.type == "cuda" else None, **no_sync)
         self.fwd = torch.compile(fwd) if self.tc.compile else fwd
+
+    def _setup_awp(self) -> None:
+        """Adversarial weight perturbation (:mod:`spatlib.awp`) when ``train.awp_gamma`` > 0;
+        under torchrun the ascent gradients are summed over the processes, so every replica adds
+        the same perturbation."""
+        def reduce(grads: list[Tensor]) -> None:
+            for g in grads:
+                self.dist.all_reduce(g)
+        self.awp = (WeightPerturbation(self.model, self.tc.awp_gamma,
+                                       reduce=reduce if self.dist.world > 1 else None)
+                    if self.tc.awp_gamma > 0 else None)
 
     def _setup_generators(self) -> None:
         """The attack noise stream of this process (batches and augmentation: the loader's)."""
@@ -424,9 +437,27 @@ class Trainer:
         """The training attack of this run at budget ``eps`` (:func:`methods.training_attack`)."""
         return training_attack(self.model, self.cfg.attack, self.method, eps, self.attack_gen)
 
+    def awp_perturb(self, x: Tensor, x_adv: Tensor, y: Tensor, step: int) -> list[Tensor] | None:
+        """Move the weights to w + v (:mod:`spatlib.awp`) for the step ``step``: one ascent
+        step of the method's own loss at (x, x_adv), the model in train mode; returns v for
+        ``self.awp.restore``, or None (nothing moved) when AWP is off or still warming up
+        (``train.awp_warmup`` epochs)."""
+        if self.awp is None or step // self.n_batches < self.tc.awp_warmup:
+            return None
+        model, method = self.model, self.method
+
+        def ascent_loss() -> Tensor:
+            with self.amp():
+                clean = model(x) if method.needs_clean else None
+                # scaled under fp16 (a no-op otherwise): the rescaling to gamma ||w|| cancels it
+                return self.scaler.scale(method.loss(clean, model(x_adv), y, self.tc.beta))
+        return self.awp.perturb(ascent_loss)
+
     def train_step(self, x: Tensor, y: Tensor, step: int) -> StepStats:
         """One update on the batch (x, y) at global step ``step``: the schedules' lr and eps,
-        the training attack, the method's loss, the optimizer step and the EMA."""
+        the training attack, the adversarial weight perturbation (when on), the method's loss,
+        the optimizer step (at the perturbed weights, as the AWP authors' code), the weights
+        restored, and the EMA."""
         tc, model, method = self.tc, self.model, self.method
         lr = lr_at(tc, step, self.n_batches)
         for group in self.opt.param_groups:
@@ -446,6 +477,7 @@ class Trainer:
                 if clean_logits is None and step % self.n_batches % CLEAN_ACC_EVERY == 0:
                     with torch.no_grad(), eval_mode(model), self.amp():
                         clean_logits = model(x)
+        awp = self.awp_perturb(x, x_adv, y, step) if x_adv is not None else None
         self.opt.zero_grad(set_to_none=True)
         with self.amp():
             if method.needs_clean:
@@ -455,6 +487,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
+        if awp is not None:
+            self.awp.restore(awp)
         if self.ema:
             self.ema.update(model)
         with torch.no_grad():
