@@ -409,8 +409,12 @@ def _train_cmd(params: Path, run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_metrics(tmp_path):
-    cfg = digits_config(train={"epochs": 5, "deterministic": True, "ema": 0.9},
+@pytest.mark.parametrize("awp", [{}, {"awp_gamma": 0.01, "awp_warmup": 1}],
+                         ids=["plain", "awp"])
+def test_killed_run_resumes_to_identical_metrics(awp, tmp_path):
+    # with AWP from the second epoch: it keeps no state between steps, so the run still
+    # resumes bit-identical whether the kill falls before or after it switched on
+    cfg = digits_config(train={"epochs": 5, "deterministic": True, "ema": 0.9, **awp},
                         attack={"steps": 2})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg))
