@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -53,6 +54,7 @@ __all__ = ["train", "Trainer", "StepStats", "EMA", "load_checkpoint", "load_run_
            "final_eval_settings", "run_config_from_params"]
 
 VAL_FALLBACK = 512        # test images used for validation when data.val_size is 0
+TENSORBOARD_DIR = "tensorboard"   # train.tensorboard: the event files' folder in the run folder
 # Methods that never see f(x) (PGD-AT; SPAT-AT when its class evidence did not run f(x) in eval
 # mode) measure the clean training accuracy with one more forward (eval mode, no grad) on every
 # CLEAN_ACC_EVERY-th batch of an epoch, from the first: an unbiased estimate over a quarter of
@@ -251,6 +253,10 @@ class Trainer:
         if tc.batch_size < self.dist.world:
             raise ConfigError(f"train.batch_size: {tc.batch_size} is smaller than the number of "
                               f"processes ({self.dist.world}); the global batch is split across them")
+        if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard: needs the tensorboard package: pip install "
+                              "'spatlib[tensorboard]' (or pip install tensorboard), or set "
+                              "train.tensorboard false")
 
     def _setup_data(self) -> None:
         """The dataset, a held-out validation slice (or the test prefix), the device loader."""
@@ -659,12 +665,34 @@ class Trainer:
             if device.type == "cuda" and rng["torch_cuda"] is not None:
                 torch.cuda.set_rng_state(rng["torch_cuda"], device)
 
+    def tensorboard_writer(self):
+        """A SummaryWriter on ``run_dir/tensorboard`` (rank 0, ``train.tensorboard``), else None.
+
+        Its ``purge_step`` is the first epoch this session trains: a run killed after an epoch's
+        events were written but before its checkpoint retrains that epoch, and TensorBoard drops
+        the stale events from that step on, so every epoch has one value per column."""
+        if not (self.tc.tensorboard and self.dist.main and self.run_dir is not None):
+            return None
+        from torch.utils.tensorboard import SummaryWriter   # the optional extra, checked at setup
+        return SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=self.epoch + 1)
+
+    def _write_scalars(self, writer, row: dict) -> None:
+        """One scalar per numeric history column at step = the epoch (1-based), as history.csv
+        has it; a NaN (no validation that epoch) is left out, as TensorBoard cannot draw it."""
+        for c in self.columns:
+            v = row.get(c)
+            if c != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
+                writer.add_scalar(c, v, global_step=int(row["epoch"]))
+        writer.flush()
+
     def run(self) -> None:
-        """The epoch loop (from ``self.epoch``), with validation, checkpoints, early stop."""
+        """The epoch loop (from ``self.epoch``), with validation, checkpoints, early stop, and
+        the history's TensorBoard events when ``train.tensorboard``."""
         tc = self.tc
         t_session = time.perf_counter()
         base_elapsed = self.elapsed_s
         epochs_bar = self._bar(total=tc.epochs, initial=self.epoch, desc=self.cfg.name)
+        writer = self.tensorboard_writer()
         try:
             while not self.finished and self.epoch < tc.epochs:
                 epoch = self.epoch
@@ -683,6 +711,8 @@ class Trainer:
                 self.elapsed_s = base_elapsed + (time.perf_counter() - t_session)
                 row["wall_time_s"] = self.elapsed_s
                 self.history.append(row)
+                if writer is not None:   # before the checkpoint: a kill between them retrains it
+                    self._write_scalars(writer, row)
                 self.save(improved)
                 epochs_bar.update(1)
                 epochs_bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_clean_acc",
@@ -692,6 +722,8 @@ class Trainer:
                     print(epoch_line(row, tc.epochs, self.cfg.name), file=sys.stderr, flush=True)
         finally:
             epochs_bar.close()
+            if writer is not None:
+                writer.close()
 
     def _record_selection(self, row: dict, epoch: int) -> bool:
         """Update the best epoch and the early-stopping count; True when this one is the best."""

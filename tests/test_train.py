@@ -644,3 +644,55 @@ def test_unwritable_run_folder_is_one_line_before_training(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: {run_dir}: Not a directory (ENOTDIR)") and str(run_dir) in err
+
+
+# --------------------------------------------------------------------------------------------
+# TensorBoard: the history's columns as event files beside history.csv
+def read_tensorboard(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"),
+                                             size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_equal_history_and_a_resumed_run_appends(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    cfg = digits_config(train={"epochs": 3, "max_batches": 2, "tensorboard": True, "eval_every": 2})
+    run_dir = tmp_path / "run"
+    saves = {"n": 0}
+    real_save = T.Trainer.save
+
+    def killed_at_third_save(self, improved):   # killed after epoch 3's events, before its checkpoint
+        saves["n"] += 1
+        if saves["n"] == 3:
+            raise RuntimeError("killed")
+        real_save(self, improved)
+    monkeypatch.setattr(T.Trainer, "save", killed_at_third_save)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, run_dir)
+    assert len(read_tensorboard(run_dir)["train_loss"]) == 3     # epoch 3's stale events exist
+    monkeypatch.undo()
+    train(cfg, run_dir)                                          # resumes at epoch 3
+    rows = read_history(run_dir)
+    events = read_tensorboard(run_dir)
+    numeric = [c for c in rows[0] if c not in ("epoch", "val_source")]
+    assert sorted(events) == sorted(numeric)
+    for c in numeric:
+        expected = [(int(r["epoch"]), r[c]) for r in rows if math.isfinite(r[c])]
+        assert [s for s, _ in events[c]] == [s for s, _ in expected], c    # once per epoch
+        assert [v for _, v in events[c]] == pytest.approx([v for _, v in expected], rel=1e-6), c
+    assert [s for s, _ in events["val_robust_acc"]] == [2, 3]   # validated epochs only
+
+
+def test_tensorboard_off_writes_nothing_and_missing_package_is_one_line(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    train(digits_config(train={"epochs": 1, "max_batches": 1}), run_dir)
+    assert not (run_dir / "tensorboard").exists()
+    real_find_spec = T.importlib.util.find_spec
+    monkeypatch.setattr(T.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"train\.tensorboard: needs the tensorboard package: "
+                                          r"pip install 'spatlib\[tensorboard\]'"):
+        train(digits_config(train={"tensorboard": True}), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
