@@ -45,7 +45,7 @@ GROUP_KEYS = ["method", "dataset", "model"]
 MEASURED = "measured"        # the source of the rows of run folders (evaluation_row)
 REFERENCES_CSV = Path(__file__).with_name("references.csv")
 REFERENCE_COLUMNS = ["dataset", "threat_model", "eps", "method", "model", "clean", "robust",
-                     "robust_attack", "source", "note"]
+                     "robust_attack", "source", "note", "selection", "selection_source"]
 MODEL_LABELS = {"small_cnn": "SmallCNN", "preact_resnet18": "PreActResNet-18"}
 
 
@@ -263,6 +263,8 @@ def aggregate(runs: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFr
         row["n_examples"] = ", ".join(str(int(n)) for n in dict.fromkeys(part["n_examples"]))
         row["n_seeds"] = len(part)
         row["seeds"] = ", ".join(str(s) for s in part["seed"])
+        if "selection" in part:    # how the rows' checkpoints were chosen (results_table's Selected on)
+            row["selection"] = ", ".join(dict.fromkeys(part["selection"].fillna("").astype(str)))
         for a in cols:
             v = 100 * part[a].astype(float)
             row[f"{a}_mean"] = v.mean()
@@ -286,7 +288,10 @@ def load_references(path: str | Path | None = None) -> pd.DataFrame:
     """The published rows readers compare against (``spatlib/references.csv``, with sources).
 
     Columns: dataset, threat_model, eps, method, model, clean, robust (percent, NaN where the
-    source gives none), robust_attack, source, note.
+    source gives none), robust_attack, source, note, selection (how the published checkpoint was
+    chosen: ``test PGD-20`` where the authors' code keeps the epoch of best test-set PGD-20
+    accuracy, ``not stated`` where neither their code nor their README says) and
+    selection_source (where that is written).
     """
     path = Path(path) if path else REFERENCES_CSV
     df = pd.read_csv(path, dtype={"eps": str}, keep_default_na=False, na_values=[""])
@@ -324,9 +329,10 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
     published AutoAttack rows of the same datasets and eps, marked ``(published)``.
 
     Columns: Method, Dataset, Model, eps, Images (test images each run was evaluated on),
-    Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack, Seeds, Source (``measured``, or the
-    ``source`` of a row that is not a run's, e.g. ``card: FILE``). Attacks no measured row
-    ran are left out.
+    Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack, Seeds, Selected on (how the checkpoint
+    was chosen: a published row's ``selection``, a measured row's ``selection`` when its runs
+    carry one), Source (``measured``, or the ``source`` of a row that is not a run's, e.g.
+    ``card: FILE``). Attacks no measured row ran are left out.
     """
     attacks = [a for a in ATTACKS if f"{a}_mean" in agg]
     rows = []
@@ -336,6 +342,7 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         for a in attacks:
             row[ATTACK_LABELS[a]] = format_mean_std(r[f"{a}_mean"], r.get(f"{a}_std", float("nan")))
         row["Seeds"] = str(r["n_seeds"])
+        row["Selected on"] = r.get("selection", "")
         row["Source"] = r.get("source", MEASURED)
         rows.append(row)
     for _, r in matching_references(refs, agg).iterrows():
@@ -348,6 +355,7 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         if "autoattack" in attacks:
             row["AutoAttack"] = format_mean_std(r["robust"], float("nan"))
         row["Seeds"] = ""
+        row["Selected on"] = r["selection"]
         row["Source"] = r["source"]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -386,7 +394,11 @@ def results_markdown(table: pd.DataFrame, refs: pd.DataFrame | None, *, experime
              "column is the accuracy under that attack *and all before it*; the last column is "
              "the worst case per example (for AutoAttack: at most AutoAttack's standalone number). "
              "Rows marked *(published)* are numbers reported elsewhere, not measured here; "
-             "their sources are listed below.", ""]
+             "their sources are listed below. *Selected on* says how each row's checkpoint was "
+             "chosen: a published checkpoint kept at its best test-set PGD-20 (or PGD-10) epoch "
+             "was picked on the very images it is scored on, which favours it over a checkpoint "
+             "selected on held-out training images; *not stated* where the authors' code and "
+             "README do not say.", ""]
     if runs is not None and not runs.empty:
         n = sorted(set(int(v) for v in runs["n_examples"]))
         lines += [f"Runs: {len(runs)}; test images per run: {', '.join(map(str, n))}; threat-model "
@@ -431,6 +443,7 @@ def save_results(out_dir: str | Path, collected: Collected, agg: pd.DataFrame, t
                         "dataset": published.get("dataset", []), "model": published.get("model", []),
                         "eps_str": published.get("eps", []), "clean_mean": published.get("clean", []),
                         "autoattack_mean": published.get("robust", []),
+                        "selection": published.get("selection", []),
                         "reference": published.get("source", [])})
     combined = pd.concat([measured, pub], ignore_index=True) if not pub.empty else measured
     paths["results.csv"] = out / "results.csv"

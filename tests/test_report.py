@@ -87,15 +87,16 @@ def test_results_table_formats_mean_pm_std_and_leaves_out_unmeasured_attacks(thr
     agg = report.aggregate(report.collect_results(three_seeds).runs)
     table = report.results_table(agg)
     assert list(table.columns) == ["Method", "Dataset", "Model", "eps", "Images", "Clean", "PGD-20", "AutoAttack",
-                                   "Seeds", "Source"]
+                                   "Seeds", "Selected on", "Source"]
     row = table.iloc[0]
     assert row["Clean"] == "75.00 ± 25.00"
     assert row["PGD-20"] == f"{np.mean([50, 50, 25]):.2f} ± {np.std([50, 50, 25], ddof=1):.2f}"
     assert table.iloc[1]["Clean"] == "100.00"                               # one seed: mean only
     md = report.to_markdown(table)
     lines = md.splitlines()
-    assert lines[0] == "| Method | Dataset | Model | eps | Images | Clean | PGD-20 | AutoAttack | Seeds | Source |"
-    assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 4 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 | measured |"
+    assert lines[0] == ("| Method | Dataset | Model | eps | Images | Clean | PGD-20 | AutoAttack | Seeds "
+                        "| Selected on | Source |")
+    assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 4 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 |  | measured |"
 
 
 def test_published_rows_join_only_their_dataset_and_eps_and_are_marked():
@@ -110,6 +111,11 @@ def test_published_rows_join_only_their_dataset_and_eps_and_are_marked():
     assert all(m.endswith("(published)") for m in published["Method"])
     madry = published[published["Method"].str.startswith("PGD-AT (Madry")].iloc[0]
     assert (madry["Clean"], madry["AutoAttack"]) == ("87.14", "44.04")
+    # how each published checkpoint was chosen, beside how the kit's were
+    awp = published[published["Method"] == "AT-AWP (Wu et al. 2020) (published)"].iloc[0]
+    assert (awp["Selected on"], madry["Selected on"]) == ("test PGD-20", "not stated")
+    kit = report.results_table(agg.assign(selection="held-out training images"), refs)
+    assert kit.iloc[0]["Selected on"] == "held-out training images"
     # digits has no published counterpart; MNIST rows need eps 0.3
     assert report.matching_references(refs, agg.assign(dataset="digits")).empty
     assert report.matching_references(refs, agg.assign(dataset="mnist", eps_str="0.1")).empty
@@ -129,6 +135,12 @@ def test_reference_csv_has_sources_for_every_row_and_the_issue_numbers():
         row = aa[(aa["dataset"] == ds) & (aa["method"] == method)]
         assert len(row) == 1 and (row["clean"].item(), row["robust"].item()) == (clean, robust)
     assert set(refs[refs["dataset"] == "mnist"]["eps"]) == {"0.3"}
+    # every row says how its checkpoint was chosen, and where that is written
+    assert set(refs["selection"]) == {"test PGD-20", "test PGD-10", "not stated"}
+    assert refs["selection_source"].str.startswith("github.com/").all()
+    by = {(r.dataset, r.method, r.model): r.selection for r in refs.itertuples()}
+    assert by[("cifar10", "AT-AWP (Wu et al. 2020)", "WRN-34-10")] == "test PGD-20"
+    assert by[("cifar100", "PGD-AT (Rice et al. 2020)", "PreActResNet-18")] == "test PGD-10"
 
 
 def test_save_results_writes_csv_markdown_and_figures(three_seeds, tmp_path):
@@ -225,3 +237,20 @@ def test_comparison_names_pick_spat_against_pgd_with_the_random_control():
     assert hypothesis.comparison_names(["pgd", "spat_equality"]) == ("spat_equality", "pgd", None)
     with pytest.raises(ValueError, match="pgd"):
         hypothesis.comparison_names(["spat_intersection"])
+
+
+def test_runs_selection_reaches_the_table_and_results_md(three_seeds, tmp_path):
+    collected = report.collect_results(three_seeds)
+    runs = collected.runs.assign(selection="held-out training images")
+    agg = report.aggregate(runs)
+    assert set(agg["selection"]) == {"held-out training images"}
+    refs = report.load_references()
+    cifar = agg.assign(dataset="cifar10", eps_str="8/255")
+    table = report.results_table(cifar, refs)
+    md = report.results_markdown(table, refs, experiment="toy")
+    assert "| 3 | held-out training images | measured |" in md
+    assert "| TRADES-AWP (Wu et al. 2020) (published) |" in md and "*Selected on* says" in md
+    paths = report.save_results(tmp_path, collected, cifar, table, refs, experiment="toy")
+    csv = pd.read_csv(paths["results.csv"])
+    published = csv[csv["source"] == "published"]
+    assert set(published["selection"]) == {"test PGD-20", "not stated"}
