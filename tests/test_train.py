@@ -467,12 +467,15 @@ TORCHRUN = (Path(sys.executable).parent / "torchrun" if (Path(sys.executable).pa
 
 @pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
-def test_torchrun_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("awp", [{}, {"awp_gamma": 0.01}], ids=["plain", "awp"])
+def test_torchrun_two_processes_match_single_process(awp, tmp_path):
     torchrun = str(TORCHRUN)
     # Without a random start PGD is noise-free and per example (small_cnn has no BatchNorm),
     # and 17 full batches of 64 split 32/32: the two processes then compute the very gradients
-    # of the single one, and the curves agree to float rounding.
-    cfg = digits_config(train={"epochs": 3, "max_batches": 17}, attack={"random_start": False})
+    # of the single one, and the curves agree to float rounding. With AWP the processes sum
+    # their ascent gradients, so each adds the perturbation of the whole batch.
+    cfg = digits_config(train={"epochs": 3, "max_batches": 17, **awp},
+                        attack={"random_start": False})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg))
     single, multi = tmp_path / "single", tmp_path / "ddp"
