@@ -87,9 +87,6 @@ FORMATS = ("card", "robustbench")     # spat eval --format
 ROBUSTBENCH_KEYS = ("link", "name", "authors", "additional_data", "number_forward_passes",
                     "dataset", "venue", "architecture", "eps", "clean_acc", "reported",
                     "autoattack_acc", "footnote", "unreliable")
-# what only the model's authors know: null in the file until they fill it in
-ROBUSTBENCH_FILL = ("link", "name", "authors", "venue", "reported")
-ARCHITECTURES = {"small_cnn": "SmallCNN", "preact_resnet18": "PreActResNet-18"}
 
 
 class TargetError(ValueError):
@@ -458,8 +455,8 @@ def robustbench_info(card: dict, config: RunConfig | None = None) -> dict:
     architecture (``WideResNet-34-10``), additional_data (false: trained on the dataset's own
     training images; null for an ``npz`` dataset, whose origin the kit cannot know),
     number_forward_passes 1 and unreliable false (a deterministic network, one forward pass).
-    Null: what only the authors know (:data:`ROBUSTBENCH_FILL`), footnote (optional), and for
-    an external model everything the kit cannot see."""
+    Null: what only the authors know (link, name: the paper's title, authors, venue, reported),
+    footnote (optional), and for an external model everything the kit cannot see."""
     info = dict.fromkeys(ROBUSTBENCH_KEYS)
     info.update(dataset=card["dataset"], eps=card["eps"], clean_acc=_percent(card["clean_acc"]),
                 autoattack_acc=_percent(card["acc_autoattack"]))
@@ -467,7 +464,7 @@ def robustbench_info(card: dict, config: RunConfig | None = None) -> dict:
         m = config.model
         info.update(
             architecture=(f"WideResNet-{m.depth}-{m.width}" if m.name == "wide_resnet"
-                          else ARCHITECTURES.get(m.name, m.name)),
+                          else report.MODEL_LABELS.get(m.name, m.name)),
             additional_data=False if config.data.name in zoo.ZOO_DATASETS else None,
             number_forward_passes=1, unreliable=False)
     return {k: info[k] for k in ROBUSTBENCH_KEYS}
