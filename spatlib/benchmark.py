@@ -11,6 +11,9 @@ One run measures, on the current device:
   Rice et al.'s ``attack_pgd`` written out, no compile), so trainer / reference is one run's ratio;
 * the **SPAT overhead**: spat_at step time / pgd_at step time at equal steps, for 10 classes
   (cam and input_grad) and for a 100-class model (input_grad, classes all and topk:10);
+* the **AWP overhead**: step time with adversarial weight perturbation over the step without
+  (``pgd_at:awp`` / ``pgd_at`` at the AT-AWP authors' gamma 0.01, ``trades:awp`` / ``trades`` at
+  TRADES-AWP's 0.005; the authors report about 8% for their AT-AWP);
 * **peak memory** of every configuration;
 * the **floor** of the PGD-AT step: the arithmetic of a PGD-k step alone (k + 1 forwards, k
   backwards to the input only and 1 full backward, on the trainer's model, layout and
@@ -64,7 +67,7 @@ from .models import build_model
 from .util import eval_mode, git_commit, resolve_device, utc_now
 
 __all__ = ["Case", "BenchSettings", "run_benchmark", "markdown_report", "reference_pgd",
-           "cli_main", "BENCH_METHODS", "CLASSES", "MANY_CLASSES", "TOPK", "build_parser",
+           "cli_main", "BENCH_METHODS", "AWP_GAMMA", "CLASSES", "MANY_CLASSES", "TOPK", "build_parser",
            "settings_from_args", "progress_log", "write_result"]
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +95,11 @@ BENCH_METHODS = {
     "trades": ("trades", None),
     "spat_at:cam": ("spat_at", "cam"),
     "spat_at:input_grad": ("spat_at", "input_grad"),
+    "pgd_at:awp": ("pgd_at", None),
+    "trades:awp": ("trades", None),
 }
+# benchmark method -> train.awp_gamma (the AWP authors': AT-AWP 0.01, TRADES-AWP 0.005)
+AWP_GAMMA = {"pgd_at:awp": 0.01, "trades:awp": 0.005}
 REFERENCE = "reference"              # the reference loop's "method" (PGD-AT)
 FLOOR = "floor"                      # the arithmetic of the PGD-AT step alone
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -128,6 +135,8 @@ class Case:
         if self.method == FLOOR:
             return "floor (PGD-AT arithmetic)"
         name, saliency = BENCH_METHODS[self.method]
+        if self.method in AWP_GAMMA:
+            return f"{name} + AWP (gamma {AWP_GAMMA[self.method]:g})"
         if saliency is None:
             return name
         return f"{name} ({saliency})" if self.classes == "all" else f"{name} ({saliency}, {self.classes})"
@@ -249,7 +258,8 @@ class TrainerSlice:
             train=TrainConfig(method=method, epochs=epochs, batch_size=case.batch_size,
                               lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                               device=str(device), precision=precision, compile=compile,
-                              progress=False, share_every=0))
+                              awp_gamma=AWP_GAMMA.get(case.method, 0.0), progress=False,
+                              share_every=0))
         self.trainer = train.Trainer(self.config, device=device)
         self.precision = self.trainer.precision
 
@@ -758,8 +768,8 @@ def _time_cases(cases: list[Case], runners: dict, s: BenchSettings, device: torc
 
 
 def compute_ratios(rows: list[dict]) -> list[dict]:
-    """trainer / reference (pgd_at), SPAT overhead and memory ratios, and the distances to
-    the floor (pgd_at / floor, reference / floor, floor / floor at another precision), per model."""
+    """trainer / reference (pgd_at), SPAT and AWP overheads, memory ratios, and the distances
+    to the floor (pgd_at / floor, reference / floor, floor / floor at another precision), per model."""
     by_key = {r["key"]: r for r in rows}
     out = []
 
@@ -773,6 +783,12 @@ def compute_ratios(rows: list[dict]) -> list[dict]:
 
     for r in rows:
         model, k = r["model"], r["num_classes"]
+        if r["method"] in AWP_GAMMA:   # with AWP over the same method without it
+            plain = BENCH_METHODS[r["method"]][0]
+            base = by_key.get(f"{model}/{plain}/k{k}")
+            if base is not None:
+                add(f"awp_overhead:{plain}", model, k, r, base)
+            continue
         pgd = by_key.get(f"{model}/pgd_at/k{k}")
         if pgd is None or r is pgd:
             continue
@@ -864,7 +880,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spat bench",
         description="Trainer throughput (images/s, peak memory) per method x model, the same PGD-AT "
                     "in a reference loop written like public adversarial-training code, the SPAT "
-                    "overhead (spat_at / pgd_at step time at equal steps) and the PGD-AT step's "
+                    "overhead (spat_at / pgd_at step time at equal steps), the AWP overhead "
+                    "(pgd_at:awp / pgd_at, trades:awp / trades) and the PGD-AT step's "
                     "distance to its floor (step time / its arithmetic timed alone), on "
                     "CIFAR-shaped synthetic data. Prints a markdown table and writes JSON (+ .md beside it).",
         epilog="Defaults (CPU): small_cnn batch 128 and preact_resnet18 batch 32, PGD-10, slices of 2 "

@@ -7,10 +7,16 @@ TARGET is one of
 * a **kit checkpoint** file (``checkpoint_*.pt``): its config is inside;
 * a **TorchScript** file (``torch.jit.save`` of a traced or scripted model);
 * ``module:factory`` with ``--weights state_dict.pt``: the module is imported, the factory
-  called without arguments, the state_dict loaded strictly.
+  called without arguments, the state_dict loaded strictly, as public checkpoints come:
+  ``module.``/``model.`` prefixes and ``{"state_dict": ...}``/``{"model": ...}`` wrappers are
+  undone (:func:`spatlib.zoo.load_published_state_dict`);
+* ``robustbench:NAME``: a model of RobustBench's zoo (``--threat-model``, default Linf;
+  ``--model-dir``, default RobustBench's ``./models``; ``--dataset`` cifar10 or cifar100, default
+  cifar10), loaded through the ``robustbench`` package (:func:`spatlib.zoo.load_zoo_model`).
 
-External models (TorchScript, factory) take images in [0, 1] (normalization inside the model,
-as RobustBench's models and the kit's own) and need ``--dataset`` or ``--data-path``.
+External models (TorchScript, factory, zoo) take images in [0, 1] (normalization inside the
+model, as RobustBench's models and the kit's own); TorchScript and factory targets need
+``--dataset`` or ``--data-path``.
 
 A run folder is evaluated exactly as :func:`spatlib.report.evaluate_run` evaluates it (same
 weights, settings, seed and batches, hence the same numbers): when its ``eval_<eps>.json``
@@ -25,7 +31,10 @@ The card (:func:`make_card`) is flat, RobustBench style: the model's name in tab
 (``--name``), dataset, threat model, eps, clean and worst-case robust accuracy, per-attack
 accuracy (``acc_<attack>``: cascaded, see :mod:`spatlib.evaluate`), n, the threat-model check,
 where a kit model's checkpoint was selected (``selection``: held-out training images, or TEST
-images, optimistic) and provenance.
+images, optimistic) and provenance. ``--format robustbench`` writes RobustBench's own
+``model_info`` JSON instead (:func:`robustbench_info`): the file a leaderboard submission adds,
+with the keys the kit cannot know (the paper's link, title, authors, venue, reported number)
+left null and named on stdout.
 
 Notebook 03 reads the same cards: :func:`write_run_cards` writes the card of every run it
 evaluated (the card ``spat eval RUN_DIR`` writes, from the same numbers), and
@@ -51,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import report
+from . import report, zoo
 from .config import SUITE_ATTACKS, ConfigError, DataConfig, RunConfig, from_dict, parse_eps
 from .data import DataError, Dataset, dataset_from_config, select_validation, selection_label
 from .evaluate import RobustnessResult, result_from_json, robustness
@@ -62,7 +71,8 @@ from .util import device_name, eval_mode, git_commit, resolve_device, sha256_fil
 
 __all__ = ["CARD_FORMAT", "CARD_KEYS", "TargetError", "Target", "load_target", "run_target",
            "evaluate_target", "checkpoint_selection", "make_card", "write_card", "write_run_cards",
-           "load_card", "load_cards", "card_row", "card_lines", "build_parser", "cli_main"]
+           "load_card", "load_cards", "card_row", "card_lines", "build_parser", "cli_main", "FORMATS",
+           "ROBUSTBENCH_KEYS", "robustbench_info", "robustbench_notes"]
 
 CARD_FORMAT = "spatlib-card/1"
 EXTERNAL_EPS = 8 / 255        # RobustBench's CIFAR L-inf budget: the default without a kit config
@@ -75,6 +85,14 @@ CARD_KEYS = ("format", "dataset", "num_classes", "threat_model", "eps", "eps_flo
              "robust_acc", "n_examples", "suite", "threat_model_ok", "model", "seed")
 
 
+FORMATS = ("card", "robustbench")     # spat eval --format
+# RobustBench's model_info/<dataset>/Linf/<NAME>.json, its keys in its order (robustbench
+# repository, e.g. model_info/cifar10/Linf/Bartoldson2024Adversarial_WRN-94-16.json)
+ROBUSTBENCH_KEYS = ("link", "name", "authors", "additional_data", "number_forward_passes",
+                    "dataset", "venue", "architecture", "eps", "clean_acc", "reported",
+                    "autoattack_acc", "footnote", "unreliable")
+
+
 class TargetError(ValueError):
     """A target that cannot be evaluated; the message says why in one line."""
 
@@ -82,14 +100,16 @@ class TargetError(ValueError):
 @dataclass
 class Target:
     """A loaded target: the model (eval mode, on its device) and what the kit knows about it."""
-    kind: str                     # run | checkpoint | torchscript | factory
+    kind: str                     # run | checkpoint | torchscript | factory | robustbench
     spec: str                     # as given on the command line
     model: nn.Module | None       # None: a run evaluated elsewhere (run_target), only carded
-    file: Path                    # the file whose sha256 identifies the weights
+    file: Path | None             # the file whose sha256 identifies the weights (None: a zoo
+                                  # ensemble of several files, or timm's hub weights)
     config: RunConfig | None      # kit targets only
     which: str | None             # kit targets only
     description: str
     dataset: Dataset | None = None   # kit targets: the data of their config
+    zoo: zoo.ZooEntry | None = None  # robustbench targets
 
     @property
     def default_name(self) -> str:
@@ -97,6 +117,8 @@ class Target:
         targets), the file's stem (TorchScript), the ``module:factory`` spec."""
         if self.config is not None:
             return self.config.name
+        if self.zoo is not None:
+            return self.zoo.name
         return Path(self.spec).stem if self.kind == "torchscript" else self.spec
 
 
@@ -121,12 +143,20 @@ def _kit_model(ckpt: dict, weights: str, path: Path) -> tuple[nn.Module, RunConf
 
 
 def load_target(spec: str, *, weights: str | None = None, which: str = "best",
-                device: str | torch.device = "cpu") -> Target:
-    """Load a run folder, kit checkpoint, TorchScript file or ``module:factory`` (+ ``weights``).
-    Raises :class:`TargetError` (one line) when it cannot be loaded."""
+                device: str | torch.device = "cpu", threat_model: str | None = None,
+                model_dir: str | Path | None = None, zoo_dataset: str = "cifar10") -> Target:
+    """Load a run folder, kit checkpoint, TorchScript file, ``module:factory`` (+ ``weights``)
+    or ``robustbench:NAME`` (``threat_model``, default Linf; ``model_dir``, default
+    :func:`spatlib.zoo.default_model_dir`; the zoo of ``zoo_dataset``). Raises
+    :class:`TargetError` (one line) when it cannot be loaded."""
     if which not in WHICH:
         raise TargetError(f"--which: expected one of {', '.join(WHICH)}, got {which!r}")
     device = torch.device(device) if not isinstance(device, torch.device) else device
+    if spec.startswith(zoo.ZOO_PREFIX):
+        return _load_zoo(spec, weights, threat_model, model_dir, zoo_dataset, device)
+    for option, value in (("--threat-model", threat_model), ("--model-dir", model_dir)):
+        if value is not None:
+            raise TargetError(f"{option}: only a robustbench:NAME target takes it ({spec} is not one)")
     path = Path(spec)
     if weights is not None and not _FACTORY.match(spec):
         raise TargetError(f"--weights: only a module:factory target takes a state_dict "
@@ -204,13 +234,28 @@ def _load_factory(spec: str, weights: str | None, device: torch.device) -> Targe
     if not isinstance(state, Mapping):
         raise TargetError(f"--weights {weights}: holds a {type(state).__name__}, not a state_dict")
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        raise TargetError(f"--weights {weights}: does not fit {spec}: "
-                          f"{'; '.join(lines[1:3]) or lines[0]}") from None
+        zoo.load_published_state_dict(model, state, f"--weights {weights} for {spec}")
+    except zoo.ZooError as e:
+        raise TargetError(str(e)) from None
     return Target("factory", spec, model.to(device).eval(), wpath, None, None,
                   f"{spec} with {wpath.name}")
+
+
+def _load_zoo(spec: str, weights: str | None, threat_model: str | None,
+              model_dir: str | Path | None, dataset: str, device: torch.device) -> Target:
+    if weights is not None:
+        raise TargetError(f"--weights: a {zoo.ZOO_PREFIX}NAME target loads RobustBench's own "
+                          f"checkpoint (put it under --model-dir)")
+    name = spec[len(zoo.ZOO_PREFIX):]
+    try:
+        model, entry = zoo.load_zoo_model(name, dataset=dataset,
+                                          threat_model=threat_model or zoo.DEFAULT_THREAT_MODEL,
+                                          model_dir=model_dir)
+    except zoo.ZooError as e:
+        raise TargetError(str(e)) from None
+    file = entry.files[0] if len(entry.files) == 1 else None
+    return Target("robustbench", spec, model.to(device).eval(), file, None, None,
+                  entry.description, zoo=entry)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,8 +348,9 @@ def make_card(result: RobustnessResult, *, target: Target, dataset: str, num_cla
         "min_pixel": min((r["min_pixel"] for r in tm), default=None),
         "max_pixel": max((r["max_pixel"] for r in tm), default=None),
         "model": target.description, "target": str(target.spec), "target_kind": target.kind,
-        "which": target.which, "target_file": str(target.file),
-        "target_sha256": sha256_file(target.file), "selection": checkpoint_selection(target),
+        "which": target.which, "target_file": str(target.file) if target.file else None,
+        "target_sha256": sha256_file(target.file) if target.file else None,
+        "selection": checkpoint_selection(target),
         "seed": seed, "batch_size": batch_size, "source": source, "seconds": seconds,
         "spatlib_version": spatlib_version(), "git_commit": git_commit(),
         "torch_version": str(torch.__version__), "device": str(device),
@@ -318,15 +364,25 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
                     suite: str | list[str] | None = None, n_examples: int | None = None,
                     batch_size: int | None = None, seed: int | None = None,
                     which: str = "best", device: str | torch.device = "auto",
-                    progress: bool = False, name: str | None = None) -> tuple[dict, RobustnessResult]:
+                    progress: bool = False, name: str | None = None,
+                    threat_model: str | None = None, model_dir: str | Path | None = None,
+                    format: str = "card") -> tuple[dict, RobustnessResult]:
     """Evaluate a target (see the module doc); returns (card, result). ``name``: the card's
-    label of the model in tables (default: :attr:`Target.default_name`).
+    label of the model in tables (default: :attr:`Target.default_name`). ``threat_model`` and
+    ``model_dir``: of a ``robustbench:NAME`` target, whose zoo is ``dataset``'s (default
+    cifar10; with ``data_path`` too, the images come from the file). ``format="robustbench"``:
+    the card also holds ``card["robustbench"]``: ``model_info`` (RobustBench's file,
+    :func:`robustbench_info`) and ``notes`` (:func:`robustbench_notes`); the evaluation must be
+    one RobustBench takes (its dataset, AutoAttack in the suite).
 
-    Every check (the target, the data, the model's output width, eps, the suite) runs before
-    any attack. Raises :class:`TargetError`, ConfigError, DataError or CheckpointError.
+    Every check (the target, the data, the model's output width, eps, the suite, the format)
+    runs before any attack. Raises :class:`TargetError`, ConfigError, DataError or
+    CheckpointError.
     """
     if name is not None and not name.strip():
         raise TargetError("--name: expected a non-empty label for the model in tables")
+    if format not in FORMATS:
+        raise TargetError(f"--format: expected one of {', '.join(FORMATS)}, got {format!r}")
     dev = resolve_device(device, key="--device")
     if eps is not None:
         eps_f = parse_eps(eps, "--eps")
@@ -336,7 +392,15 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
         raise TargetError(f"--n-examples: expected an integer >= 1, got {n_examples}")
     if batch_size is not None and batch_size < 1:
         raise TargetError(f"--batch-size: expected an integer >= 1, got {batch_size}")
-    target = load_target(spec, weights=weights, which=which, device=dev)
+    zoo_dataset = "cifar10"
+    if spec.startswith(zoo.ZOO_PREFIX) and dataset is not None:
+        zoo_dataset = dataset
+        if data_path is not None:      # the zoo's dataset names the model, the file the images
+            dataset = None
+    target = load_target(spec, weights=weights, which=which, device=dev,
+                         threat_model=threat_model, model_dir=model_dir, zoo_dataset=zoo_dataset)
+    if target.zoo is not None and dataset is None and data_path is None:
+        dataset = target.zoo.dataset
     ds = _dataset(target, dataset, data_path)
     _check_output(target, ds, dev)
 
@@ -363,6 +427,8 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
         restarts, cw_steps = 5, 30
         suite_v = _suite(suite, list(SUITE_ATTACKS))
 
+    if format == "robustbench":
+        _check_robustbench(ds, suite_v)
     t0 = time.perf_counter()
     same_as_run = (target.kind == "run" and dataset is None and data_path is None
                    and seed_v == cfg.seed)
@@ -378,7 +444,69 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
     card = make_card(result, target=target, dataset=ds.name, num_classes=ds.num_classes,
                      suite=suite_v, seed=seed_v, batch_size=bs, device=dev, source=source,
                      seconds=time.perf_counter() - t0, name=name and name.strip())
+    if format == "robustbench":
+        info = robustbench_info(card, target.config)
+        card["robustbench"] = {"model_info": info,
+                               "notes": robustbench_notes(info, card, len(ds.y_test))}
     return card, result
+
+
+# --------------------------------------------------------------------------------------------
+# RobustBench's model_info: what a leaderboard submission adds
+def _check_robustbench(ds: Dataset, suite: list[str]) -> None:
+    if ds.name not in zoo.ZOO_DATASETS:
+        raise TargetError(f"--format robustbench: RobustBench's leaderboards are on "
+                          f"{', '.join(zoo.ZOO_DATASETS)} (and ImageNet); this evaluation is on "
+                          f"{ds.name!r}")
+    if "autoattack" not in suite:
+        raise TargetError("--format robustbench: RobustBench ranks by AutoAttack accuracy; add "
+                          "autoattack to --suite (or the run's eval.suite)")
+
+
+def _percent(v: float) -> str:
+    """RobustBench's way: ``str(round(100 * v, 2))``, so 0.5617 -> ``"56.17"``, 0 -> ``"0.0"``."""
+    return str(round(100 * float(v), 2))
+
+
+def robustbench_info(card: dict, config: RunConfig | None = None) -> dict:
+    """RobustBench's model_info of an evaluated card, every key of :data:`ROBUSTBENCH_KEYS`.
+
+    Measured: dataset, eps (as ``8/255``), clean_acc and autoattack_acc (percent strings, the
+    way RobustBench writes them). From the kit's ``config`` (a model the kit trained):
+    architecture (``WideResNet-34-10``), additional_data (false: trained on the dataset's own
+    training images; null for an ``npz`` dataset, whose origin the kit cannot know),
+    number_forward_passes 1 and unreliable false (a deterministic network, one forward pass).
+    Null: what only the authors know (link, name: the paper's title, authors, venue, reported),
+    footnote (optional), and for an external model everything the kit cannot see."""
+    info = dict.fromkeys(ROBUSTBENCH_KEYS)
+    info.update(dataset=card["dataset"], eps=card["eps"], clean_acc=_percent(card["clean_acc"]),
+                autoattack_acc=_percent(card["acc_autoattack"]))
+    if config is not None:
+        m = config.model
+        info.update(
+            architecture=(f"WideResNet-{m.depth}-{m.width}" if m.name == "wide_resnet"
+                          else report.MODEL_LABELS.get(m.name, m.name)),
+            additional_data=False if config.data.name in zoo.ZOO_DATASETS else None,
+            number_forward_passes=1, unreliable=False)
+    return {k: info[k] for k in ROBUSTBENCH_KEYS}
+
+
+def robustbench_notes(info: dict, card: dict, n_test: int | None = None) -> list[str]:
+    """What to do before submitting ``info``: the null keys to fill, and how the kit's numbers
+    differ from a leaderboard evaluation (fewer images than ``n_test``, another eps, the
+    cascade)."""
+    fill = [k for k in ROBUSTBENCH_KEYS if info[k] is None and k != "footnote"]
+    lines = [f"fill in before submitting: {', '.join(fill)} (name: the paper's title; reported: "
+             f"the robust accuracy the paper reports); footnote is optional"]
+    if n_test is not None and card["n_examples"] < n_test:
+        lines.append(f"evaluated on the first {card['n_examples']} of {n_test} test images; the "
+                     f"leaderboard's numbers are on all of them (--n-examples)")
+    if card["eps"] != "8/255":
+        lines.append(f"eps {card['eps']}: RobustBench's {card['dataset']} Linf leaderboard is at "
+                     f"8/255 (a model evaluated at another eps needs a footnote)")
+    lines.append("autoattack_acc is the kit's cascade (each attack on the points still robust "
+                 "after the ones before it): at most AutoAttack's standalone accuracy")
+    return lines
 
 
 def _cached_result(run_dir: Path, cfg: RunConfig, ev, which: str) -> RobustnessResult | None:
@@ -570,9 +698,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "models (TorchScript, factory) take images in [0, 1] (normalize inside the "
                     "model) and need --dataset or --data-path.")
     p.add_argument("target", metavar="TARGET")
-    p.add_argument("--weights", help="state_dict file of a module:factory target (loaded strictly)")
+    p.add_argument("--weights", help="state_dict file of a module:factory target (loaded "
+                                     "strictly; module./model. prefixes and state_dict/model "
+                                     "wrappers undone)")
+    p.add_argument("--threat-model", default=None,
+                   help=f"the RobustBench zoo of a {zoo.ZOO_PREFIX}NAME target: Linf (default), "
+                        "L2, corruptions, corruptions_3d (the suite itself is L-inf)")
+    p.add_argument("--model-dir", default=None,
+                   help=f"RobustBench checkpoints of a {zoo.ZOO_PREFIX}NAME target "
+                        f"(MODEL_DIR/<dataset>/<threat model>/NAME.pt; default: "
+                        f"${zoo.MODEL_DIR_ENV} or RobustBench's ./models)")
     p.add_argument("--dataset", help="dataset name (digits, cifar10, cifar100, mnist, "
-                                     "fashion_mnist, synthetic); default: the run's")
+                                     "fashion_mnist, synthetic); default: the run's (a "
+                                     f"{zoo.ZOO_PREFIX}NAME target: its zoo's, cifar10)")
     p.add_argument("--data-path", help="an .npz dataset (x_test, y_test) instead of --dataset")
     p.add_argument("--eps", help="L-inf budget in pixel units, e.g. 8/255 (default: the run's "
                                  "eval eps; 8/255 for external models)")
@@ -587,7 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the model's label in results tables (notebook 03's cards "
                                   "parameter); default: the run's name, the TorchScript file's "
                                   "stem, or the module:factory spec")
-    p.add_argument("--out", default="card.json", help="the result card (default: card.json)")
+    p.add_argument("--format", default="card", choices=list(FORMATS),
+                   help="card: the kit's result card; robustbench: RobustBench's model_info JSON "
+                        "for a leaderboard submission (needs autoattack in the suite)")
+    p.add_argument("--out", default=None, help="the file written (default: card.json; with "
+                                                "--format robustbench, NAME.json as RobustBench "
+                                                "names it)")
     p.add_argument("--progress", action="store_true", help="a progress bar over the attacks")
     return p
 
@@ -600,7 +743,8 @@ def cli_main(argv: list[str] | None = None) -> int:
             args.target, weights=args.weights, dataset=args.dataset, data_path=args.data_path,
             eps=args.eps, suite=args.suite, n_examples=args.n_examples,
             batch_size=args.batch_size, seed=args.seed, which=args.which, device=args.device,
-            progress=args.progress, name=args.name)
+            progress=args.progress, name=args.name, threat_model=args.threat_model,
+            model_dir=args.model_dir, format=args.format)
     except (TargetError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -609,6 +753,16 @@ def cli_main(argv: list[str] | None = None) -> int:
     print(result)
     print(result.table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"threat model {'OK' if card['threat_model_ok'] else 'VIOLATED'}")
-    write_card(args.out, card)
-    print(f"wrote {args.out}")
+    if args.format == "robustbench":
+        rb = card.pop("robustbench")
+        out = args.out or f"{card['name']}.json"
+        write_card(out, rb["model_info"])
+        print(f"wrote {out}: RobustBench's model_info; submit it as "
+              f"model_info/{rb['model_info']['dataset']}/Linf/{Path(out).stem}.json")
+        for line in rb["notes"]:
+            print(f"note: {line}")
+        return 0
+    out = args.out or "card.json"
+    write_card(out, card)
+    print(f"wrote {out}")
     return 0

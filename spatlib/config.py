@@ -228,6 +228,12 @@ class TrainConfig:
     # training examples' |delta| on shared pixels, and PGD's on the same batch (history.csv's
     # shared_share, shared_share_pgd); 0: off. It never changes what is trained
     share_every: int = spec(10, NON_NEGATIVE_INT)
+    # adversarial weight perturbation (Wu et al. 2020; spatlib.awp), adversarial methods only:
+    # the size of the weight step relative to each layer's norm (0: off; the authors: 0.01
+    # AT-AWP, 0.005 TRADES-AWP) and the epochs trained before it starts
+    awp_gamma: float = spec(0.0, at_least(0, "a number"))
+    awp_warmup: int = spec(0, NON_NEGATIVE_INT)
+    tensorboard: bool = False          # the per-epoch history also as TensorBoard events (run_dir/tensorboard)
 
 
 @dataclass
@@ -472,6 +478,17 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"attack.budget: 'radius' needs a shared-pixel rule with a score; "
                           f"attack.rule {cfg.attack.rule!r} has none (it is plain PGD): use budget "
                           f"'step' or a rule of {', '.join(r for r in RULES if RULES[r].score)}")
+    tc = cfg.train
+    if tc.awp_gamma > 0 and tc.method == "standard":
+        raise ConfigError("train.awp_gamma: AWP perturbs the weights against the adversarial "
+                          "loss, and method 'standard' has none; use an adversarial method or "
+                          "awp_gamma 0")
+    if tc.awp_gamma == 0 and tc.awp_warmup > 0:
+        raise ConfigError(f"train.awp_warmup: {tc.awp_warmup} has no effect with train.awp_gamma "
+                          f"0 (AWP off); set awp_gamma > 0 or leave awp_warmup out")
+    if tc.awp_gamma > 0 and tc.awp_warmup >= tc.epochs:
+        raise ConfigError(f"train.awp_warmup: {tc.awp_warmup} epochs before AWP starts, but the "
+                          f"run has train.epochs {tc.epochs}: AWP would never switch on")
 
 
 def _check_section_consistency(cfg: HypothesisConfig, where: str) -> None:

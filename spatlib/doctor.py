@@ -19,6 +19,11 @@ named row each, PASS or FAIL with a detail:
   loop on this device (relative tolerance);
 * ``channels_last = NCHW``: the logits and input gradients of the model in channels_last
   layout equal those of the NCHW model;
+* ``AWP step``: adversarial weight perturbation (:mod:`spatlib.awp`) on one TRADES step (or the
+  first adversarial method checked): the ascent adds exactly ``gamma ||w||`` to each perturbed
+  weight tensor and leaves every other parameter and every buffer (BatchNorm statistics)
+  bit-equal, the restore brings the weights back to float rounding, and a full training step
+  with AWP gives a finite loss;
 * ``checkpoint resume bit-equal``: a ``checkpoint_last.pt`` state saved and restored on this
   device (weights, EMA, optimizer, RNG states) gives the bit-equal next step (loss and weights)
   under deterministic kernels;
@@ -80,6 +85,8 @@ DEFAULTS = {
 # default (10-bit mantissa), so different kernels of the same math differ in the 3rd digit
 TOLERANCE = {"cpu": 1e-4, "cuda": 5e-3}
 COMPILE_TOLERANCE = 2e-2        # compiled vs eager loss under bf16 autocast (fusion reorders sums)
+AWP_GAMMA = 0.01                # the AT-AWP authors' gamma
+AWP_RESTORE_TOLERANCE = 1e-6    # (w + v) - v vs w, relative to max |w|: float32 rounding is ~1e-7
 
 
 @dataclass
@@ -187,7 +194,8 @@ def _rel_err(a: Tensor, b: Tensor) -> float:
 
 
 def doctor_config(model: str, method: str, *, batch_size: int, attack_steps: int,
-                  precision: str, compile: bool = False, ema: float = 0.0) -> RunConfig:
+                  precision: str, compile: bool = False, ema: float = 0.0,
+                  awp_gamma: float = 0.0) -> RunConfig:
     """The run config of one doctor case: the paper's attack and optimizer at CIFAR shape on
     synthetic data, a constant lr (LR) over the few steps taken."""
     return from_dict({
@@ -202,7 +210,8 @@ def doctor_config(model: str, method: str, *, batch_size: int, attack_steps: int
         # epochs 100: the few steps taken stay far before the piecewise schedule's milestones
         "train": {"method": method, "epochs": 100, "batch_size": batch_size, "lr": LR,
                   "momentum": 0.9, "weight_decay": 5e-4, "beta": 6.0, "precision": precision,
-                  "channels_last": True, "compile": compile, "ema": ema, "progress": False},
+                  "channels_last": True, "compile": compile, "ema": ema, "awp_gamma": awp_gamma,
+                  "progress": False},
     })
 
 
@@ -328,6 +337,36 @@ class _Doctor:
             r.values = {"rel_err": err, "tolerance": self.tol}
             r.ok = err <= self.tol
             r.detail = f"logits and input gradients: max rel. difference {err:.2e} (tolerance {self.tol:g})"
+
+    def awp_check(self, model: str, method: str) -> None:
+        subject = f"{model} {method}"
+        with self.row("AWP step", subject) as r:
+            t = self.trainer(model, method, awp_gamma=AWP_GAMMA)
+            x, y = next(iter(t.loader))
+            with t.amp():
+                x_adv = t.attack(t.cfg.attack.eps).run(x, y).x_adv
+            t.model.train()
+            before = {k: v.clone() for k, v in t.model.state_dict().items()}
+            v = dict(zip(t.awp.names, t.awp_perturb(x, x_adv, y, 0)))
+            moved = t.model.state_dict()
+            untouched = [k for k in before if k not in v and not torch.equal(moved[k], before[k])]
+            size_err = max(abs(float(d.norm()) / (AWP_GAMMA * float(before[k].norm())) - 1.0)
+                           for k, d in v.items())
+            add_err = max(_rel_err(moved[k], before[k] + d) for k, d in v.items())
+            t.awp.restore(list(v.values()))
+            restore_err = max(_rel_err(t.model.state_dict()[k], before[k]) for k in v)
+            loss = float(t.train_step(x, y, 0).loss)
+            n_buffers = sum(1 for _ in t.model.buffers())
+            r.values = {"gamma": AWP_GAMMA, "perturbed": len(v), "size_rel_err": size_err,
+                        "add_rel_err": add_err, "restore_rel_err": restore_err,
+                        "changed_besides": untouched[:5], "loss": loss}
+            r.ok = (not untouched and size_err <= self.tol and add_err <= AWP_RESTORE_TOLERANCE
+                    and restore_err <= AWP_RESTORE_TOLERANCE and math.isfinite(loss))
+            r.detail = (f"gamma {AWP_GAMMA:g}: {len(v)} weight tensors moved by gamma ||w|| "
+                        f"(rel. error {size_err:.1e}), "
+                        + (f"changed besides: {', '.join(untouched[:3])}" if untouched else
+                           f"other parameters and {n_buffers} buffers bit-equal")
+                        + f"; restored to {restore_err:.1e}; AWP step loss {loss:.4f}")
 
     # -- once per device ----------------------------------------------------------------------
     def resume_check(self, model: str) -> None:
@@ -478,6 +517,9 @@ def run_doctor(settings: DoctorSettings | None = None, *,
             doc.method_checks(model, method)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        adversarial = [m for m in s.methods if METHODS[m].attack is not None]
+        if adversarial:
+            doc.awp_check(model, "trades" if "trades" in adversarial else adversarial[0])
         doc.model_checks(model)
     log(f"{device.type}:")
     doc.resume_check(s.models[0])

@@ -44,6 +44,7 @@ from .config import attack_names, format_eps, parse_attack_name, parse_eps
 from .semantics import SALIENCIES, perturbation_mass_share, shared_pixel_score
 from .stats import McNemarResult, holm, mcnemar_test, wilson_interval
 from .util import derive_seed, device_of, eval_mode
+from .zoo import ZOO_DATASETS, ZOO_PREFIX, load_zoo_model
 
 # an attack factory builds the attack for one eps: factory(model, eps, generator) -> Attack
 AttackFactory = Callable[[nn.Module, float, torch.Generator], Attack]
@@ -142,7 +143,8 @@ class EnsembleOracle(Oracle):
     """The mean softmax of several independently trained models (each in eval mode, no grad).
 
     For CIFAR-sized data, where pixel-space neighbours mean little: e.g. robust models of other
-    seeds or architectures than the attacked one. Each model runs on its own device.
+    seeds or architectures than the attacked one, or of RobustBench's zoo. Each model runs on
+    its own device.
     """
 
     def __init__(self, models: Sequence[nn.Module], *, batch_size: int = 512):
@@ -171,19 +173,32 @@ class EnsembleOracle(Oracle):
 
     @classmethod
     def from_checkpoints(cls, paths: Iterable[str | Path], *, which: str = "best",
-                         device: str | torch.device = "cpu", batch_size: int = 512) -> "EnsembleOracle":
-        """An ensemble of trained runs on ``device``, via ``spatlib.runfolder.load_run_model``.
+                         device: str | torch.device = "cpu", batch_size: int = 512,
+                         dataset: str | None = None) -> "EnsembleOracle":
+        """An ensemble of trained runs on ``device``, via ``spatlib.runfolder.load_run_model``,
+        and of RobustBench zoo models.
 
         paths: run folders (``which``: ``best``, ``last`` or ``ema`` weights) or their
         ``checkpoint_best.pt`` / ``checkpoint_last.pt`` files (the file decides best or last;
         ``which="ema"`` picks the EMA of a last checkpoint). The model is rebuilt from the
         config saved in the checkpoint, so runs of other architectures mix freely.
+        ``robustbench:NAME``: the Linf zoo model of ``dataset`` (cifar10 or cifar100) from
+        :func:`spatlib.zoo.default_model_dir` (:func:`spatlib.zoo.load_zoo_model`).
         """
         from . import runfolder   # lazy: loading runs is the caller's choice
 
         by_file = {runfolder.BEST: "best", runfolder.LAST: "last"}
         models = []
-        for p in map(Path, paths):
+        for entry in paths:
+            if str(entry).startswith(ZOO_PREFIX):
+                if dataset not in ZOO_DATASETS:
+                    raise ValueError(f"EnsembleOracle: {entry}: a zoo model is looked up in the "
+                                     f"dataset's zoo ({', '.join(ZOO_DATASETS)}), and the data is "
+                                     f"{dataset!r}")
+                zoo_model, _ = load_zoo_model(str(entry)[len(ZOO_PREFIX):], dataset=dataset)
+                models.append(zoo_model.to(device))
+                continue
+            p = Path(entry)
             if p.is_file():
                 if p.name not in by_file:
                     raise ValueError(f"EnsembleOracle: {p} is not a run's {runfolder.BEST} or {runfolder.LAST}; "
@@ -205,7 +220,8 @@ class EnsembleOracle(Oracle):
 def build_oracle(kind: str, dataset=None, *, k: int = 5, checkpoints: Sequence[str | Path] = (),
                  which: str = "best", device: str | torch.device = "cpu") -> Oracle:
     """An oracle from notebook parameters: ``"knn"`` (needs ``dataset``, fits on its clean
-    training split) or ``"ensemble"`` (needs ``checkpoints``: run folders or checkpoint files)."""
+    training split) or ``"ensemble"`` (needs ``checkpoints``: run folders, checkpoint files or
+    ``robustbench:NAME`` zoo models of ``dataset``'s zoo)."""
     if kind == "knn":
         if dataset is None:
             raise ValueError("oracle 'knn' needs the dataset (it fits on the clean training images)")
@@ -214,7 +230,8 @@ def build_oracle(kind: str, dataset=None, *, k: int = 5, checkpoints: Sequence[s
         if not checkpoints:
             raise ValueError("oracle 'ensemble' needs checkpoints: run folders of independently "
                              "trained models (other seeds or architectures than the attacked one)")
-        return EnsembleOracle.from_checkpoints(checkpoints, which=which, device=device)
+        return EnsembleOracle.from_checkpoints(checkpoints, which=which, device=device,
+                                               dataset=getattr(dataset, "name", None))
     raise ValueError(f"oracle: expected 'knn' or 'ensemble', got {kind!r}")
 
 

@@ -56,7 +56,7 @@ GROUP_KEYS = ["method", "dataset", "model"]
 MEASURED = "measured"        # the source of the rows of run folders (evaluation_row)
 REFERENCES_CSV = Path(__file__).with_name("references.csv")
 REFERENCE_COLUMNS = ["dataset", "threat_model", "eps", "method", "model", "clean", "robust",
-                     "robust_attack", "source", "note"]
+                     "robust_attack", "source", "note", "selection", "selection_source"]
 MODEL_LABELS = {"small_cnn": "SmallCNN", "preact_resnet18": "PreActResNet-18"}
 
 
@@ -358,8 +358,8 @@ def aggregate(runs: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.DataFr
         row["n_examples"] = ", ".join(str(int(n)) for n in dict.fromkeys(part["n_examples"]))
         row["n_seeds"] = len(part)
         row["seeds"] = ", ".join(str(s) for s in part["seed"])
-        if "selection" in part:
-            row["selection"] = ", ".join(dict.fromkeys(str(v) for v in part["selection"]))
+        if "selection" in part:    # how the rows' checkpoints were chosen (results_table's Selected on)
+            row["selection"] = ", ".join(dict.fromkeys(part["selection"].fillna("").astype(str)))
         if "shared_share" in part and part["shared_share"].notna().any():
             row["shared_share_mean"] = 100 * float(part["shared_share"].mean())
             row["shared_share_pgd_mean"] = 100 * float(part["shared_share_pgd"].mean())
@@ -401,7 +401,10 @@ def load_references(path: str | Path | None = None) -> pd.DataFrame:
     """The published rows readers compare against (``spatlib/references.csv``, with sources).
 
     Columns: dataset, threat_model, eps, method, model, clean, robust (percent, NaN where the
-    source gives none), robust_attack, source, note.
+    source gives none), robust_attack, source, note, selection (how the published checkpoint was
+    chosen: ``test PGD-20`` where the authors' code keeps the epoch of best test-set PGD-20
+    accuracy, ``not stated`` where neither their code nor their README says) and
+    selection_source (where that is written).
     """
     path = Path(path) if path else REFERENCES_CSV
     df = pd.read_csv(path, dtype={"eps": str}, keep_default_na=False, na_values=[""])
@@ -441,13 +444,12 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
     Columns: Method, Dataset, Model, eps, Images (test images each run was evaluated on),
     Clean, FGSM, PGD-20, PGD-100, CW-inf, AutoAttack, Seeds, the manipulation check where runs
     measured it (:data:`SHARED_COLUMN`: ``28.1 (1.61x PGD)``, the share of the training
-    examples' |delta| on shared pixels and its ratio to PGD's on the same batches), Source
-    (``measured``, or the ``source`` of a row that is not a run's, e.g. ``card: FILE``).
-    Attacks no measured row ran are left out. Where any row selected its checkpoint on test images
-    (``data.val_split: test``), a Selected on column says where every row selected its own.
+    examples' |delta| on shared pixels and its ratio to PGD's on the same batches), Selected on
+    (how the checkpoint was chosen: a published row's ``selection``, a measured row's
+    ``selection`` when its runs carry one), Source (``measured``, or the ``source`` of a row
+    that is not a run's, e.g. ``card: FILE``). Attacks no measured row ran are left out.
     """
     attacks = [a for a in ATTACKS if f"{a}_mean" in agg]
-    on_test = selected_on_test(agg)
     check = "shared_share_mean" in agg and agg["shared_share_mean"].notna().any()
     rows = []
     for _, r in agg.iterrows():
@@ -459,8 +461,7 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         if check:
             row[SHARED_COLUMN] = format_shared_share(r.get("shared_share_mean", float("nan")),
                                                      r.get("shared_share_pgd_mean", float("nan")))
-        if on_test:
-            row["Selected on"] = r.get("selection", "")
+        row["Selected on"] = r.get("selection", "")
         row["Source"] = r.get("source", MEASURED)
         rows.append(row)
     for _, r in matching_references(refs, agg).iterrows():
@@ -475,8 +476,7 @@ def results_table(agg: pd.DataFrame, refs: pd.DataFrame | None = None) -> pd.Dat
         row["Seeds"] = ""
         if check:
             row[SHARED_COLUMN] = ""
-        if on_test:
-            row["Selected on"] = ""
+        row["Selected on"] = r["selection"]
         row["Source"] = r["source"]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -521,12 +521,16 @@ def results_markdown(table: pd.DataFrame, refs: pd.DataFrame | None, *, experime
              "column is the accuracy under that attack *and all before it*; the last column is "
              "the worst case per example (for AutoAttack: at most AutoAttack's standalone number). "
              "Rows marked *(published)* are numbers reported elsewhere, not measured here; "
-             "their sources are listed below.", ""]
+             "their sources are listed below. *Selected on* says how each row's checkpoint was "
+             "chosen: a published checkpoint kept at its best test-set PGD-20 (or PGD-10) epoch "
+             "was picked on the very images it is scored on, which favours it over a checkpoint "
+             "selected on held-out training images; *not stated* where the authors' code and "
+             "README do not say.", ""]
     if runs is not None and not runs.empty:
         n = sorted(set(int(v) for v in runs["n_examples"]))
         lines += [f"Runs: {len(runs)}; test images per run: {', '.join(map(str, n))}; threat-model "
                   f"check passed: {bool(runs['threat_model_ok'].all())}.", ""]
-    if "Selected on" in table:
+    if selected_on_test(table.rename(columns={"Selected on": "selection"})):
         lines += ["**Checkpoints selected on test images.** A row whose *Selected on* names TEST "
                   "images chose its checkpoint (the epoch of best validation accuracy) on test "
                   "images (`data.val_split: test`): its test numbers are optimistic, since the "
@@ -571,6 +575,7 @@ def save_results(out_dir: str | Path, collected: Collected, agg: pd.DataFrame, t
                         "dataset": published.get("dataset", []), "model": published.get("model", []),
                         "eps_str": published.get("eps", []), "clean_mean": published.get("clean", []),
                         "autoattack_mean": published.get("robust", []),
+                        "selection": published.get("selection", []),
                         "reference": published.get("source", [])})
     combined = pd.concat([measured, pub], ignore_index=True) if not pub.empty else measured
     paths["results.csv"] = out / "results.csv"

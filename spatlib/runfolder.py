@@ -53,8 +53,8 @@ HISTORY_COLUMNS = ["epoch", "lr", "eps", "train_loss", "train_clean_acc", "train
 # keys that do not change what is trained: a run resumes (or is reused) across them. "eval."
 # covers the whole section: evaluation settings (03 re-evaluates with its own cache key) never
 # change the weights
-COSMETIC_KEYS = ("name", "train.progress", "train.device", "data.root", "data.download", "eval.",
-                 "train.share_every")
+COSMETIC_KEYS = ("name", "train.progress", "train.device", "train.tensorboard", "data.root",
+                 "data.download", "eval.", "train.share_every")
 # what a best checkpoint leaves out of the last one: only a resume needs it
 _RESUME_ONLY = ("optimizer", "scaler", "rng", "history")
 

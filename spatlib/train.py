@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from . import allocator, attacks
 from . import runfolder as rf
+from .awp import WeightPerturbation
 from .config import (EXPERIMENT_KEYS, ConfigError, RunConfig, TrainConfig, from_dict, load_config,
                      load_experiment, read_yaml, to_dict)
 from .data import DataError, DeviceLoader, augmentation_defaults, dataset_from_config, select_validation
@@ -53,6 +55,7 @@ __all__ = ["train", "Trainer", "StepStats", "EMA", "load_checkpoint", "load_run_
            "HISTORY_COLUMNS", "backend_flags", "resolve_precision", "epoch_line",
            "run_config_from_params"]
 
+TENSORBOARD_DIR = "tensorboard"   # train.tensorboard: the event files' folder in the run folder
 # Methods that never see f(x) (PGD-AT; SPAT-AT when its class evidence did not run f(x) in eval
 # mode) measure the clean training accuracy with one more forward (eval mode, no grad) on every
 # CLEAN_ACC_EVERY-th batch of an epoch, from the first: an unbiased estimate over a quarter of
@@ -244,6 +247,7 @@ class Trainer:
         self._setup_model()
         self._setup_optimizer()
         self._setup_forward()
+        self._setup_awp()
         self._setup_generators()
         self._init_run_state()
 
@@ -255,6 +259,10 @@ class Trainer:
         if tc.batch_size < self.dist.world:
             raise ConfigError(f"train.batch_size: {tc.batch_size} is smaller than the number of "
                               f"processes ({self.dist.world}); the global batch is split across them")
+        if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard: needs the tensorboard package: pip install "
+                              "'spatlib[tensorboard]' (or pip install tensorboard), or set "
+                              "train.tensorboard false")
 
     def _setup_data(self) -> None:
         """The dataset, the validation images (a hold-out of the training images, or with
@@ -326,6 +334,17 @@ class Trainer:
             device = self.device
             fwd = DDP(self.model, device_ids=[device] if device.type == "cuda" else None, **no_sync)
         self.fwd = torch.compile(fwd) if self.tc.compile else fwd
+
+    def _setup_awp(self) -> None:
+        """Adversarial weight perturbation (:mod:`spatlib.awp`) when ``train.awp_gamma`` > 0;
+        under torchrun the ascent gradients are summed over the processes, so every replica adds
+        the same perturbation."""
+        def reduce(grads: list[Tensor]) -> None:
+            for g in grads:
+                self.dist.all_reduce(g)
+        self.awp = (WeightPerturbation(self.model, self.tc.awp_gamma,
+                                       reduce=reduce if self.dist.world > 1 else None)
+                    if self.tc.awp_gamma > 0 else None)
 
     def _setup_generators(self) -> None:
         """The attack noise stream of this process (batches and augmentation: the loader's)."""
@@ -453,10 +472,28 @@ class Trainer:
         ok = ~(share.isnan() | share_pgd.isnan())     # eps 0: no perturbation to split
         return share[ok].sum(), share_pgd[ok].sum(), ok.sum()
 
+    def awp_perturb(self, x: Tensor, x_adv: Tensor, y: Tensor, step: int) -> list[Tensor] | None:
+        """Move the weights to w + v (:mod:`spatlib.awp`) for the step ``step``: one ascent
+        step of the method's own loss at (x, x_adv), the model in train mode; returns v for
+        ``self.awp.restore``, or None (nothing moved) when AWP is off or still warming up
+        (``train.awp_warmup`` epochs)."""
+        if self.awp is None or step // self.n_batches < self.tc.awp_warmup:
+            return None
+        model, method = self.model, self.method
+
+        def ascent_loss() -> Tensor:
+            with self.amp():
+                clean = model(x) if method.needs_clean else None
+                # scaled under fp16 (a no-op otherwise): the rescaling to gamma ||w|| cancels it
+                return self.scaler.scale(method.loss(clean, model(x_adv), y, self.tc.beta))
+        return self.awp.perturb(ascent_loss)
+
     def train_step(self, x: Tensor, y: Tensor, step: int, *, check: bool = False) -> StepStats:
         """One update on the batch (x, y) at global step ``step``: the schedules' lr and eps,
-        the training attack, the method's loss, the optimizer step and the EMA. ``check``: also
-        run the manipulation check (:meth:`manipulation_check`) on this batch's examples."""
+        the training attack, the adversarial weight perturbation (when on), the method's loss,
+        the optimizer step (at the perturbed weights, as the AWP authors' code), the weights
+        restored, and the EMA. ``check``: also run the manipulation check
+        (:meth:`manipulation_check`) on this batch's examples."""
         tc, model, method = self.tc, self.model, self.method
         lr = lr_at(tc, step, self.n_batches)
         for group in self.opt.param_groups:
@@ -478,6 +515,7 @@ class Trainer:
                 if clean_logits is None and step % self.n_batches % CLEAN_ACC_EVERY == 0:
                     with torch.no_grad(), eval_mode(model), self.amp():
                         clean_logits = model(x)
+        awp = self.awp_perturb(x, x_adv, y, step) if x_adv is not None else None
         self.opt.zero_grad(set_to_none=True)
         with self.amp():
             if method.needs_clean:
@@ -487,6 +525,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
+        if awp is not None:
+            self.awp.restore(awp)
         if self.ema:
             self.ema.update(model)
         with torch.no_grad():
@@ -668,12 +708,34 @@ class Trainer:
             if device.type == "cuda" and rng["torch_cuda"] is not None:
                 torch.cuda.set_rng_state(rng["torch_cuda"], device)
 
+    def tensorboard_writer(self):
+        """A SummaryWriter on ``run_dir/tensorboard`` (rank 0, ``train.tensorboard``), else None.
+
+        Its ``purge_step`` is the first epoch this session trains: a run killed after an epoch's
+        events were written but before its checkpoint retrains that epoch, and TensorBoard drops
+        the stale events from that step on, so every epoch has one value per column."""
+        if not (self.tc.tensorboard and self.dist.main and self.run_dir is not None):
+            return None
+        from torch.utils.tensorboard import SummaryWriter   # the optional extra, checked at setup
+        return SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=self.epoch + 1)
+
+    def _write_scalars(self, writer, row: dict) -> None:
+        """One scalar per numeric history column at step = the epoch (1-based), as history.csv
+        has it; a NaN (no validation that epoch) is left out, as TensorBoard cannot draw it."""
+        for c in self.columns:
+            v = row.get(c)
+            if c != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
+                writer.add_scalar(c, v, global_step=int(row["epoch"]))
+        writer.flush()
+
     def run(self) -> None:
-        """The epoch loop (from ``self.epoch``), with validation, checkpoints, early stop."""
+        """The epoch loop (from ``self.epoch``), with validation, checkpoints, early stop, and
+        the history's TensorBoard events when ``train.tensorboard``."""
         tc = self.tc
         t_session = time.perf_counter()
         base_elapsed = self.elapsed_s
         epochs_bar = self._bar(total=tc.epochs, initial=self.epoch, desc=self.cfg.name)
+        writer = self.tensorboard_writer()
         try:
             while not self.finished and self.epoch < tc.epochs:
                 epoch = self.epoch
@@ -692,6 +754,8 @@ class Trainer:
                 self.elapsed_s = base_elapsed + (time.perf_counter() - t_session)
                 row["wall_time_s"] = self.elapsed_s
                 self.history.append(row)
+                if writer is not None:   # before the checkpoint: a kill between them retrains it
+                    self._write_scalars(writer, row)
                 self.save(improved)
                 epochs_bar.update(1)
                 epochs_bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_clean_acc",
@@ -701,6 +765,8 @@ class Trainer:
                     print(epoch_line(row, tc.epochs, self.cfg.name), file=sys.stderr, flush=True)
         finally:
             epochs_bar.close()
+            if writer is not None:
+                writer.close()
 
     def _record_selection(self, row: dict, epoch: int) -> bool:
         """Update the best epoch and the early-stopping count; True when this one is the best."""

@@ -84,7 +84,7 @@ def test_notebook_sections_are_checked_against_the_parameters_cells(tmp_path):
 
 def test_every_params_file_validates_and_expands_as_documented(tmp_path):
     expected = {"smoke": 2, "digits": 21, "cifar10_quick": 6, "mnist": 18,
-                "cifar10_paper": 30, "cifar100_paper": 30}
+                "cifar10_paper": 48, "cifar100_paper": 48}
     for name, n_runs in expected.items():
         plan = batch.plan_experiment(PARAMS / f"{name}.yaml", out_root=tmp_path)
         assert plan.name == name and len(plan.runs) == n_runs, name
@@ -101,6 +101,11 @@ def test_every_params_file_validates_and_expands_as_documented(tmp_path):
     run = paper.configs["trades.wrn34-cifar10-s0"]
     assert run["attack"]["eps"] == pytest.approx(8 / 255) and run["train"]["beta"] == 6.0
     assert paper.labels["trades.wrn34-cifar10-s0"] == {"variant": "trades.wrn34", "dataset": "cifar10", "seed": 0}
+    # TRADES-AWP, the method SPAT had to beat, with the authors' gamma and warm-up
+    awp = paper.configs["trades_awp.prn18-cifar10-s2"]["train"]
+    assert (awp["method"], awp["awp_gamma"], awp["awp_warmup"]) == ("trades", 0.005, 9)
+    assert paper.configs["spat_trades_awp.wrn34-cifar10-s0"]["train"]["awp_gamma"] == 0.005
+    assert paper.configs["trades.wrn34-cifar10-s0"]["train"]["awp_gamma"] == 0.0
     mnist = batch.plan_experiment(PARAMS / "mnist.yaml", out_root=tmp_path)
     assert {c["attack"]["eps"] for c in mnist.configs.values()} == {0.3}
     quick = batch.plan_experiment(PARAMS / "cifar10_quick.yaml", out_root=tmp_path)

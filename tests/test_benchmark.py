@@ -198,3 +198,19 @@ def test_unknown_model_or_method_is_an_error_naming_the_allowed_ones(capsys):
     assert "small_cnn" in capsys.readouterr().err
     assert benchmark.cli_main(TINY + ["--methods", "mart"]) == 2
     assert "spat_at:cam" in capsys.readouterr().err
+
+
+def test_spat_bench_reports_the_awp_overhead(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = benchmark.cli_main(TINY + ["--methods", "pgd_at,pgd_at:awp,trades,trades:awp",
+                                    "--no-reference", "--no-overhead", "--no-floor", "--no-memory",
+                                    "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    ratios = {q["name"]: q["ratio"] for q in result["ratios"]}
+    assert set(ratios) == {"awp_overhead:pgd_at", "awp_overhead:trades"}
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    printed = capsys.readouterr().out
+    assert "| small_cnn | pgd_at + AWP (gamma 0.01) | 10 | 4 |" in printed
+    assert "| small_cnn | trades + AWP (gamma 0.005) | 10 | 4 |" in printed
+    assert "| awp_overhead:trades | small_cnn | 10 |" in printed

@@ -179,7 +179,8 @@ def test_bad_targets_get_one_clear_error(run_dir, spat_eval, tmp_path):
     wrong = tmp_path / "wrong.pt"
     torch.save({k: v for k, v in model.state_dict().items() if "classifier" not in k}, wrong)
     msg = error("fac_mod:digits", "--weights", str(wrong), "--dataset", "digits")
-    assert "does not fit fac_mod:digits" in msg and "Missing key(s)" in msg
+    assert f"--weights {wrong} for fac_mod:digits: does not fit the model" in msg
+    assert "2 missing key(s): classifier.bias, classifier.weight" in msg
     assert "needs --weights" in error("fac_mod:digits", "--dataset", "digits")
     # a model whose output width is not the dataset's class count
     three = tmp_path / "three.pt"
@@ -353,3 +354,76 @@ def test_notebook_03_puts_a_card_in_its_results_table(ts_card, tmp_path):
            f"{100 * card['acc_fgsm']:.2f} | {100 * card['acc_pgd20']:.2f} |  | 1 | card: tiny-ts.json |")
     assert row in md, md
     assert "Result cards: 1 (card: tiny-ts.json); threat-model check passed: True." in md
+
+
+# --------------------------------------------------------------------------------------------
+# --format robustbench: RobustBench's model_info of a kit-trained model
+def _digits_named_cifar10(monkeypatch) -> None:
+    """The digits images stand in for CIFAR-10 (the format reads the dataset's name; the real
+    CIFAR-10 is a download away)."""
+    import dataclasses
+    real = cards.dataset_from_config
+    monkeypatch.setattr(cards, "dataset_from_config", lambda cfg: dataclasses.replace(
+        real(config.DataConfig(name="digits")), name="cifar10"))
+
+
+@pytest.fixture
+def digits_as_cifar10(monkeypatch):
+    _digits_named_cifar10(monkeypatch)
+
+
+def test_format_robustbench_writes_robustbenchs_model_info(run_dir, digits_as_cifar10, tmp_path,
+                                                           capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    # notebook 03's evaluation with AutoAttack, cached in the run folder: spat eval reads it
+    ev = report.evaluate_run(run, {"suite": ["clean", "autoattack"], "n_examples": 3}, device="cpu")
+    out = tmp_path / "tiny.json"
+    code = cards.cli_main([str(run), "--suite", "clean,autoattack", "--n-examples", "3",
+                           "--device", "cpu", "--format", "robustbench", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert ", cache" in printed.splitlines()[0]
+    info = json.loads(out.read_text())
+    assert list(info) == list(cards.ROBUSTBENCH_KEYS) == [
+        "link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+        "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote", "unreliable"]
+    acc = ev.result.accuracy
+    assert info["clean_acc"] == str(round(100 * acc["clean"], 2))
+    assert info["autoattack_acc"] == str(round(100 * acc["autoattack"], 2))
+    assert (info["dataset"], info["eps"], info["architecture"]) == ("cifar10", "0.1", "SmallCNN")
+    assert info["number_forward_passes"] == 1 and info["unreliable"] is False
+    # trained on digits, not on RobustBench's dataset: the kit cannot say; nor can it the paper's
+    assert all(info[k] is None for k in ("link", "name", "authors", "venue", "reported",
+                                         "additional_data", "footnote"))
+    assert (f"submit it as model_info/cifar10/Linf/tiny.json" in printed
+            and "note: fill in before submitting: link, name, authors, additional_data, venue, "
+                "reported" in printed)
+    assert "evaluated on the first 3 of " in printed and "eps 0.1: RobustBench's" in printed
+
+
+def test_robustbench_info_of_a_wide_resnet_trained_on_cifar10():
+    cfg = config.from_dict({"data": {"name": "cifar10"},
+                            "model": {"name": "wide_resnet", "depth": 34, "width": 10}})
+    card = {"dataset": "cifar10", "eps": "8/255", "clean_acc": 0.8536, "acc_autoattack": 0.5617}
+    info = cards.robustbench_info(card, cfg)
+    assert info == {"link": None, "name": None, "authors": None, "additional_data": False,
+                    "number_forward_passes": 1, "dataset": "cifar10", "venue": None,
+                    "architecture": "WideResNet-34-10", "eps": "8/255", "clean_acc": "85.36",
+                    "reported": None, "autoattack_acc": "56.17", "footnote": None,
+                    "unreliable": False}
+    external = cards.robustbench_info({**card, "acc_autoattack": 0.0})
+    assert external["autoattack_acc"] == "0.0" and external["architecture"] is None
+    assert external["number_forward_passes"] is None and external["additional_data"] is None
+
+
+def test_format_robustbench_refuses_what_robustbench_does_not_take(run_dir, spat_eval, tmp_path,
+                                                                  monkeypatch):
+    code, _, err, _ = spat_eval(str(run_dir), "--format", "robustbench")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --format robustbench: RobustBench's leaderboards are on cifar10, cifar100 (and "
+        "ImageNet); this evaluation is on 'digits'"]
+    _digits_named_cifar10(monkeypatch)
+    code, _, err, _ = spat_eval(str(run_dir), "--dataset", "cifar10", "--format", "robustbench")
+    assert code == 2 and "add autoattack to --suite" in err and len(err.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from spatlib import doctor
 # the fast form: the CPU default (CIFAR-shaped SmallCNN, batch 8), three methods that cover clean training, the PGD-KL
 # attack (TRADES) and the SPAT attack; every method and torch.compile: the slow test
 FAST = ["--device", "cpu", "--methods", "standard,trades,spat_at", "--attack-steps", "1", "--quiet"]
-CHECKS = {"attack under autocast", "loss finite", "loss decreasing",
+CHECKS = {"attack under autocast", "loss finite", "loss decreasing", "AWP step",
           "batched VJPs = per-class loop", "channels_last = NCHW", "checkpoint resume bit-equal",
           "DDP world size 1"}
 
@@ -41,6 +41,9 @@ def test_doctor_passes_on_this_cpu(tmp_path, capsys):
     attack = by[("attack under autocast", "small_cnn spat_at")]["values"]
     assert attack["dtype"] == "float32" and attack["max_linf"] <= 8 / 255 + 1e-6
     assert attack["logits_finite"] is True
+    awp = by[("AWP step", "small_cnn trades")]["values"]   # SmallCNN: 4 conv + 3 linear weights
+    assert awp["perturbed"] == 7 and awp["size_rel_err"] < 1e-4 and awp["changed_besides"] == []
+    assert awp["restore_rel_err"] <= 1e-6
     resume = by[("checkpoint resume bit-equal", "small_cnn pgd_at")]["values"]
     assert resume["loss_uninterrupted"] == resume["loss_resumed"]
     assert by[("DDP world size 1", "gloo")]["values"]["backend"] == "gloo"
@@ -64,6 +67,7 @@ def test_a_forward_broken_under_bf16_fails_naming_the_check():
     assert status[("loss finite", "small_cnn pgd_at")] is False
     assert status[("loss decreasing", "small_cnn pgd_at")] is False
     assert status[("attack under autocast", "small_cnn pgd_at")] is False   # NaN logits
+    assert status[("AWP step", "small_cnn pgd_at")] is False
     # fp32 paths are not broken, and the doctor says so
     assert status[("batched VJPs = per-class loop", "small_cnn")] is True
     assert status[("DDP world size 1", "gloo")] is True

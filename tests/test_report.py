@@ -91,15 +91,16 @@ def test_results_table_formats_mean_pm_std_and_leaves_out_unmeasured_attacks(thr
     agg = report.aggregate(report.collect_results(three_seeds).runs)
     table = report.results_table(agg)
     assert list(table.columns) == ["Method", "Dataset", "Model", "eps", "Images", "Clean", "PGD-20", "AutoAttack",
-                                   "Seeds", "Source"]
+                                   "Seeds", "Selected on", "Source"]
     row = table.iloc[0]
     assert row["Clean"] == "75.00 ± 25.00"
     assert row["PGD-20"] == f"{np.mean([50, 50, 25]):.2f} ± {np.std([50, 50, 25], ddof=1):.2f}"
     assert table.iloc[1]["Clean"] == "100.00"                               # one seed: mean only
     md = report.to_markdown(table)
     lines = md.splitlines()
-    assert lines[0] == "| Method | Dataset | Model | eps | Images | Clean | PGD-20 | AutoAttack | Seeds | Source |"
-    assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 4 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 | measured |"
+    assert lines[0] == ("| Method | Dataset | Model | eps | Images | Clean | PGD-20 | AutoAttack | Seeds "
+                        "| Selected on | Source |")
+    assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 4 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 |  | measured |"
 
 
 def test_the_manipulation_check_of_each_method_joins_runs_csv_and_the_table(three_seeds):
@@ -136,6 +137,11 @@ def test_published_rows_join_only_their_dataset_and_eps_and_are_marked():
     assert all(m.endswith("(published)") for m in published["Method"])
     madry = published[published["Method"].str.startswith("PGD-AT (Madry")].iloc[0]
     assert (madry["Clean"], madry["AutoAttack"]) == ("87.14", "44.04")
+    # how each published checkpoint was chosen, beside how the kit's were
+    awp = published[published["Method"] == "AT-AWP (Wu et al. 2020) (published)"].iloc[0]
+    assert (awp["Selected on"], madry["Selected on"]) == ("test PGD-20", "not stated")
+    kit = report.results_table(agg.assign(selection="held-out training images"), refs)
+    assert kit.iloc[0]["Selected on"] == "held-out training images"
     # digits has no published counterpart; MNIST rows need eps 0.3
     assert report.matching_references(refs, agg.assign(dataset="digits")).empty
     assert report.matching_references(refs, agg.assign(dataset="mnist", eps_str="0.1")).empty
@@ -155,6 +161,12 @@ def test_reference_csv_has_sources_for_every_row_and_the_issue_numbers():
         row = aa[(aa["dataset"] == ds) & (aa["method"] == method)]
         assert len(row) == 1 and (row["clean"].item(), row["robust"].item()) == (clean, robust)
     assert set(refs[refs["dataset"] == "mnist"]["eps"]) == {"0.3"}
+    # every row says how its checkpoint was chosen, and where that is written
+    assert set(refs["selection"]) == {"test PGD-20", "test PGD-10", "not stated"}
+    assert refs["selection_source"].str.startswith("github.com/").all()
+    by = {(r.dataset, r.method, r.model): r.selection for r in refs.itertuples()}
+    assert by[("cifar10", "AT-AWP (Wu et al. 2020)", "WRN-34-10")] == "test PGD-20"
+    assert by[("cifar100", "PGD-AT (Rice et al. 2020)", "PreActResNet-18")] == "test PGD-10"
 
 
 def test_save_results_writes_csv_markdown_and_figures(three_seeds, tmp_path):
@@ -275,7 +287,7 @@ def test_comparison_names_pick_spat_against_pgd_with_the_random_control():
         hypothesis.comparison_names(["spat_intersection"])
 
 
-def test_results_table_says_where_checkpoints_were_selected_when_any_was_on_test(tmp_path):
+def test_results_table_says_where_checkpoints_were_selected_and_warns_on_test_images(tmp_path):
     runs = tmp_path / "runs"
     dirs = [_fake_run(runs, "pgd_at", 0, {"clean": 1.0, "pgd20": 0.5}),
             _fake_run(runs, "spat_at", 0, {"clean": 0.75, "pgd20": 0.5}, val_source="test[:4]")]
@@ -291,9 +303,11 @@ def test_results_table_says_where_checkpoints_were_selected_when_any_was_on_test
     assert "| spat_at | digits | SmallCNN | 0.15 | 4 | 75.00 | 50.00 | 1 | TEST images (4): optimistic | measured |" in md
     assert "selected on test images" in md.lower() and "optimistic" in md
     assert pd.read_csv(paths["runs.csv"])["selection"].tolist() == list(collected.runs["selection"])
-    # none on test images: no column (the default reads as before)
+    # none on test images: the column stays (published rows need it) but no warning
     held = report.aggregate(collected.runs.iloc[:1])
-    assert "Selected on" not in report.results_table(held)
+    table = report.results_table(held)
+    assert list(table["Selected on"]) == ["held-out training images (150)"]
+    assert "selected on test images" not in report.results_markdown(table, None, experiment="toy").lower()
 
 
 def test_code_fingerprint_sees_code_not_docstrings_or_comments(tmp_path):
@@ -339,3 +353,20 @@ def test_describe_dataset_names_validation_on_test_images():
     on_test = from_dict({"data": {"name": "digits", "val_split": "test"}})
     assert report.describe_dataset(on_test) == ("digits: 1347 train + 450 validation (TEST images: "
                                                 "optimistic) + 450 test images of 1x8x8, 10 classes")
+
+
+def test_runs_selection_reaches_the_table_and_results_md(three_seeds, tmp_path):
+    collected = report.collect_results(three_seeds)
+    runs = collected.runs.assign(selection="held-out training images")
+    agg = report.aggregate(runs)
+    assert set(agg["selection"]) == {"held-out training images"}
+    refs = report.load_references()
+    cifar = agg.assign(dataset="cifar10", eps_str="8/255")
+    table = report.results_table(cifar, refs)
+    md = report.results_markdown(table, refs, experiment="toy")
+    assert "| 3 | held-out training images | measured |" in md
+    assert "| TRADES-AWP (Wu et al. 2020) (published) |" in md and "*Selected on* says" in md
+    paths = report.save_results(tmp_path, collected, cifar, table, refs, experiment="toy")
+    csv = pd.read_csv(paths["results.csv"])
+    published = csv[csv["source"] == "published"]
+    assert set(published["selection"]) == {"test PGD-20", "not stated"}

@@ -453,8 +453,12 @@ def _train_cmd(params: Path, run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_metrics(tmp_path):
-    cfg = digits_config(train={"epochs": 5, "deterministic": True, "ema": 0.9},
+@pytest.mark.parametrize("awp", [{}, {"awp_gamma": 0.01, "awp_warmup": 1}],
+                         ids=["plain", "awp"])
+def test_killed_run_resumes_to_identical_metrics(awp, tmp_path):
+    # with AWP from the second epoch: it keeps no state between steps, so the run still
+    # resumes bit-identical whether the kill falls before or after it switched on
+    cfg = digits_config(train={"epochs": 5, "deterministic": True, "ema": 0.9, **awp},
                         attack={"steps": 2})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg))
@@ -506,12 +510,15 @@ TORCHRUN = (Path(sys.executable).parent / "torchrun" if (Path(sys.executable).pa
 
 @pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
-def test_torchrun_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("awp", [{}, {"awp_gamma": 0.01}], ids=["plain", "awp"])
+def test_torchrun_two_processes_match_single_process(awp, tmp_path):
     torchrun = str(TORCHRUN)
     # Without a random start PGD is noise-free and per example (small_cnn has no BatchNorm),
     # and 17 full batches of 64 split 32/32: the two processes then compute the very gradients
-    # of the single one, and the curves agree to float rounding.
-    cfg = digits_config(train={"epochs": 3, "max_batches": 17}, attack={"random_start": False})
+    # of the single one, and the curves agree to float rounding. With AWP the processes sum
+    # their ascent gradients, so each adds the perturbation of the whole batch.
+    cfg = digits_config(train={"epochs": 3, "max_batches": 17, **awp},
+                        attack={"random_start": False})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg))
     single, multi = tmp_path / "single", tmp_path / "ddp"
@@ -900,3 +907,54 @@ def test_eps_warm_up_reaches_the_attack_eps_and_stays(tmp_path):
     train(cfg, tmp_path / "run")
     rows = read_history(tmp_path / "run")
     assert [r["eps"] for r in rows] == pytest.approx([0.1, 0.2, 0.2, 0.2])
+
+
+# TensorBoard: the history's columns as event files beside history.csv
+def read_tensorboard(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"),
+                                             size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_equal_history_and_a_resumed_run_appends(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    cfg = digits_config(train={"epochs": 3, "max_batches": 2, "tensorboard": True, "eval_every": 2})
+    run_dir = tmp_path / "run"
+    saves = {"n": 0}
+    real_save = T.Trainer.save
+
+    def killed_at_third_save(self, improved):   # killed after epoch 3's events, before its checkpoint
+        saves["n"] += 1
+        if saves["n"] == 3:
+            raise RuntimeError("killed")
+        real_save(self, improved)
+    monkeypatch.setattr(T.Trainer, "save", killed_at_third_save)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, run_dir)
+    assert len(read_tensorboard(run_dir)["train_loss"]) == 3     # epoch 3's stale events exist
+    monkeypatch.undo()
+    train(cfg, run_dir)                                          # resumes at epoch 3
+    rows = read_history(run_dir)
+    events = read_tensorboard(run_dir)
+    numeric = [c for c in rows[0] if c not in ("epoch", "val_source")]
+    assert sorted(events) == sorted(numeric)
+    for c in numeric:
+        expected = [(int(r["epoch"]), r[c]) for r in rows if math.isfinite(r[c])]
+        assert [s for s, _ in events[c]] == [s for s, _ in expected], c    # once per epoch
+        assert [v for _, v in events[c]] == pytest.approx([v for _, v in expected], rel=1e-6), c
+    assert [s for s, _ in events["val_robust_acc"]] == [2, 3]   # validated epochs only
+
+
+def test_tensorboard_off_writes_nothing_and_missing_package_is_one_line(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    train(digits_config(train={"epochs": 1, "max_batches": 1}), run_dir)
+    assert not (run_dir / "tensorboard").exists()
+    real_find_spec = T.importlib.util.find_spec
+    monkeypatch.setattr(T.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"train\.tensorboard: needs the tensorboard package: "
+                                          r"pip install 'spatlib\[tensorboard\]'"):
+        train(digits_config(train={"tensorboard": True}), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
