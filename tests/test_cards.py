@@ -379,6 +379,7 @@ def test_format_robustbench_writes_robustbenchs_model_info(run_dir, digits_as_ci
     shutil.copytree(run_dir, run)
     # notebook 03's evaluation with AutoAttack, cached in the run folder: spat eval reads it
     ev = report.evaluate_run(run, {"suite": ["clean", "autoattack"], "n_examples": 3}, device="cpu")
+    capsys.readouterr()          # the notebook's own lines (why the run's old cache was recomputed)
     out = tmp_path / "tiny.json"
     code = cards.cli_main([str(run), "--suite", "clean,autoattack", "--n-examples", "3",
                            "--device", "cpu", "--format", "robustbench", "--out", str(out)])

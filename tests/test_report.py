@@ -100,7 +100,7 @@ def test_results_table_formats_mean_pm_std_and_leaves_out_unmeasured_attacks(thr
     lines = md.splitlines()
     assert lines[0] == ("| Method | Dataset | Model | eps | Images | Clean | PGD-20 | AutoAttack | Seeds "
                         "| Selected on | Source |")
-    assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 4 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 |  | measured |"
+    assert lines[2] == "| pgd_at | digits | SmallCNN | 0.15 | 4 | 75.00 ± 25.00 | 41.67 ± 14.43 | 33.33 ± 14.43 | 3 | held-out training images (150) | measured |"
 
 
 def test_the_manipulation_check_of_each_method_joins_runs_csv_and_the_table(three_seeds):
