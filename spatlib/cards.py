@@ -1,22 +1,11 @@
 """``spat eval TARGET``: the robustness suite on any model, and its flat JSON result card.
 
-TARGET is one of
-
-* a **run folder** of the kit: its config gives the dataset, the eval settings (``eval``
-  section) and the seed; ``--which best|last|ema`` picks the weights;
-* a **kit checkpoint** file (``checkpoint_*.pt``): its config is inside;
-* a **TorchScript** file (``torch.jit.save`` of a traced or scripted model);
-* ``module:factory`` with ``--weights state_dict.pt``: the module is imported, the factory
-  called without arguments, the state_dict loaded strictly, as public checkpoints come:
-  ``module.``/``model.`` prefixes and ``{"state_dict": ...}``/``{"model": ...}`` wrappers are
-  undone (:func:`spatlib.zoo.load_published_state_dict`);
-* ``robustbench:NAME``: a model of RobustBench's zoo (``--threat-model``, default Linf;
-  ``--model-dir``, default RobustBench's ``./models``; ``--dataset`` cifar10 or cifar100, default
-  cifar10), loaded through the ``robustbench`` package (:func:`spatlib.zoo.load_zoo_model`).
-
-External models (TorchScript, factory, zoo) take images in [0, 1] (normalization inside the
-model, as RobustBench's models and the kit's own); TorchScript and factory targets need
-``--dataset`` or ``--data-path``.
+TARGET: a run folder, a kit checkpoint, a TorchScript file, ``module:factory`` with
+``--weights state_dict.pt``, or ``robustbench:NAME`` (:mod:`spatlib.targets` loads it and gives
+it its test images). Every check (the output path, the target, the data, the model's input
+shape and output width, eps, the suite, the format) runs before any attack
+(:func:`prepare_evaluation`); then ``spat eval`` prints a header line (what is evaluated, on
+what, where) and, on a terminal, a line per attack as it ends; Ctrl-C is one line.
 
 A run folder is evaluated exactly as :func:`spatlib.report.evaluate_run` evaluates it (same
 weights, settings, seed and batches, hence the same numbers): when its ``eval_<eps>.json``
@@ -45,40 +34,36 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 import importlib.util
 import json
-import re
+import os
 import sys
+import tempfile
 import time
-import warnings
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import report, zoo
-from .config import SUITE_ATTACKS, ConfigError, DataConfig, RunConfig, from_dict, parse_eps
-from .data import DataError, Dataset, dataset_from_config, select_validation, selection_label
-from .evaluate import RobustnessResult, result_from_json, robustness
-from .models import model_from_config
-from .runfolder import (BEST, CONFIG, LAST, CheckpointError, eval_cache_path, load_checkpoint,
-                        load_metrics, load_weights, spatlib_version, upgrade_config)
-from .util import device_name, eval_mode, git_commit, resolve_device, sha256_file, utc_now
+from .config import SUITE_ATTACKS, ConfigError, RunConfig, format_eps, parse_eps
+from .data import KNOWN_SHAPES, DataError, Dataset, parse_shape, select_validation, selection_label
+from .evaluate import ATTACK_LABELS, RobustnessResult, result_from_json, robustness
+from .runfolder import CheckpointError, eval_cache_path, load_metrics, spatlib_version
+from .targets import WHICH, Target, TargetError, load_target, run_target, target_data
+from .util import (atomic_write_text, device_name, git_commit, resolve_device, sha256_file,
+                   utc_now)
 
 __all__ = ["CARD_FORMAT", "CARD_KEYS", "TargetError", "Target", "load_target", "run_target",
-           "evaluate_target", "checkpoint_selection", "make_card", "write_card", "write_run_cards",
-           "load_card", "load_cards", "card_row", "card_lines", "build_parser", "cli_main", "FORMATS",
-           "ROBUSTBENCH_KEYS", "robustbench_info", "robustbench_notes"]
+           "Evaluation", "prepare_evaluation", "run_evaluation", "evaluate_target",
+           "checkpoint_selection", "make_card", "write_card", "write_run_cards", "load_card",
+           "load_cards", "card_row", "card_lines", "build_parser", "check_out_path", "cli_main",
+           "FORMATS", "ROBUSTBENCH_KEYS", "robustbench_info", "robustbench_notes"]
 
 CARD_FORMAT = "spatlib-card/1"
 EXTERNAL_EPS = 8 / 255        # RobustBench's CIFAR L-inf budget: the default without a kit config
 EXTERNAL_BATCH = 256
-WHICH = {"best": (BEST, "selected"), "last": (LAST, "model"), "ema": (LAST, "ema_model")}
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # the keys every card holds (load_card checks them); "name" is not among them: a card written
 # before --name existed is named by its file's stem
 CARD_KEYS = ("format", "dataset", "num_classes", "threat_model", "eps", "eps_float", "clean_acc",
@@ -93,210 +78,8 @@ ROBUSTBENCH_KEYS = ("link", "name", "authors", "additional_data", "number_forwar
                     "autoattack_acc", "footnote", "unreliable")
 
 
-class TargetError(ValueError):
-    """A target that cannot be evaluated; the message says why in one line."""
-
-
-@dataclass
-class Target:
-    """A loaded target: the model (eval mode, on its device) and what the kit knows about it."""
-    kind: str                     # run | checkpoint | torchscript | factory | robustbench
-    spec: str                     # as given on the command line
-    model: nn.Module | None       # None: a run evaluated elsewhere (run_target), only carded
-    file: Path | None             # the file whose sha256 identifies the weights (None: a zoo
-                                  # ensemble of several files, or timm's hub weights)
-    config: RunConfig | None      # kit targets only
-    which: str | None             # kit targets only
-    description: str
-    dataset: Dataset | None = None   # kit targets: the data of their config
-    zoo: zoo.ZooEntry | None = None  # robustbench targets
-
-    @property
-    def default_name(self) -> str:
-        """The card's name of the model when ``--name`` is not given: the run's name (kit
-        targets), the file's stem (TorchScript), the ``module:factory`` spec."""
-        if self.config is not None:
-            return self.config.name
-        if self.zoo is not None:
-            return self.zoo.name
-        return Path(self.spec).stem if self.kind == "torchscript" else self.spec
-
-
 # --------------------------------------------------------------------------------------------
-# loading a target
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zips holding ``<name>/code/`` and ``constants.pkl``."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def _kit_model(ckpt: dict, weights: str, path: Path) -> tuple[nn.Module, RunConfig, Dataset]:
-    cfg = from_dict(upgrade_config(ckpt["config"]))
-    ds = dataset_from_config(cfg.data)
-    model = model_from_config(cfg.model, ds, seed=cfg.seed)   # seeded: the caller's RNG untouched
-    load_weights(model, ckpt, weights, path)
-    return model, cfg, ds
-
-
-def load_target(spec: str, *, weights: str | None = None, which: str = "best",
-                device: str | torch.device = "cpu", threat_model: str | None = None,
-                model_dir: str | Path | None = None, zoo_dataset: str = "cifar10") -> Target:
-    """Load a run folder, kit checkpoint, TorchScript file, ``module:factory`` (+ ``weights``)
-    or ``robustbench:NAME`` (``threat_model``, default Linf; ``model_dir``, default
-    :func:`spatlib.zoo.default_model_dir`; the zoo of ``zoo_dataset``). Raises
-    :class:`TargetError` (one line) when it cannot be loaded."""
-    if which not in WHICH:
-        raise TargetError(f"--which: expected one of {', '.join(WHICH)}, got {which!r}")
-    device = torch.device(device) if not isinstance(device, torch.device) else device
-    if spec.startswith(zoo.ZOO_PREFIX):
-        return _load_zoo(spec, weights, threat_model, model_dir, zoo_dataset, device)
-    for option, value in (("--threat-model", threat_model), ("--model-dir", model_dir)):
-        if value is not None:
-            raise TargetError(f"{option}: only a robustbench:NAME target takes it ({spec} is not one)")
-    path = Path(spec)
-    if weights is not None and not _FACTORY.match(spec):
-        raise TargetError(f"--weights: only a module:factory target takes a state_dict "
-                          f"({spec} is not one)")
-    if _FACTORY.match(spec) and not path.exists():
-        return _load_factory(spec, weights, device)
-    if not path.exists():
-        raise TargetError(f"{spec}: no such file or folder (a run folder, checkpoint_*.pt, "
-                          f"TorchScript file, or module:factory with --weights)")
-    if path.is_dir():
-        if not (path / CONFIG).is_file():
-            raise TargetError(f"{spec}: a folder without {CONFIG}: not a spatlib run folder")
-        name, key = WHICH[which]
-        ckpt_path = path / name
-        ckpt = load_checkpoint(ckpt_path)      # CheckpointError names a missing/damaged file
-        model, cfg, ds = _kit_model(ckpt, key, ckpt_path)
-        return Target("run", spec, model.to(device).eval(), ckpt_path, cfg, which,
-                      _run_description(cfg, which), ds)
-    if _is_torchscript(path):
-        try:
-            with warnings.catch_warnings():   # torch 2.x marks TorchScript deprecated; it still loads
-                warnings.simplefilter("ignore", FutureWarning)
-                model = torch.jit.load(str(path), map_location=device)
-        except Exception as e:  # a damaged archive: any of torch's reader errors
-            raise TargetError(f"{spec}: a TorchScript archive that cannot be loaded: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-        return Target("torchscript", spec, model.eval(), path, None, None,
-                      f"TorchScript {path.name}")
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError:
-        raise TargetError(f"{spec}: neither a TorchScript file nor a spatlib checkpoint (for a "
-                          f"state_dict, give module:factory --weights {spec})") from None
-    model, cfg, ds = _kit_model(ckpt, WHICH[which][1], path)
-    return Target("checkpoint", spec, model.to(device).eval(), path, cfg, which,
-                  f"checkpoint {path.name} of {_run_description(cfg, which)}", ds)
-
-
-def _run_description(cfg: RunConfig, which: str) -> str:
-    return f"run {cfg.name} ({cfg.train.method}, {cfg.model.name}, {which} weights)"
-
-
-def run_target(run_dir: str | Path, config: RunConfig, which: str = "best") -> Target:
-    """A run folder as :func:`load_target` describes it, without loading its model: what
-    :func:`make_card` needs for a run evaluated elsewhere (notebook 03's
-    :func:`spatlib.report.collect_results`)."""
-    if which not in WHICH:
-        raise TargetError(f"which: expected one of {', '.join(WHICH)}, got {which!r}")
-    return Target("run", str(run_dir), None, Path(run_dir) / WHICH[which][0], config, which,
-                  _run_description(config, which))
-
-
-def _load_factory(spec: str, weights: str | None, device: torch.device) -> Target:
-    if weights is None:
-        raise TargetError(f"{spec}: a module:factory target needs --weights STATE_DICT.pt")
-    module_name, factory_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # ImportError, or whatever the module raises at import
-        raise TargetError(f"{spec}: cannot import {module_name!r}: {type(e).__name__}: {e}") from None
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise TargetError(f"{spec}: {module_name!r} has no callable {factory_name!r}")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise TargetError(f"{spec}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
-    wpath = Path(weights)
-    if not wpath.is_file():
-        raise TargetError(f"--weights {weights}: no such file")
-    try:
-        state = torch.load(wpath, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TargetError(f"--weights {weights}: cannot be read as a state_dict "
-                          f"({type(e).__name__})") from None
-    if not isinstance(state, Mapping):
-        raise TargetError(f"--weights {weights}: holds a {type(state).__name__}, not a state_dict")
-    try:
-        zoo.load_published_state_dict(model, state, f"--weights {weights} for {spec}")
-    except zoo.ZooError as e:
-        raise TargetError(str(e)) from None
-    return Target("factory", spec, model.to(device).eval(), wpath, None, None,
-                  f"{spec} with {wpath.name}")
-
-
-def _load_zoo(spec: str, weights: str | None, threat_model: str | None,
-              model_dir: str | Path | None, dataset: str, device: torch.device) -> Target:
-    if weights is not None:
-        raise TargetError(f"--weights: a {zoo.ZOO_PREFIX}NAME target loads RobustBench's own "
-                          f"checkpoint (put it under --model-dir)")
-    name = spec[len(zoo.ZOO_PREFIX):]
-    try:
-        model, entry = zoo.load_zoo_model(name, dataset=dataset,
-                                          threat_model=threat_model or zoo.DEFAULT_THREAT_MODEL,
-                                          model_dir=model_dir)
-    except zoo.ZooError as e:
-        raise TargetError(str(e)) from None
-    file = entry.files[0] if len(entry.files) == 1 else None
-    return Target("robustbench", spec, model.to(device).eval(), file, None, None,
-                  entry.description, zoo=entry)
-
-
-# --------------------------------------------------------------------------------------------
-# data and settings
-def _dataset(target: Target, dataset: str | None, data_path: str | None) -> Dataset:
-    if dataset is not None and data_path is not None:
-        raise TargetError("--dataset and --data-path: give one of them")
-    if data_path is not None:
-        if not Path(data_path).is_file():
-            raise TargetError(f"--data-path {data_path}: no such file")
-        cfg = from_dict({"name": "npz", "path": data_path}, DataConfig)
-    elif dataset is not None:
-        try:
-            cfg = from_dict({"name": dataset}, DataConfig)
-        except ConfigError as e:
-            raise TargetError(f"--dataset: {e}".replace("name: ", "")) from None
-        if dataset == "npz":
-            raise TargetError("--dataset npz: give the file with --data-path X.npz")
-    elif target.dataset is not None:
-        return target.dataset
-    else:
-        raise TargetError(f"{target.spec}: an external model needs --dataset NAME or --data-path X.npz")
-    return dataset_from_config(cfg)
-
-
-def _check_output(target: Target, ds: Dataset, device: torch.device) -> None:
-    """One forward on two test images: the model must take them and give K logits."""
-    x = ds.x_test[:2].float().div(255).to(device)
-    try:
-        with torch.no_grad(), eval_mode(target.model):
-            out = target.model(x)
-    except Exception as e:  # wrong channels / size: the model's own error
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TargetError(f"{target.spec}: cannot take {ds.name} images of shape "
-                          f"{tuple(x.shape[1:])}: {first}") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != ds.num_classes:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TargetError(f"{target.spec}: gives outputs of shape {shape} for 2 images; "
-                          f"{ds.name} has {ds.num_classes} classes, so logits must be (2, {ds.num_classes})")
-
-
+# settings
 def _suite(text: str | list[str] | None, default: list[str]) -> list[str]:
     names = default if text is None else ([t.strip() for t in text.split(",") if t.strip()]
                                            if isinstance(text, str) else list(text))
@@ -359,26 +142,56 @@ def make_card(result: RobustnessResult, *, target: Target, dataset: str, num_cla
     return card
 
 
-def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | None = None,
-                    data_path: str | None = None, eps: str | float | None = None,
-                    suite: str | list[str] | None = None, n_examples: int | None = None,
-                    batch_size: int | None = None, seed: int | None = None,
-                    which: str = "best", device: str | torch.device = "auto",
-                    progress: bool = False, name: str | None = None,
-                    threat_model: str | None = None, model_dir: str | Path | None = None,
-                    format: str = "card") -> tuple[dict, RobustnessResult]:
-    """Evaluate a target (see the module doc); returns (card, result). ``name``: the card's
-    label of the model in tables (default: :attr:`Target.default_name`). ``threat_model`` and
+@dataclass
+class Evaluation:
+    """What ``spat eval`` will do, every check passed (:func:`prepare_evaluation`): the model,
+    the data, the settings, and the run's cached result when its key is this evaluation's.
+    :func:`run_evaluation` does it."""
+    target: Target
+    data: Dataset
+    suite: list[str]
+    eps: float
+    n: int                       # the first n test images
+    seed: int
+    batch_size: int
+    pgd100_restarts: int
+    cw_steps: int
+    device: torch.device
+    name: str                    # the model's label in tables
+    format: str
+    cached: RobustnessResult | None = None
+    cache_note: str | None = None   # why a run's existing cache is not used
+
+    def header(self) -> str:
+        """The line ``spat eval`` prints before any attack: what is evaluated, on what, where."""
+        shape = "x".join(map(str, self.data.x_test.shape[1:]))
+        return (f"{self.name}: {self.target.description} on {self.data.name} ({self.n} test "
+                f"images of {shape}), {device_name(self.device)}, eps {format_eps(self.eps)}, "
+                f"{', '.join(self.suite)}: "
+                f"{'computing' if self.cached is None else 'read from the cache'}")
+
+
+def prepare_evaluation(spec: str, *, weights: str | None = None, dataset: str | None = None,
+                       data_path: str | None = None, shape: tuple[int, int, int] | None = None,
+                       eps: str | float | None = None, suite: str | list[str] | None = None,
+                       n_examples: int | None = None, batch_size: int | None = None,
+                       seed: int | None = None, which: str = "best",
+                       device: str | torch.device = "auto", name: str | None = None,
+                       threat_model: str | None = None, model_dir: str | Path | None = None,
+                       format: str = "card") -> Evaluation:
+    """Every check of an evaluation (the target, the data, the model's input shape and output
+    width, eps, the suite, the format) and the run's cache lookup, before any attack.
+
+    ``spec``: the target (:func:`spatlib.targets.load_target`); ``dataset`` (a name) or
+    ``data_path`` (an npz), ``shape`` (C, H, W of ``dataset="synthetic"``; default: the
+    model's): its images (:func:`spatlib.targets.target_data`); ``eps``, ``suite``,
+    ``n_examples``, ``batch_size``, ``seed``: a kit target's eval settings overridden, or an
+    external model's (8/255, the whole suite, every test image, 256, 0); ``name``: the card's
+    label of the model in tables (default: :attr:`Target.default_name`); ``threat_model`` and
     ``model_dir``: of a ``robustbench:NAME`` target, whose zoo is ``dataset``'s (default
     cifar10; with ``data_path`` too, the images come from the file). ``format="robustbench"``:
-    the card also holds ``card["robustbench"]``: ``model_info`` (RobustBench's file,
-    :func:`robustbench_info`) and ``notes`` (:func:`robustbench_notes`); the evaluation must be
-    one RobustBench takes (its dataset, AutoAttack in the suite).
-
-    Every check (the target, the data, the model's output width, eps, the suite, the format)
-    runs before any attack. Raises :class:`TargetError`, ConfigError, DataError or
-    CheckpointError.
-    """
+    the evaluation must be one RobustBench takes (its dataset, AutoAttack in the suite). Raises
+    :class:`TargetError`, ConfigError, DataError or CheckpointError, one line each."""
     if name is not None and not name.strip():
         raise TargetError("--name: expected a non-empty label for the model in tables")
     if format not in FORMATS:
@@ -393,7 +206,7 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
     if batch_size is not None and batch_size < 1:
         raise TargetError(f"--batch-size: expected an integer >= 1, got {batch_size}")
     zoo_dataset = "cifar10"
-    if spec.startswith(zoo.ZOO_PREFIX) and dataset is not None:
+    if spec.startswith(zoo.ZOO_PREFIX) and dataset not in (None, "synthetic"):
         zoo_dataset = dataset
         if data_path is not None:      # the zoo's dataset names the model, the file the images
             dataset = None
@@ -401,8 +214,7 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
                          threat_model=threat_model, model_dir=model_dir, zoo_dataset=zoo_dataset)
     if target.zoo is not None and dataset is None and data_path is None:
         dataset = target.zoo.dataset
-    ds = _dataset(target, dataset, data_path)
-    _check_output(target, ds, dev)
+    ds = target_data(target, dataset, data_path, shape, dev)
 
     cfg = target.config
     overrides: dict = {}
@@ -429,26 +241,52 @@ def evaluate_target(spec: str, *, weights: str | None = None, dataset: str | Non
 
     if format == "robustbench":
         _check_robustbench(ds, suite_v)
+    plan = Evaluation(target=target, data=ds, suite=suite_v, eps=eps_v,
+                      n=len(ds.y_test) if n_req is None else min(n_req, len(ds.y_test)),
+                      seed=seed_v, batch_size=bs, pgd100_restarts=restarts, cw_steps=cw_steps,
+                      device=dev, name=name.strip() if name else target.default_name, format=format)
+    if target.kind == "run" and dataset is None and data_path is None and seed_v == cfg.seed:
+        plan.cached, plan.cache_note = _cached_result(Path(spec), cfg, ev, target.which)
+    return plan
+
+
+def run_evaluation(plan: Evaluation, *, progress: bool = False,
+                   on_attack: Callable[[str, float, float], None] | None = None
+                   ) -> tuple[dict, RobustnessResult]:
+    """Run a prepared evaluation (the suite, or the cached result); returns (card, result).
+    ``progress`` and ``on_attack(name, accuracy, seconds)``: as :func:`spatlib.evaluate.robustness`'s."""
     t0 = time.perf_counter()
-    same_as_run = (target.kind == "run" and dataset is None and data_path is None
-                   and seed_v == cfg.seed)
-    result = _cached_result(Path(spec), cfg, ev, target.which) if same_as_run else None
-    source = "cache"
+    result, source = plan.cached, "cache"
     if result is None:
-        n = len(ds.y_test) if n_req is None else min(n_req, len(ds.y_test))
         # evaluate_run's call: the same arguments give the same numbers
-        result = robustness(target.model, ds.x_test[:n], ds.y_test[:n], suite_v, eps=eps_v,
-                            batch_size=bs, pgd100_restarts=restarts, cw_steps=cw_steps,
-                            seed=seed_v, num_classes=ds.num_classes, progress=progress)
+        result = robustness(plan.target.model, plan.data.x_test[:plan.n], plan.data.y_test[:plan.n],
+                            plan.suite, eps=plan.eps, batch_size=plan.batch_size,
+                            pgd100_restarts=plan.pgd100_restarts, cw_steps=plan.cw_steps,
+                            seed=plan.seed, num_classes=plan.data.num_classes, progress=progress,
+                            on_attack=on_attack)
         source = "computed"
-    card = make_card(result, target=target, dataset=ds.name, num_classes=ds.num_classes,
-                     suite=suite_v, seed=seed_v, batch_size=bs, device=dev, source=source,
-                     seconds=time.perf_counter() - t0, name=name and name.strip())
-    if format == "robustbench":
-        info = robustbench_info(card, target.config)
+    card = make_card(result, target=plan.target, dataset=plan.data.name,
+                     num_classes=plan.data.num_classes, suite=plan.suite, seed=plan.seed,
+                     batch_size=plan.batch_size, device=plan.device, source=source,
+                     seconds=time.perf_counter() - t0, name=plan.name)
+    if plan.format == "robustbench":
+        info = robustbench_info(card, plan.target.config)
         card["robustbench"] = {"model_info": info,
-                               "notes": robustbench_notes(info, card, len(ds.y_test))}
+                               "notes": robustbench_notes(info, card, len(plan.data.y_test))}
     return card, result
+
+
+def evaluate_target(spec: str, *, progress: bool = False, **settings) -> tuple[dict, RobustnessResult]:
+    """Evaluate a target (see the module doc): :func:`prepare_evaluation` with ``settings``
+    (every check, before any attack; a run's cache that is not used is named in a printed
+    line), then :func:`run_evaluation` (``progress``: a tqdm bar over the attacks). Returns
+    (card, result); with ``format="robustbench"`` the card also holds ``card["robustbench"]``:
+    ``model_info`` (RobustBench's file, :func:`robustbench_info`) and ``notes``
+    (:func:`robustbench_notes`)."""
+    plan = prepare_evaluation(spec, **settings)
+    if plan.cache_note:
+        print(plan.cache_note, flush=True)
+    return run_evaluation(plan, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,15 +347,15 @@ def robustbench_notes(info: dict, card: dict, n_test: int | None = None) -> list
     return lines
 
 
-def _cached_result(run_dir: Path, cfg: RunConfig, ev, which: str) -> RobustnessResult | None:
-    """The run folder's cached suite result when its key (:func:`spatlib.report.eval_cache_key`:
-    weights, settings, code) is this evaluation's; else None, with one printed line saying why
-    an existing cache is not used."""
+def _cached_result(run_dir: Path, cfg: RunConfig, ev,
+                   which: str) -> tuple[RobustnessResult | None, str | None]:
+    """(the run folder's cached suite result when its key (:func:`spatlib.report.eval_cache_key`:
+    weights, settings, code) is this evaluation's, else None; the line that says why an existing
+    cache is not used, else None)."""
     path = eval_cache_path(run_dir, report.eval_eps(cfg, ev))
     data, reason = report.read_cache(path, report.eval_cache_key(run_dir, cfg, ev, which))
-    if reason is not None:
-        print(f"{run_dir.name}/{path.name}: not used: {reason}", flush=True)
-    return result_from_json(data["result"]) if data is not None else None
+    note = f"{run_dir.name}/{path.name}: not used: {reason}" if reason is not None else None
+    return (result_from_json(data["result"]) if data is not None else None), note
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +364,7 @@ def write_card(path: str | Path, card: dict) -> Path:
     """Write a card as ``spat eval --out`` does (indented JSON); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(card, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(card, indent=2) + "\n")   # a Ctrl-C leaves no half card
     return path
 
 
@@ -712,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "fashion_mnist, synthetic); default: the run's (a "
                                      f"{zoo.ZOO_PREFIX}NAME target: its zoo's, cifar10)")
     p.add_argument("--data-path", help="an .npz dataset (x_test, y_test) instead of --dataset")
+    p.add_argument("--shape", help="C,H,W of --dataset synthetic images (default: the model's: "
+                                   "a kit model's data, else the first of "
+                                   f"{', '.join('x'.join(map(str, k)) for k in KNOWN_SHAPES)} "
+                                   "it takes)")
     p.add_argument("--eps", help="L-inf budget in pixel units, e.g. 8/255 (default: the run's "
                                  "eval eps; 8/255 for external models)")
     p.add_argument("--suite", help="comma-separated attacks of clean,fgsm,pgd20,pgd100,cw,autoattack "
@@ -731,38 +573,104 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the file written (default: card.json; with "
                                                 "--format robustbench, NAME.json as RobustBench "
                                                 "names it)")
-    p.add_argument("--progress", action="store_true", help="a progress bar over the attacks")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a line per attack as it ends: its accuracy so far and its time "
+                        "(default: on when stdout is a terminal)")
     return p
 
 
-def cli_main(argv: list[str] | None = None) -> int:
-    """``spat eval``: 0 evaluated (card written), 2 a bad target or setting (one error line)."""
-    args = build_parser().parse_args(argv)
+def check_out_path(out: str | Path | None) -> None:
+    """``--out`` checked before any work: not a folder, and in a folder that exists or can be
+    created, where a file can be created (a temporary one, removed; folders created for the
+    check are removed too). None: the current folder (the default name is known later).
+    Raises :class:`TargetError`: ``--out PATH: why``, one line."""
+    path = Path(out) if out is not None else None
+    folder = path.parent if path is not None else Path(".")
+    if path is not None and path.is_dir():
+        raise TargetError(f"--out {out}: a folder, not a file (give FILE.json)")
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    if not folder.is_dir():
+        raise TargetError(f"--out {out}: {folder} is a file, not a folder")
+    created: list[Path] = []
     try:
-        card, result = evaluate_target(
-            args.target, weights=args.weights, dataset=args.dataset, data_path=args.data_path,
-            eps=args.eps, suite=args.suite, n_examples=args.n_examples,
-            batch_size=args.batch_size, seed=args.seed, which=args.which, device=args.device,
-            progress=args.progress, name=args.name, threat_model=args.threat_model,
-            model_dir=args.model_dir, format=args.format)
+        for f in reversed(missing):
+            try:
+                f.mkdir()
+            except OSError as e:
+                raise TargetError(f"--out {out}: cannot create the folder {f} ({e.strerror})") from None
+            created.append(f)
+        where = created[-1] if created else folder
+        try:
+            with tempfile.NamedTemporaryFile(dir=where, prefix=".spat-eval-"):
+                pass
+        except OSError as e:
+            raise TargetError(f"--out {out}: cannot create a file in {where} ({e.strerror})") from None
+        if path is not None and path.exists() and not os.access(path, os.W_OK):
+            raise TargetError(f"--out {out}: exists and is not writable")
+    finally:
+        for f in reversed(created):
+            f.rmdir()
+
+
+def _print_progress(name: str, accuracy: float, seconds: float) -> None:
+    print(f"  {ATTACK_LABELS.get(name, name):<11} {100 * accuracy:6.2f}%  {seconds:6.1f} s", flush=True)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``spat eval``: 0 evaluated (card written), 2 a bad target or setting (one error line),
+    130 interrupted (Ctrl-C: one line saying what was written)."""
+    args = build_parser().parse_args(argv)
+    written: list[str] = []
+    try:
+        return _eval_command(args, written)
     except (TargetError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{card['name']}: {card['model']} on {card['dataset']} ({card['n_examples']} test images), "
-          f"{card['device_name']}, {card['source']}")
+    except KeyboardInterrupt:
+        print(f"interrupted: {'wrote ' + ', '.join(written) if written else 'nothing written'}",
+              file=sys.stderr)
+        return 130
+
+
+def _eval_command(args: argparse.Namespace, written: list[str]) -> int:
+    """``spat eval`` after its arguments are parsed; appends to ``written`` each file written."""
+    shape = parse_shape(args.shape, "--shape") if args.shape is not None else None
+    check_out_path(args.out)          # before any work: minutes of AutoAttack are not lost to it
+    plan = prepare_evaluation(
+        args.target, weights=args.weights, dataset=args.dataset, data_path=args.data_path,
+        shape=shape, eps=args.eps, suite=args.suite, n_examples=args.n_examples,
+        batch_size=args.batch_size, seed=args.seed, which=args.which, device=args.device,
+        name=args.name, threat_model=args.threat_model, model_dir=args.model_dir,
+        format=args.format)
+    print(plan.header(), flush=True)
+    if plan.cache_note:
+        print(plan.cache_note, flush=True)
+    progress = sys.stdout.isatty() if args.progress is None else args.progress
+    card, result = run_evaluation(plan, on_attack=_print_progress if progress else None)
     print(result)
     print(result.table().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"threat model {'OK' if card['threat_model_ok'] else 'VIOLATED'}")
     if args.format == "robustbench":
         rb = card.pop("robustbench")
         out = args.out or f"{card['name']}.json"
-        write_card(out, rb["model_info"])
+        _write(out, rb["model_info"], written)
         print(f"wrote {out}: RobustBench's model_info; submit it as "
               f"model_info/{rb['model_info']['dataset']}/Linf/{Path(out).stem}.json")
         for line in rb["notes"]:
             print(f"note: {line}")
         return 0
     out = args.out or "card.json"
-    write_card(out, card)
+    _write(out, card, written)
     print(f"wrote {out}")
     return 0
+
+
+def _write(out: str, content: dict, written: list[str]) -> None:
+    try:
+        write_card(out, content)
+    except OSError as e:     # the folder went away, the disk filled up: after the check
+        raise TargetError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+    written.append(out)

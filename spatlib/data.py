@@ -349,6 +349,22 @@ TORCHVISION_FILES: dict[str, dict] = {
 }
 # sklearn's 1,797 digits split by DIGITS_TEST_SIZE (tests/test_data.py checks them against a load)
 DIGITS_SIZES = dict(n_train=1347, n_test=450, shape=(1, 8, 8), classes=10)
+# the image shapes (C, H, W) of the kit's named datasets, smallest first: what synthetic images
+# for a model of unknown input are tried at (spat eval --dataset synthetic)
+KNOWN_SHAPES: tuple[tuple[int, int, int], ...] = tuple(sorted(
+    {DIGITS_SIZES["shape"], *(f["shape"] for f in TORCHVISION_FILES.values())}, key=math.prod))
+
+
+def parse_shape(text: str, key: str = "shape") -> tuple[int, int, int]:
+    """``"3,32,32"`` (or ``"3x32x32"``) -> (3, 32, 32): an image shape (C, H, W). Raises
+    :class:`DataError` naming ``key`` for anything else."""
+    try:
+        shape = tuple(int(v) for v in re.split(r"[,x]", text.strip()))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise DataError(f"{key}: expected C,H,W (three positive integers, e.g. 3,32,32), got {text!r}")
+    return shape  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

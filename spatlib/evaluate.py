@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -126,11 +127,14 @@ def _autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes:
 def robustness(model: nn.Module, x: Tensor, y: Tensor, suite: list[str] | tuple = SUITE_ATTACKS, *,
                eps: float = 8 / 255, batch_size: int = 256, cascade: bool = True,
                pgd100_restarts: int = 5, cw_steps: int = 30, seed: int = 0,
-               num_classes: int | None = None, progress: bool = False) -> RobustnessResult:
+               num_classes: int | None = None, progress: bool = False,
+               on_attack: Callable[[str, float, float], None] | None = None) -> RobustnessResult:
     """Evaluate ``model`` under the suite at L-inf ``eps``.
 
     x: (N, C, H, W) in [0, 1] (float, or uint8 which is divided by 255); y: (N,) long.
     Runs on the model's device in batches; the model is put in eval mode and restored.
+    ``progress``: a tqdm bar over the attacks; ``on_attack(name, accuracy, seconds)`` is called
+    as each attack of the suite ends (the accuracy as in the result: cascaded, so far).
     """
     unknown = [a for a in suite if a not in SUITE_ATTACKS]
     if unknown:
@@ -195,6 +199,8 @@ def robustness(model: nn.Module, x: Tensor, y: Tensor, suite: list[str] | tuple 
             accuracy[name] = float(flags.double().mean()) if n else float("nan")
             seconds[name] = time.perf_counter() - t0
             bar.update(1)
+            if on_attack is not None:
+                on_attack(name, accuracy[name], seconds[name])
     ycpu = y.cpu()
     per_class = {a: [float(f[ycpu == k].double().mean()) if bool((ycpu == k).any()) else float("nan")
                      for k in range(num_classes)] for a, f in correct.items()}

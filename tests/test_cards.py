@@ -7,6 +7,8 @@ One tiny digits run (SmallCNN, PGD-AT, 1 epoch of 3 batches) is trained once per
 expected numbers come from its selected weights (a plain forward) and from report.evaluate_run.
 """
 import json
+import re
+import signal
 import subprocess
 import sys
 import warnings
@@ -17,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from spatlib import batch, cards, config, report
+from spatlib import batch, cards, config, report, targets
 from spatlib.runfolder import load_run_model
 from spatlib.train import train
 
@@ -110,7 +112,7 @@ def test_a_card_is_read_from_the_cache_only_while_the_code_is_the_same(run_dir, 
     ev.path.write_text(json.dumps(doc))
     code, out, err, again = spat_eval(str(mine))
     assert code == 0 and again["source"] == "computed", err
-    assert out.startswith("tiny-digits/eval_0.1.json: not used: code changed (models.py)\n")
+    assert out.splitlines()[1] == "tiny-digits/eval_0.1.json: not used: code changed (models.py)"
     assert _numbers(again) == _numbers(card)            # the same code in truth: the same numbers
 
 
@@ -351,7 +353,8 @@ def test_notebook_03_puts_a_card_in_its_results_table(ts_card, tmp_path):
     assert set(results.loc[results["method"] != "tiny-ts", "source"]) == {"measured"}
     md = (out / "results.md").read_text()
     row = (f"| tiny-ts | digits | TorchScript model.ts | 0.1 | {N} | {100 * card['clean_acc']:.2f} | "
-           f"{100 * card['acc_fgsm']:.2f} | {100 * card['acc_pgd20']:.2f} |  | 1 | card: tiny-ts.json |")
+           f"{100 * card['acc_fgsm']:.2f} | {100 * card['acc_pgd20']:.2f} |  | 1 |  | not recorded | "
+           f"card: tiny-ts.json |")      # no CW-inf, no shared share, its selection not known
     assert row in md, md
     assert "Result cards: 1 (card: tiny-ts.json); threat-model check passed: True." in md
 
@@ -362,8 +365,8 @@ def _digits_named_cifar10(monkeypatch) -> None:
     """The digits images stand in for CIFAR-10 (the format reads the dataset's name; the real
     CIFAR-10 is a download away)."""
     import dataclasses
-    real = cards.dataset_from_config
-    monkeypatch.setattr(cards, "dataset_from_config", lambda cfg: dataclasses.replace(
+    real = targets.dataset_from_config
+    monkeypatch.setattr(targets, "dataset_from_config", lambda cfg: dataclasses.replace(
         real(config.DataConfig(name="digits")), name="cifar10"))
 
 
@@ -385,7 +388,7 @@ def test_format_robustbench_writes_robustbenchs_model_info(run_dir, digits_as_ci
                            "--device", "cpu", "--format", "robustbench", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert ", cache" in printed.splitlines()[0]
+    assert printed.splitlines()[0].endswith(": read from the cache")
     info = json.loads(out.read_text())
     assert list(info) == list(cards.ROBUSTBENCH_KEYS) == [
         "link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
@@ -428,3 +431,242 @@ def test_format_robustbench_refuses_what_robustbench_does_not_take(run_dir, spat
     _digits_named_cifar10(monkeypatch)
     code, _, err, _ = spat_eval(str(run_dir), "--dataset", "cifar10", "--format", "robustbench")
     assert code == 2 and "add autoattack to --suite" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# spat eval fails fast and shows progress
+def _cli(*args: str) -> int:
+    """``spat eval ARGS`` in this process; a KeyboardInterrupt that escapes it fails the test
+    (pytest would otherwise stop the whole session)."""
+    try:
+        return cards.cli_main(list(args))
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt escaped spat eval")
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Loading a target, its data or running an attack fails the test."""
+    def never(*a, **k):
+        raise AssertionError("work started before --out was checked")
+    for module, name in ((cards, "load_target"), (targets, "dataset_from_config"),
+                         (cards, "robustness")):
+        monkeypatch.setattr(module, name, never)
+
+
+@pytest.mark.parametrize("out, why", [
+    ("/proc/x/card.json", "cannot create the folder /proc/x"),
+    ("{tmp}/a_file/card.json", "{tmp}/a_file is a file, not a folder"),
+    ("{tmp}", "a folder, not a file"),
+])
+def test_an_unwritable_out_is_one_line_before_any_work(out, why, run_dir, nothing_runs, tmp_path,
+                                                       capsys):
+    (tmp_path / "a_file").write_text("")
+    out = out.format(tmp=tmp_path)
+    code = _cli(str(run_dir), "--suite", "clean", "--device", "cpu", "--out", out)
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"error: --out {out}: ") and why.format(tmp=tmp_path) in line, line
+    assert not Path("/proc/x").exists() and list(tmp_path.iterdir()) == [tmp_path / "a_file"]
+
+
+def test_a_new_out_folder_is_checked_not_left_behind(tmp_path, capsys):
+    """The check creates the folders it needs and takes them away: an evaluation that fails
+    after it leaves nothing (here the target: the --out check passed)."""
+    code = _cli(str(tmp_path / "missing.pt"), "--out", str(tmp_path / "new" / "sub" / "c.json"))
+    assert code == 2 and "missing.pt: no such file or folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def fresh_run(run_dir, tmp_path):
+    """A copy of the run without the evaluation cache other tests write: spat eval attacks."""
+    import shutil
+    return Path(shutil.copytree(run_dir, tmp_path / "tiny-digits",
+                                ignore=shutil.ignore_patterns("eval_*.json")))
+
+
+PROGRESS = re.compile(r"^  (Clean|FGSM|PGD-20) +\d+\.\d\d%  +\d+\.\d s$")
+
+
+def test_the_header_comes_first_then_a_line_per_attack_on_a_terminal(fresh_run, tmp_path, capsys,
+                                                                      monkeypatch):
+    from spatlib import evaluate
+    seen = []                  # what spat eval had printed when each attack started
+    real = evaluate.suite_attack
+
+    def watched(name, *a, **k):
+        seen.append((name, capsys.readouterr().out))
+        return real(name, *a, **k)
+    monkeypatch.setattr(evaluate, "suite_attack", watched)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)       # a terminal: progress by default
+    code = _cli(str(fresh_run), "--suite", SUITE, "--device", "cpu", "--out", str(tmp_path / "c.json"))
+    rest = capsys.readouterr().out
+    assert code == 0
+    (fgsm, before_fgsm), (pgd20, before_pgd20) = seen
+    assert (fgsm, pgd20) == ("fgsm", "pgd20")
+    header, clean = before_fgsm.splitlines()
+    assert header == ("tiny-digits: run tiny-digits (pgd_at, small_cnn, best weights) on digits "
+                      f"({N} test images of 1x8x8), {cards.device_name(torch.device('cpu'))}, "
+                      "eps 0.1, clean, fgsm, pgd20: computing")
+    assert PROGRESS.match(clean) and clean.startswith("  Clean")
+    (line,) = before_pgd20.splitlines()
+    assert PROGRESS.match(line) and line.startswith("  FGSM")
+    assert PROGRESS.match(rest.splitlines()[0]) and rest.startswith("  PGD-20")
+    card = json.loads((tmp_path / "c.json").read_text())
+    assert f"{100 * card['acc_fgsm']:6.2f}%" in line          # the accuracy so far (cascaded)
+    # --no-progress on a terminal, and no terminal: the header only
+    for args in (["--no-progress"], []):
+        if not args:
+            monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+        seen.clear()
+        assert _cli(str(fresh_run), "--suite", SUITE, "--device", "cpu", *args,
+                    "--out", str(tmp_path / "c.json")) == 0
+        assert [out for _, out in seen] == [header + "\n", ""]
+        assert not any(PROGRESS.match(ln) for ln in capsys.readouterr().out.splitlines())
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(fresh_run, tmp_path, capsys, monkeypatch):
+    from spatlib import evaluate
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "suite_attack", interrupted)
+    code = _cli(str(fresh_run), "--suite", SUITE, "--device", "cpu", "--out", str(tmp_path / "c.json"))
+    captured = capsys.readouterr()
+    assert code == 130 and captured.err == "interrupted: nothing written\n", captured
+    assert captured.out.startswith("tiny-digits: ") and not (tmp_path / "c.json").exists()
+
+
+SLOW_FACTORY = """\
+import time
+import torch
+from spatlib.models import build_model
+
+class Slow(torch.nn.Module):
+    '''A digits SmallCNN that takes 20 ms a forward: an evaluation that lasts.'''
+    def __init__(self):
+        super().__init__()
+        self.net = build_model('small_cnn', 10, 1, image_size=8)
+    def forward(self, x):
+        time.sleep(0.02)
+        return self.net(x)
+
+def slow():
+    return Slow()
+"""
+
+
+def test_sigint_while_evaluating_stops_with_one_line(run_dir, tmp_path):
+    """A real Ctrl-C (SIGINT) to ``spat eval`` while it attacks: one line, status 130, nothing
+    written. The progress lines reach a pipe as each attack ends (flushed), so the signal is sent
+    after the first one, while PGD-100 runs."""
+    (tmp_path / "slowmodels.py").write_text(SLOW_FACTORY)
+    model, _, _ = load_run_model(run_dir, device="cpu")        # the run's weights: robust points
+    torch.save({f"net.{k}": v for k, v in model.state_dict().items()}, tmp_path / "w.pt")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spatlib.cli", "eval", "slowmodels:slow", "--weights", "w.pt",
+         "--dataset", "digits", "--suite", "clean,pgd100", "--n-examples", "100", "--progress",
+         "--device", "cpu", "--out", "card.json"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        header, clean = proc.stdout.readline(), proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)          # PGD-100 is under way: 500 steps of 20 ms
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert header.startswith("slowmodels:slow: slowmodels:slow with w.pt on digits"), header
+    assert PROGRESS.match(clean.rstrip("\n")), clean
+    assert proc.returncode == 130 and err == "interrupted: nothing written\n", (out, err)
+    assert not (tmp_path / "card.json").exists()
+
+
+def test_a_factory_module_in_the_current_folder_is_importable(run_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    """As ``python -m`` would: the installed ``spat`` script does not put the current folder on
+    sys.path; spat eval does, while it imports the module (and takes it away after)."""
+    model, _, ds = load_run_model(run_dir, device="cpu")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mymodels.py").write_text(
+        "from spatlib.models import build_model\n"
+        "def digits():\n    return build_model('small_cnn', 10, 1, mean=%r, std=%r, image_size=8)\n"
+        % (list(ds.mean), list(ds.std)))
+    torch.save(model.state_dict(), project / "w.pt")
+    monkeypatch.chdir(project)
+    path = [p for p in sys.path if p not in ("", str(project))]
+    monkeypatch.setattr(sys, "path", list(path))
+    code = _cli("mymodels:digits", "--weights", "w.pt", "--dataset", "digits", "--suite", "clean",
+                "--device", "cpu", "--out", "c.json")
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((project / "c.json").read_text())["target_kind"] == "factory"
+    assert sys.path == path
+    # a module that is nowhere: the line says where it was looked for
+    monkeypatch.setenv("PYTHONPATH", "/opt/models")
+    code = _cli("othermodels:net", "--weights", "w.pt", "--dataset", "digits", "--device", "cpu",
+                "--out", "c.json")
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line == (
+        "error: othermodels:net: cannot import 'othermodels': no module named 'othermodels' "
+        f"(looked in the current folder {project}, PYTHONPATH /opt/models and the installed "
+        "packages)")
+    # a module that is found but imports one that is not: that one is named
+    (project / "brokenmodels.py").write_text("import not_installed_anywhere\n")
+    code = _cli("brokenmodels:net", "--weights", "w.pt", "--dataset", "digits", "--device", "cpu",
+                "--out", "c.json")
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "cannot import 'brokenmodels': no module named 'not_installed_anywhere'" in line
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory):
+    """A 3x32x32 SmallCNN as a factory (``rgbmodels:net`` + ``w.pt``) and a TorchScript file."""
+    from spatlib.models import build_model
+    d = tmp_path_factory.mktemp("rgb")
+    (d / "rgbmodels.py").write_text("from spatlib.models import build_model\n"
+                                    "def net():\n    return build_model('small_cnn', 10, 3, image_size=32)\n")
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 3, image_size=32).eval()
+    torch.save(model.state_dict(), d / "w.pt")
+    _script(model, torch.rand(2, 3, 32, 32), d / "rgb.ts")
+    return d
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "factory"])
+def test_synthetic_data_takes_the_models_shape(kind, cifar_like, spat_eval, monkeypatch):
+    """Offline, a CIFAR-shaped model is checked on synthetic images of its shape: taken from
+    the model (the kit's shapes tried, one forward each) or given by --shape; a shape the model
+    rejects is one line naming it, the shape and the model's own error (its last line)."""
+    monkeypatch.syspath_prepend(str(cifar_like))
+    target = (["rgbmodels:net", "--weights", str(cifar_like / "w.pt")] if kind == "factory"
+              else [str(cifar_like / "rgb.ts")])
+    fast = ["--dataset", "synthetic", "--suite", "clean,fgsm", "--n-examples", "16"]
+    for shape in ([], ["--shape", "3,32,32"]):
+        code, out, err, card = spat_eval(*target, *fast, *shape)
+        assert code == 0, err
+        assert card["dataset"] == "synthetic" and card["n_examples"] == 16
+        assert " on synthetic (16 test images of 3x32x32), " in out.splitlines()[0]
+    code, out, err, card = spat_eval(*target, *fast, "--shape", "1,8,8")
+    (line,) = err.strip().splitlines()
+    assert code == 2 and card is None
+    assert line.startswith(f"error: {target[0]}: cannot take synthetic images of shape (1, 8, 8): ")
+    assert "Kernel size can't be greater than actual input size" in line    # the model's own words
+    code, _, err, _ = spat_eval(*target, "--dataset", "digits", "--shape", "3,32,32")
+    assert code == 2 and "--shape: only --dataset synthetic takes it" in err
+    code, _, err, _ = spat_eval(*target, *fast, "--shape", "3x32")
+    assert code == 2 and "--shape: expected C,H,W" in err
+
+
+def test_synthetic_data_for_a_model_of_no_known_shape_asks_for_one(tmp_path, spat_eval):
+    from spatlib.models import build_model
+    model = build_model("small_cnn", 10, 2, image_size=16).eval()     # 2 channels: no dataset's
+    _script(model, torch.rand(2, 2, 16, 16), tmp_path / "odd.ts")
+    code, _, err, _ = spat_eval(str(tmp_path / "odd.ts"), "--dataset", "synthetic")
+    (line,) = err.strip().splitlines()
+    assert code == 2 and "takes none of the kit's image shapes (1x8x8, 1x28x28, 3x32x32)" in line
+    assert "give --shape C,H,W" in line
+    code, _, err, card = spat_eval(str(tmp_path / "odd.ts"), "--dataset", "synthetic", "--shape",
+                                   "2,16,16", "--suite", "clean", "--n-examples", "8")
+    assert code == 0 and card["n_examples"] == 8, err

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from spatlib import cards, hypothesis, zoo
+from spatlib import cards, hypothesis, targets, zoo
 from spatlib.models import build_model
 
 try:
@@ -98,7 +98,7 @@ def test_missing_checkpoint_offline_is_one_line_naming_the_file_before_any_data(
         tmp_path, monkeypatch, capsys):
     def no_data(*a, **k):
         raise AssertionError("the data was loaded before the checkpoint was checked")
-    monkeypatch.setattr(cards, "dataset_from_config", no_data)
+    monkeypatch.setattr(targets, "dataset_from_config", no_data)
     code = cards.cli_main([f"robustbench:{ZOO_MODEL}", "--model-dir", str(tmp_path / "empty"),
                            "--device", "cpu", "--out", str(tmp_path / "c.json")])
     err = capsys.readouterr().err.strip().splitlines()
