@@ -65,9 +65,9 @@ from .config import SUITE_ATTACKS, ConfigError, DataConfig, RunConfig, from_dict
 from .data import DataError, Dataset, dataset_from_config, select_validation, selection_label
 from .evaluate import RobustnessResult, result_from_json, robustness
 from .models import model_from_config
-from .runfolder import (BEST, CONFIG, LAST, CheckpointError, eval_cache_path, load_checkpoint,
-                        load_metrics, load_weights, spatlib_version, upgrade_config)
-from .util import device_name, eval_mode, git_commit, resolve_device, sha256_file, utc_now
+from .runfolder import (CONFIG, WHICH, CheckpointError, eval_cache_path, load_checkpoint,
+                        load_metrics, load_weights, upgrade_config)
+from .util import eval_mode, provenance, resolve_device, sha256_file
 
 __all__ = ["CARD_FORMAT", "CARD_KEYS", "TargetError", "Target", "load_target", "run_target",
            "evaluate_target", "checkpoint_selection", "make_card", "write_card", "write_run_cards",
@@ -77,7 +77,6 @@ __all__ = ["CARD_FORMAT", "CARD_KEYS", "TargetError", "Target", "load_target", "
 CARD_FORMAT = "spatlib-card/1"
 EXTERNAL_EPS = 8 / 255        # RobustBench's CIFAR L-inf budget: the default without a kit config
 EXTERNAL_BATCH = 256
-WHICH = {"best": (BEST, "selected"), "last": (LAST, "model"), "ema": (LAST, "ema_model")}
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # the keys every card holds (load_card checks them); "name" is not among them: a card written
 # before --name existed is named by its file's stem
@@ -352,9 +351,7 @@ def make_card(result: RobustnessResult, *, target: Target, dataset: str, num_cla
         "target_sha256": sha256_file(target.file) if target.file else None,
         "selection": checkpoint_selection(target),
         "seed": seed, "batch_size": batch_size, "source": source, "seconds": seconds,
-        "spatlib_version": spatlib_version(), "git_commit": git_commit(),
-        "torch_version": str(torch.__version__), "device": str(device),
-        "device_name": device_name(device), "date": utc_now(),
+        **provenance(device),
     }
     return card
 
