@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 
-from spatlib.device.bench import CLASSES, MANY_CLASSES, TOPK
+from spatlib.device.bench import MANY_CLASSES, TOPK
 from spatlib.device.machine import read_machine
+from spatlib.device.slices import CLASSES
 
 # (figure, comparison, threshold, where it applies)
 TARGETS = [

@@ -60,11 +60,11 @@ from ..config import MODELS
 from ..train import backend_flags, resolve_precision
 from ..util import check_choices, comma_list, progress_log, resolve_device
 from .machine import PeakMemory, machine_info, read_machine, timed
-from .slices import (ALPHA, AWP_GAMMA, BENCH_METHODS, CLASSES, EPS, FLOOR, IMAGE_SHAPE, REFERENCE, Case,
+from .slices import (ALPHA, AWP_GAMMA, BENCH_METHODS, EPS, FLOOR, IMAGE_SHAPE, REFERENCE, Case,
                      ReferenceProcess, build_runner, cpu_memory, write_data)
 
 __all__ = ["BenchSettings", "run_benchmark", "markdown_report", "compute_ratios", "cli_main",
-           "CLASSES", "MANY_CLASSES", "TOPK", "DEFAULTS", "OtherLoad", "build_parser",
+           "MANY_CLASSES", "TOPK", "DEFAULTS", "OtherLoad", "build_parser",
            "settings_from_args", "write_result", "bench_machine", "device_tag"]
 
 # --------------------------------------------------------------------------------------------

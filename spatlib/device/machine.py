@@ -76,7 +76,8 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds ``fn()`` takes, the device's queued work before and after it included."""
+    """Seconds ``fn()`` takes on ``device``: work queued before it finishes before the clock
+    starts, and the clock stops when the work it queued is done."""
     sync(device)
     t0 = time.perf_counter()
     fn()
