@@ -1,7 +1,8 @@
 """One provenance record, one set of keys (``spatlib.util.provenance``), in everything the kit
 writes about a number: a run folder's metrics.json and checkpoints, a result card, and the
 machine blocks of ``spat doctor``, ``spat bench`` and the device check; a bench JSON of the
-previous release (``torch``, ``gpu``, ...) still reads."""
+previous release (``torch``, ``gpu``, ...) still reads. And which weights a run's ``best``,
+``last`` and ``ema`` are: one table (``runfolder.WHICH``) for ``load_run_model`` and ``spat eval``."""
 import datetime
 import json
 import socket
@@ -38,7 +39,7 @@ def run_dir(tmp_path_factory):
     train({"name": "tiny", "seed": 0, "data": {"name": "digits", "train_limit": 64, "test_limit": 32},
            "model": {"name": "small_cnn"}, "attack": {"eps": 0.1, "alpha": 0.05, "steps": 1},
            "train": {"method": "pgd_at", "epochs": 1, "batch_size": 32, "val_steps": 1,
-                     "progress": False, "device": "cpu"}}, d)
+                     "ema": 0.9, "progress": False, "device": "cpu"}}, d)
     return d
 
 
@@ -80,3 +81,18 @@ def test_a_bench_result_of_the_previous_release_reads_with_this_releases_keys():
     assert "torch 2.15.0, device cuda:0, 16 threads" in report
     # the current form of the same block prints the same lines
     assert bench.markdown_report({**old, "machine": m}) == report
+
+
+def test_spat_eval_and_load_run_model_read_the_same_weights_for_each_choice(run_dir):
+    weights = {}
+    for which, (name, _) in rf.WHICH.items():
+        target = cards.load_target(str(run_dir), which=which, device="cpu")
+        model = rf.load_run_model(run_dir, which)[0]
+        assert target.file == run_dir / name
+        a, b = target.model.state_dict(), model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
+        weights[which] = b
+    # the choices are different weights (an EMA run: best selects the EMA, last is the raw model)
+    conv = next(k for k in weights["last"] if k.endswith("weight"))
+    assert not torch.equal(weights["last"][conv], weights["ema"][conv])
+    assert torch.equal(weights["best"][conv], weights["ema"][conv])
