@@ -1,13 +1,15 @@
 """The benchmark's acceptance targets and their verdicts on a ``spat bench`` result.
 
-The installed library measures and prints figures (``spatlib.benchmark``); what counts as fast
+The installed library measures and prints figures (``spatlib.device.bench``); what counts as fast
 enough is this script's business: ``bench/throughput.py`` prints the verdicts below the figures.
 """
 from __future__ import annotations
 
 import math
 
-from spatlib.benchmark import CLASSES, MANY_CLASSES, TOPK
+from spatlib.device.bench import MANY_CLASSES, TOPK
+from spatlib.device.machine import read_machine
+from spatlib.device.slices import CLASSES
 
 # (figure, comparison, threshold, where it applies)
 TARGETS = [
@@ -25,8 +27,9 @@ CPU_REFERENCE_MODELS = ("small_cnn", "preact_resnet18")
 
 def check_targets(result: dict) -> list[dict]:
     """Each target with the measured figure(s) and whether it is met (None: not measured)."""
-    device, gpu = result["settings"]["device"], result["machine"].get("gpu", "")
+    device = result["settings"]["device"]
     cuda = device.startswith("cuda")
+    gpu = read_machine(result["machine"]).get("device_name", "") if cuda else ""
     out = []
     for name, op, threshold, where in TARGETS:
         if name == "trainer/reference" and (where == "GPU") != cuda:

@@ -15,26 +15,18 @@ import sys
 
 from targets import check_targets, targets_markdown
 
-from spatlib import benchmark
+from spatlib.device import bench
+
+
+def judge(result: dict) -> str:
+    """The targets' verdicts on ``result`` (added to it as ``targets``), as markdown."""
+    result["targets"] = check_targets(result)
+    return targets_markdown(result["targets"])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print figures and verdicts, write JSON and markdown."""
-    parser = benchmark.build_parser()
-    parser.prog = "python bench/throughput.py"
-    args = parser.parse_args(argv)
-    try:
-        result = benchmark.run_benchmark(benchmark.settings_from_args(args),
-                                         benchmark.progress_log(args.quiet))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result["targets"] = check_targets(result)
-    report = benchmark.markdown_report(result) + "\n" + targets_markdown(result["targets"])
-    print(report)
-    out = benchmark.write_result(result, report, args.out)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
-    return 0
+    return bench.cli_main(argv, prog="python bench/throughput.py", judge=judge)
 
 
 if __name__ == "__main__":

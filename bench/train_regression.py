@@ -27,8 +27,8 @@ from spatlib.train import train
 
 # fields that change from one run to the next by nature (wall clock, machine, code version)
 VOLATILE = {"total_time_s", "train_time_s", "images_per_s", "spatlib_version", "git_commit",
-            "torch_version", "device_name", "hostname", "started_at", "finished_at", "eval_time_s",
-            "evaluated_at"}
+            "torch_version", "cuda_version", "device_name", "hostname", "date", "started_at",
+            "finished_at", "eval_time_s", "evaluated_at"}
 VOLATILE_COLUMNS = {"epoch_time_s", "images_per_s", "wall_time_s"}
 
 BASE = {

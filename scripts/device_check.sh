@@ -30,12 +30,17 @@ if [[ -n ${SPAT_WHEELS:-} ]]; then
         echo "device_check: installing the wheels in $SPAT_WHEELS failed" >&2
 fi
 
-"$PY" - "$out/machine.json" <<'EOF'
-import json, platform, sys
+# the machine first (the kit's provenance record and the hardware), also when the checks fail
+"$PY" - "$out/machine.json" "$device" <<'EOF'
+import json, sys
 import torch
-info = {"python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+from spatlib.device.machine import machine_info
+from spatlib.util import resolve_device
+try:
+    device, error = resolve_device(sys.argv[2], key="DEVICE"), None
+except ValueError as e:    # a device that is not there: the CPU's record, and why
+    device, error = torch.device("cpu"), str(e)
+info = {**machine_info(device), **({"device_error": error} if error else {})}
 open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
 print("device_check:", json.dumps(info))
 EOF

@@ -50,10 +50,9 @@ from . import report, zoo
 from .config import SUITE_ATTACKS, ConfigError, RunConfig, format_eps, parse_eps
 from .data import KNOWN_SHAPES, DataError, Dataset, parse_shape, select_validation, selection_label
 from .evaluate import ATTACK_LABELS, RobustnessResult, result_from_json, robustness
-from .runfolder import CheckpointError, eval_cache_path, load_metrics, spatlib_version
-from .targets import WHICH, Target, TargetError, load_target, run_target, target_data
-from .util import (atomic_write_text, device_name, git_commit, resolve_device, sha256_file,
-                   utc_now)
+from .runfolder import WHICH, CheckpointError, eval_cache_path, load_metrics
+from .targets import Target, TargetError, load_target, run_target, target_data
+from .util import atomic_write_text, device_name, provenance, resolve_device, sha256_file
 
 __all__ = ["CARD_FORMAT", "CARD_KEYS", "TargetError", "Target", "load_target", "run_target",
            "Evaluation", "prepare_evaluation", "run_evaluation", "evaluate_target",
@@ -135,9 +134,7 @@ def make_card(result: RobustnessResult, *, target: Target, dataset: str, num_cla
         "target_sha256": sha256_file(target.file) if target.file else None,
         "selection": checkpoint_selection(target),
         "seed": seed, "batch_size": batch_size, "source": source, "seconds": seconds,
-        "spatlib_version": spatlib_version(), "git_commit": git_commit(),
-        "torch_version": str(torch.__version__), "device": str(device),
-        "device_name": device_name(device), "date": utc_now(),
+        **provenance(device),
     }
     return card
 

@@ -12,9 +12,9 @@ COMMANDS = {
     "train": ("spatlib.train", "train one run from a params file (resumes an unfinished run)"),
     "batch": ("spatlib.launch", "execute the notebooks for every run of an experiment with papermill"),
     "status": ("spatlib.slurm", "state of every job of a batch folder: queued, running, done, failed"),
-    "bench": ("spatlib.benchmark", "trainer throughput, SPAT overhead and memory figures"),
+    "bench": ("spatlib.device.bench", "trainer throughput, SPAT overhead and memory figures"),
     "eval": ("spatlib.cards", "evaluate a run, checkpoint or external model; a JSON result card"),
-    "doctor": ("spatlib.doctor", "check this machine's training path (PASS/FAIL table, JSON)"),
+    "doctor": ("spatlib.device.doctor", "check this machine's training path (PASS/FAIL table, JSON)"),
 }
 
 

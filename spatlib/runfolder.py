@@ -21,7 +21,6 @@ import json
 import math
 import pickle
 import re
-import socket
 import zipfile
 from pathlib import Path
 
@@ -32,15 +31,14 @@ from torch import nn
 from .config import ConfigError, RunConfig, format_eps, from_dict, to_dict
 from .data import Dataset, dataset_from_config
 from .models import model_from_config
-from .util import atomic_write_bytes, atomic_write_text, device_name, git_commit, remove_stale_temps
+from .util import atomic_write_bytes, atomic_write_text, remove_stale_temps
 
 __all__ = ["CONFIG", "HISTORY", "LAST", "BEST", "METRICS", "RUN_FILES", "CHECKPOINT_FORMAT",
            "HISTORY_COLUMNS", "COSMETIC_KEYS", "CheckpointError", "eval_cache_path",
            "config_diff", "upgrade_config", "check_same_run", "read_saved_config", "read_finished_metrics",
            "read_run_config", "load_history", "load_metrics", "history_csv", "write_history",
            "write_config", "write_metrics", "save_checkpoint", "best_of", "load_checkpoint",
-           "load_weights", "repair_best", "clean_temps", "spatlib_version", "provenance",
-           "load_run_model"]
+           "load_weights", "repair_best", "clean_temps", "WHICH", "load_run_model"]
 
 CONFIG, HISTORY, METRICS = "config.yaml", "history.csv", "metrics.json"
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
@@ -326,31 +324,22 @@ def repair_best(run_dir: Path, last: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# provenance and reading a run back
-def spatlib_version() -> str:
-    """The installed spatlib's version."""
-    from . import __version__  # the package itself: no import cycle at call time
-    return __version__
-
-
-def provenance(device: torch.device) -> dict:
-    """What produced a run's numbers: code versions, the device and the host."""
-    return {"spatlib_version": spatlib_version(), "git_commit": git_commit(),
-            "torch_version": str(torch.__version__), "device": str(device),
-            "device_name": device_name(device), "hostname": socket.gethostname()}
+# reading a run back
+# which weights of a run folder -> (checkpoint file, its weights key). best: the selected
+# weights of checkpoint_best.pt (the EMA when the run kept one); last: the raw weights of
+# checkpoint_last.pt; ema: the EMA of checkpoint_last.pt
+WHICH = {"best": (BEST, "selected"), "last": (LAST, "model"), "ema": (LAST, "ema_model")}
 
 
 def load_run_model(run_dir: str | Path, which: str = "best",
                    device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig, Dataset]:
     """(model in eval mode on ``device``, its RunConfig, its Dataset) from a run folder.
 
-    ``which``: ``best`` (the selected weights of checkpoint_best.pt: the EMA when the run kept
-    one), ``last`` (raw weights of checkpoint_last.pt) or ``ema`` (EMA of checkpoint_last.pt).
+    ``which``: a key of :data:`WHICH` (``best``, ``last`` or ``ema``).
     """
-    choices = {"best": (BEST, "selected"), "last": (LAST, "model"), "ema": (LAST, "ema_model")}
-    if which not in choices:
-        raise ValueError(f"which: expected one of {', '.join(choices)}, got {which!r}")
-    name, weights = choices[which]
+    if which not in WHICH:
+        raise ValueError(f"which: expected one of {', '.join(WHICH)}, got {which!r}")
+    name, weights = WHICH[which]
     path = Path(run_dir) / name
     ckpt = load_checkpoint(path)
     cfg = from_dict(upgrade_config(ckpt["config"]))

@@ -42,14 +42,13 @@ from . import zoo
 from .config import ConfigError, DataConfig, RunConfig, from_dict
 from .data import KNOWN_SHAPES, Dataset, dataset_from_config
 from .models import model_from_config
-from .runfolder import (BEST, CONFIG, LAST, CheckpointError, load_checkpoint, load_weights,
+from .runfolder import (CONFIG, WHICH, CheckpointError, load_checkpoint, load_weights,
                         upgrade_config)
 from .util import eval_mode
 
 __all__ = ["TargetError", "Target", "WHICH", "load_target", "run_target", "target_data",
            "synthetic_shape"]
 
-WHICH = {"best": (BEST, "selected"), "last": (LAST, "model"), "ema": (LAST, "ema_model")}
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 

@@ -47,7 +47,7 @@ from .models import model_from_config
 from .runfolder import (HISTORY_COLUMNS, CheckpointError, config_diff, load_checkpoint,
                         load_run_model)
 from .semantics import perturbation_mass_share, shared_pixel_score
-from .util import derive_seed, did_you_mean, eval_mode, resolve_device, utc_now
+from .util import derive_seed, did_you_mean, eval_mode, provenance, resolve_device, utc_now
 
 __all__ = ["train", "Trainer", "StepStats", "EMA", "load_checkpoint", "load_run_model", "main",
            "cli_main", "METHODS", "Method", "CheckpointError", "TrainingDivergedError", "lr_at",
@@ -390,7 +390,7 @@ class Trainer:
             "best": dict(self.best), "config": self.requested,
             "model_info": {"name": self.cfg.model.name, "num_classes": ds.num_classes,
                            "in_channels": ds.in_channels, "image_size": list(ds.image_size)},
-            "spatlib_version": rf.spatlib_version(), "torch_version": str(torch.__version__),
+            **provenance(self.device),
             "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
             # one entry per process: each has its own attack noise stream
             "rng": self.dist.gather_object(rng), "history": self.history,
@@ -798,7 +798,7 @@ class Trainer:
             "stopped_early": self.stopped_early, "total_time_s": self.elapsed_s,
             "train_time_s": self.train_time_s,
             "images_per_s": self.images_seen / self.train_time_s if self.train_time_s else float("nan"),
-            **rf.provenance(self.device), "world_size": self.dist.world,
+            **provenance(self.device), "world_size": self.dist.world,
             "precision": self.precision, "deterministic": self.tc.deterministic,
             "seed": self.cfg.seed, "started_at": self.started_at, "finished_at": utc_now(),
         }

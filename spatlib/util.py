@@ -2,14 +2,19 @@
 
 Nothing here imports another spatlib module. What lives here:
 
-* :class:`ConfigError` (re-exported by :mod:`spatlib.config`) and :func:`did_you_mean`;
+* :class:`ConfigError` (re-exported by :mod:`spatlib.config`), :func:`did_you_mean` and
+  :func:`check_choices`;
+* a command line's :func:`comma_list` and :func:`progress_log`;
 * :func:`derive_seed`: every random stream of the kit is seeded from (seed, tags) this way;
 * :func:`resolve_device`, :func:`device_of`, :func:`device_name`;
 * :func:`eval_mode`: eval mode for a block, every submodule's own flag restored after;
 * :func:`atomic_write_bytes` / :func:`atomic_write_text`: a reader (or a killed process) sees
   the old file or the new one, never half of one;
-* provenance: :func:`utc_now`, :func:`git_commit`, :func:`sha256_file`, and
-  :func:`code_fingerprint`: a hash of the code behind a number (its AST, not its text).
+* provenance: :func:`provenance`, the kit's one record of what produced a number (run
+  folders, checkpoints, result cards, ``spat doctor`` and ``spat bench``; keys
+  :data:`PROVENANCE_KEYS`), from :func:`utc_now`, :func:`git_commit`, :func:`spatlib_version`;
+  :func:`sha256_file`, and :func:`code_fingerprint`: a hash of the code behind a number (its
+  AST, not its text).
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ import functools
 import hashlib
 import os
 import platform
+import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,28 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     """``" (did you mean 'lr'?)"`` for the closest option, or ``""`` when none is close."""
     close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_choices(key: str, values: Iterable[str], allowed: Iterable[str], what: str = "value") -> None:
+    """A :class:`ConfigError` naming ``key`` at the first of ``values`` that is not one of
+    ``allowed``: ``--models: unknown model 'resnet5' (did you mean 'resnet50'?); allowed: ...``."""
+    allowed = [str(a) for a in allowed]
+    for v in values:
+        if v not in allowed:
+            raise ConfigError(f"{key}: unknown {what} {v!r}{did_you_mean(v, allowed)}; "
+                              f"allowed: {', '.join(allowed)}")
+
+
+def comma_list(text: str) -> list[str]:
+    """A command line's comma-separated list: ``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def progress_log(quiet: bool = False) -> Callable[[str], None]:
+    """A command's progress log: each line to stderr, flushed; nothing when ``quiet``."""
+    if quiet:
+        return lambda line: None
+    return lambda line: print(line, file=sys.stderr, flush=True)
 
 
 def derive_seed(seed: int, *tags) -> int:
@@ -170,6 +199,31 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def spatlib_version() -> str:
+    """The installed spatlib's version."""
+    from . import __version__  # the package itself: no import cycle at call time
+    return __version__
+
+
+# the keys of every provenance record, in this order. Files of earlier releases lack some
+# (metrics.json: cuda_version and date; cards: cuda_version and hostname; checkpoints: all but
+# the two versions): a reader takes a missing key as unknown
+PROVENANCE_KEYS = ("spatlib_version", "git_commit", "torch_version", "cuda_version", "device",
+                   "device_name", "hostname", "date")
+
+
+def provenance(device: torch.device) -> dict:
+    """What produced a number, as :data:`PROVENANCE_KEYS`: the code (spatlib version, git
+    commit), torch and the CUDA it was built for (None for a CPU build), the device (``cuda:0``)
+    and its name (the GPU's, or ``cpu (x86_64)``), the host, and now (UTC). The one record that
+    run folders (metrics.json, checkpoints), result cards and the device tools' machine blocks
+    carry."""
+    return {"spatlib_version": spatlib_version(), "git_commit": git_commit(),
+            "torch_version": str(torch.__version__), "cuda_version": torch.version.cuda,
+            "device": str(device), "device_name": device_name(device),
+            "hostname": socket.gethostname(), "date": utc_now()}
 
 
 # --------------------------------------------------------------------------------------------

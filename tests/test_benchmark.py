@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatlib import benchmark
-from spatlib.benchmark import Case
+from spatlib.device import bench, slices
+from spatlib.device.slices import Case
 from spatlib.models import build_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -55,7 +55,7 @@ def test_bench_reports_finite_throughput_ratios_and_targets(tmp_path, capsys, be
     measured = [t for t in result["targets"] if t["measured"] is not None]
     assert {t["target"] for t in measured} >= {"spat_overhead:cam", "trainer/reference"}
     assert all(t["met"] in (True, False) for t in measured)
-    assert result["machine"]["torch"] == torch.__version__
+    assert result["machine"]["torch_version"] == torch.__version__
     printed = capsys.readouterr().out
     assert "| small_cnn | spat_at (input_grad, topk:10) | 100 (topk:10) |" in printed
     assert "| trainer/reference | CPU (small_cnn, preact_resnet18) | small_cnn | >= 1.5 |" in printed
@@ -67,7 +67,7 @@ def test_bench_reports_finite_throughput_ratios_and_targets(tmp_path, capsys, be
 
 def test_spat_bench_prints_figures_without_verdicts(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = benchmark.cli_main(TINY + ["--methods", "standard", "--no-reference", "--no-overhead",
+    rc = bench.cli_main(TINY + ["--methods", "standard", "--no-reference", "--no-overhead",
                                     "--no-memory", "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -95,10 +95,21 @@ def test_targets_give_each_verdict_against_its_threshold(bench_scripts):
     assert verdicts[("images_per_s:pgd_at:preact_resnet18", None)] is None   # needs an H100
 
 
+def test_targets_read_the_gpu_of_this_and_the_previous_release(bench_scripts):
+    _, targets = bench_scripts
+    row = {"model": "preact_resnet18", "method": "pgd_at", "num_classes": 10, "steps": 10,
+           "images_per_s": 9000.0}
+    for machine in ({"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3"},
+                    {"device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3"}):     # the old key
+        result = {"settings": {"device": "cuda:0"}, "machine": machine, "rows": [row], "ratios": []}
+        verdicts = {(t["target"], t.get("model")): t["met"] for t in targets.check_targets(result)}
+        assert verdicts[("images_per_s:pgd_at:preact_resnet18", "preact_resnet18")] is True
+
+
 def test_cpu_memory_probe_measures_a_fresh_process(tmp_path):
-    path, _ = benchmark.write_data(tmp_path, 10, 8)
+    path, _ = slices.write_data(tmp_path, 10, 8)
     case = Case(model="small_cnn", method="spat_at:input_grad", batch_size=8, steps=1, batches=1)
-    mem = benchmark._cpu_memory_subprocess(case, path, threads=1, precision="auto", compile=False)
+    mem = slices.cpu_memory(case, path, threads=1, precision="auto", compile=False)
     assert "memory_error" not in mem, mem
     assert math.isfinite(mem["peak_mem_mb"]) and mem["peak_mem_mb"] >= 0
     assert mem["rss_before_mb"] > 0
@@ -106,10 +117,10 @@ def test_cpu_memory_probe_measures_a_fresh_process(tmp_path):
 
 def test_cpu_reference_runs_in_a_process_of_its_own(tmp_path):
     # the trainer's malloc setting is process-wide; the reference must run without it
-    path, ds = benchmark.write_data(tmp_path, 10, 8)
+    path, ds = slices.write_data(tmp_path, 10, 8)
     case = Case(model="small_cnn", method="reference", batch_size=4, steps=1, batches=1)
-    runner = benchmark.build_runner(case, path, ds, torch.device("cpu"), threads=1)
-    assert isinstance(runner, benchmark.ReferenceProcess)
+    runner = slices.build_runner(case, path, ds, torch.device("cpu"), threads=1)
+    assert isinstance(runner, slices.ReferenceProcess)
     try:
         runner.run(1, 2)
         assert runner.child_cpu_s > 0          # counted as the benchmark's own load
@@ -123,7 +134,7 @@ def test_cpu_reference_runs_in_a_process_of_its_own(tmp_path):
 def test_reference_worker_failure_is_reported(tmp_path):
     case = Case(model="small_cnn", method="reference", batch_size=4, steps=1, batches=1)
     with pytest.raises(RuntimeError, match="reference worker.*missing.npz"):
-        benchmark.ReferenceProcess(case, tmp_path / "missing.npz", threads=1)
+        slices.ReferenceProcess(case, tmp_path / "missing.npz", threads=1)
 
 
 def test_reference_pgd_stays_in_the_threat_model():
@@ -132,7 +143,7 @@ def test_reference_pgd_stays_in_the_threat_model():
     x[:, :, :4] = 0.0   # pixels at the box edges: the projection must keep x + delta in [0, 1]
     y = torch.arange(6) % 10
     eps = 8 / 255
-    delta = benchmark.reference_pgd(model, x, y, eps, 2 / 255, steps=3)
+    delta = slices.reference_pgd(model, x, y, eps, 2 / 255, steps=3)
     assert delta.abs().max() <= eps + 1e-6
     assert (x + delta).min() >= 0 and (x + delta).max() <= 1
     assert not delta.requires_grad and delta.abs().sum() > 0
@@ -168,10 +179,10 @@ class _Counted(torch.nn.Module):
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_the_floor_is_k_plus_1_forwards_k_input_backwards_and_1_full_backward(tmp_path):
-    path, ds = benchmark.write_data(tmp_path, 10, 8)
+    path, ds = slices.write_data(tmp_path, 10, 8)
     case = Case(model="small_cnn", method="floor", batch_size=4, steps=3, batches=1)
-    runner = benchmark.build_runner(case, path, ds, torch.device("cpu"), threads=1)
-    assert isinstance(runner, benchmark.FloorSlice) and runner.precision == "fp32"
+    runner = slices.build_runner(case, path, ds, torch.device("cpu"), threads=1)
+    assert isinstance(runner, slices.FloorSlice) and runner.precision == "fp32"
     counted = _Counted(runner.trainer.model)
     runner.trainer.model = runner.trainer.fwd = counted
     before = [p.detach().clone() for p in counted.parameters()]
@@ -180,29 +191,29 @@ def test_the_floor_is_k_plus_1_forwards_k_input_backwards_and_1_full_backward(tm
     assert (counted.forwards, counted.backwards, counted.weight_backwards) == (8, 8, 2)
     assert all(torch.equal(a, b) for a, b in zip(before, counted.parameters()))   # no update
     assert all(p.grad is None for p in counted.parameters())
-    bf16 = benchmark.build_runner(Case(model="small_cnn", method="floor", batch_size=4, steps=1,
+    bf16 = slices.build_runner(Case(model="small_cnn", method="floor", batch_size=4, steps=1,
                                        batches=1, floor_precision="bf16"),
                                   path, ds, torch.device("cpu"), threads=1)
     assert bf16.precision == "bf16"
 
 
 def test_floor_precision_is_checked(capsys):
-    assert benchmark.cli_main(TINY + ["--floor-precision", "int8"]) == 2
+    assert bench.cli_main(TINY + ["--floor-precision", "int8"]) == 2
     assert "--floor-precision: unknown precision 'int8'; allowed: fp32, bf16, fp16" in capsys.readouterr().err
-    assert benchmark.cli_main(TINY + ["--methods", "standard", "--floor-precision", "bf16"]) == 2
+    assert bench.cli_main(TINY + ["--methods", "standard", "--floor-precision", "bf16"]) == 2
     assert "add pgd_at to --methods" in capsys.readouterr().err
 
 
 def test_unknown_model_or_method_is_an_error_naming_the_allowed_ones(capsys):
-    assert benchmark.cli_main(TINY + ["--models", "resnet50"]) == 2
+    assert bench.cli_main(TINY + ["--models", "resnet50"]) == 2
     assert "small_cnn" in capsys.readouterr().err
-    assert benchmark.cli_main(TINY + ["--methods", "mart"]) == 2
+    assert bench.cli_main(TINY + ["--methods", "mart"]) == 2
     assert "spat_at:cam" in capsys.readouterr().err
 
 
 def test_spat_bench_reports_the_awp_overhead(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = benchmark.cli_main(TINY + ["--methods", "pgd_at,pgd_at:awp,trades,trades:awp",
+    rc = bench.cli_main(TINY + ["--methods", "pgd_at,pgd_at:awp,trades,trades:awp",
                                     "--no-reference", "--no-overhead", "--no-floor", "--no-memory",
                                     "--out", str(out)])
     assert rc == 0

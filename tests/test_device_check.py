@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from spatlib.util import PROVENANCE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BENCH = ("--models small_cnn --methods pgd_at --batch-size 4 --steps 1 --batches 1 "
@@ -34,7 +37,8 @@ def test_device_check_runs_doctor_then_bench_into_one_folder(tmp_path):
                                                  "small_cnn/floor/k10"}
     assert "pgd_at/floor" in {q["name"] for q in bench["ratios"]}
     machine = json.loads((out / "machine.json").read_text())
-    assert machine["cuda_available"] in (True, False) and machine["torch"]
+    assert machine["device"] == "cpu" and machine["torch_version"] == torch.__version__
+    assert set(PROVENANCE_KEYS) <= set(machine) and machine["gpu_count"] >= 0
     assert "| pgd_at/floor | small_cnn | 10 |" in proc.stdout
 
 

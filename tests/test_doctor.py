@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from spatlib import doctor
+from spatlib.device import doctor
 
 # the fast form: the CPU default (CIFAR-shaped SmallCNN, batch 8), three methods that cover clean training, the PGD-KL
 # attack (TRADES) and the SPAT attack; every method and torch.compile: the slow test

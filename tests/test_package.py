@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import spatlib
 
 
 def test_importing_every_module_does_not_initialize_cuda():
-    modules = [m.name for m in pkgutil.iter_modules(spatlib.__path__, "spatlib.")]
-    assert {"spatlib.attacks", "spatlib.semantics", "spatlib.train", "spatlib.evaluate"} <= set(modules)
+    modules = [m.name for m in pkgutil.walk_packages(spatlib.__path__, "spatlib.")]
+    assert {"spatlib.attacks", "spatlib.semantics", "spatlib.train", "spatlib.evaluate",
+            "spatlib.device.doctor", "spatlib.device.bench"} <= set(modules)
     code = ("import importlib, torch\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             "assert not torch.cuda.is_initialized(), 'CUDA initialized at import'\n"
@@ -19,6 +22,15 @@ def test_importing_every_module_does_not_initialize_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_the_build_lists_every_subpackage():
+    # setuptools' `packages` is explicit: a subpackage missing there is missing from the wheel
+    tomllib = pytest.importorskip("tomllib")     # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = ["spatlib"] + [m.name for m in pkgutil.walk_packages(spatlib.__path__, "spatlib.") if m.ispkg]
+    assert sorted(listed) == sorted(found)
 
 
 def test_spat_command_lists_commands_and_rejects_unknown_ones():
@@ -32,8 +44,9 @@ def test_building_the_package_raises_no_deprecation_warning(tmp_path):
     """pip install ran setuptools' metadata step and warned (three times) that project.license
     as a TOML table is deprecated: the SPDX string needs setuptools >= 77 at build time."""
     root = Path(__file__).resolve().parents[1]
-    (tmp_path / "spatlib").mkdir()
-    for name in ("pyproject.toml", "README.md", "spatlib/__init__.py"):
+    packages = [p.relative_to(root).as_posix() for p in sorted(root.glob("spatlib/**/__init__.py"))]
+    for name in ("pyproject.toml", "README.md", *packages):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, tmp_path / name)
     code = ("import tempfile\nfrom setuptools import build_meta\n"
             "build_meta.prepare_metadata_for_build_wheel(tempfile.mkdtemp())")

@@ -13,8 +13,8 @@ named row each, PASS or FAIL with a detail:
 * ``loss finite`` and ``loss decreasing``: ``--steps`` training steps of every method on ONE
   fixed batch (a fixed batch at a moderate lr makes "the last loss is below the first" a
   reliable check in 2-3 steps, which fresh batches are not); the row also gives images/s and
-  peak memory (CUDA: ``max_memory_allocated`` above what was allocated before; CPU: peak RSS
-  above the RSS before, a lower bound after the first method since the allocator keeps pages);
+  peak memory (:class:`spatlib.device.machine.PeakMemory`; on the CPU a lower bound after the
+  first method, since the allocator keeps pages);
 * ``batched VJPs = per-class loop``: the vmapped class-evidence backward equals the per-class
   loop on this device (relative tolerance);
 * ``channels_last = NCHW``: the logits and input gradients of the model in channels_last
@@ -44,7 +44,6 @@ import copy
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -55,16 +54,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import runfolder as rf
-from .attacks import check_threat_model
-from .config import MODELS, ConfigError, RunConfig, from_dict
-from .methods import METHODS
-from .semantics import class_evidence
-from .train import AMP_DTYPES, Trainer, backend_flags
-from .util import atomic_write_text, device_name, eval_mode, git_commit, resolve_device, utc_now
+from .. import runfolder as rf
+from ..attacks import check_threat_model
+from ..config import MODELS, ConfigError, RunConfig, from_dict
+from ..methods import METHODS
+from ..semantics import class_evidence
+from ..train import AMP_DTYPES, Trainer, backend_flags
+from ..util import (atomic_write_text, check_choices, comma_list, eval_mode, progress_log,
+                    resolve_device)
+from .machine import PeakMemory, machine_info, sync
 
 __all__ = ["DoctorSettings", "CheckRow", "DEFAULTS", "run_doctor", "resolve_settings", "doctor_config",
-           "format_table", "machine_info", "build_parser", "cli_main"]
+           "format_table", "build_parser", "cli_main"]
 
 IMAGE_SHAPE = [3, 32, 32]       # CIFAR's (C, H, W)
 NUM_CLASSES = 10
@@ -117,67 +118,6 @@ class CheckRow:
 
 # --------------------------------------------------------------------------------------------
 # helpers
-def machine_info(device: torch.device) -> dict:
-    """The host, the device and the code versions: what the doctor's figures belong to."""
-    from . import __version__
-    info = {"date": utc_now(), "hostname": platform.node(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch_version": str(torch.__version__),
-            "cuda_version": torch.version.cuda, "spatlib_version": __version__,
-            "git_commit": git_commit(), "device": str(device), "device_name": device_name(device),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info["gpu_memory_gb"] = round(p.total_memory / 2**30, 1)
-        info["cudnn_version"] = torch.backends.cudnn.version()
-    return info
-
-
-def _rss_kb(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class _PeakMemory:
-    """Peak memory of a block above what was in use before it, in MB (None: not measurable)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.mb: float | None = None
-
-    def __enter__(self) -> "_PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            try:   # "5" resets the kernel's peak-RSS mark (VmHWM) of this process
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-            self.base = _rss_kb("VmRSS")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        else:
-            peak = _rss_kb("VmHWM")
-            if peak is not None and self.base is not None:
-                self.mb = max(peak - self.base, 0) / 1024
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
@@ -283,9 +223,9 @@ class _Doctor:
         losses: list[float] = []
         times: list[float] = []
         with self.row("loss finite", subject) as r:
-            with _PeakMemory(self.device) as mem:
+            with PeakMemory(self.device) as mem:
                 for i in range(self.s.steps):
-                    _sync(self.device)
+                    sync(self.device)
                     t0 = time.perf_counter()
                     stats = t.train_step(x, y, i)
                     losses.append(float(stats.loss))          # a host sync: the step is done
@@ -381,18 +321,18 @@ class _Doctor:
             ckpt = rf.load_checkpoint(path)
             b = self.trainer(model, method, ema=0.99)
             b.restore(ckpt, path)
-            # what Trainer.fit does with a restored state before its first step
+            # what Trainer.fit does with a restored state before its first step; the
+            # uninterrupted trainer steps from the same global RNG state
             rng = ckpt["rng"][0]
             b.attack_gen.set_state(rng["attack"])
-            cuda = self.device.type == "cuda"
-            torch.set_rng_state(rng["torch_cpu"])
-            if cuda:
-                torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
-            loss_b = float(b.train_step(x, y, 1).loss)
-            torch.set_rng_state(rng["torch_cpu"])
-            if cuda:
-                torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
-            loss_a = float(a.train_step(x, y, 1).loss)
+
+            def next_loss(t: Trainer) -> float:
+                torch.set_rng_state(rng["torch_cpu"])
+                if self.device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
+                return float(t.train_step(x, y, 1).loss)
+
+            loss_b, loss_a = next_loss(b), next_loss(a)
             pairs = [("weights", a.model.state_dict(), b.model.state_dict()),
                      ("EMA", a.ema.module.state_dict(), b.ema.module.state_dict())]
             differ = [f"{what} {k}" for what, sa, sb in pairs for k in sa
@@ -471,12 +411,8 @@ def resolve_settings(s: DoctorSettings) -> tuple[DoctorSettings, torch.device]:
     d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     models = s.models if s.models is not None else list(d["models"])
     methods = s.methods if s.methods is not None else list(METHODS)
-    for m in models:
-        if m not in MODELS:
-            raise ConfigError(f"--models: unknown model {m!r}; expected some of {', '.join(MODELS)}")
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"--methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
+    check_choices("--models", models, MODELS, "model")
+    check_choices("--methods", methods, METHODS, "method")
     if not models or not methods:
         raise ConfigError("--models / --methods: nothing to check")
     out = DoctorSettings(
@@ -491,8 +427,7 @@ def resolve_settings(s: DoctorSettings) -> tuple[DoctorSettings, torch.device]:
         raise ConfigError(f"--steps: expected an integer >= 2 (a decrease needs two losses), got {out.steps}")
     if out.attack_steps < 1:
         raise ConfigError(f"--attack-steps: expected an integer >= 1, got {out.attack_steps}")
-    if out.precision not in AMP_DTYPES:
-        raise ConfigError(f"--precision: expected one of {', '.join(AMP_DTYPES)}, got {out.precision!r}")
+    check_choices("--precision", [out.precision], AMP_DTYPES, "precision")
     return out, device
 
 
@@ -551,10 +486,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     """``spat doctor``'s arguments."""
     p = argparse.ArgumentParser(
@@ -568,10 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default 3)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also check torch.compile on the first model (default: on CUDA only)")
-    p.add_argument("--models", type=_list, default=None,
+    p.add_argument("--models", type=comma_list, default=None,
                    help="comma-separated models (default: small_cnn on CPU; preact_resnet18 and "
                         "wide_resnet (WRN-34-10) on CUDA)")
-    p.add_argument("--methods", type=_list, default=None, help="comma-separated methods (default: all)")
+    p.add_argument("--methods", type=comma_list, default=None, help="comma-separated methods (default: all)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
     p.add_argument("--attack-steps", type=int, default=None,
                    help="steps of the training attack (default: 2 on CPU, the paper's 10 on CUDA)")
@@ -587,9 +518,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                               batch_size=args.batch_size, steps=args.steps,
                               attack_steps=args.attack_steps, compile=args.compile,
                               precision=args.precision)
-    log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
-        result = run_doctor(settings, log=log)
+        result = run_doctor(settings, log=progress_log(args.quiet))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
