@@ -10,8 +10,9 @@ import spatlib
 
 
 def test_importing_every_module_does_not_initialize_cuda():
-    modules = [m.name for m in pkgutil.iter_modules(spatlib.__path__, "spatlib.")]
-    assert {"spatlib.attacks", "spatlib.semantics", "spatlib.train", "spatlib.evaluate"} <= set(modules)
+    modules = [m.name for m in pkgutil.walk_packages(spatlib.__path__, "spatlib.")]   # subpackages too
+    assert {"spatlib.attacks", "spatlib.semantics", "spatlib.train", "spatlib.evaluate",
+            "spatlib.launch.cli"} <= set(modules)
     code = ("import importlib, torch\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             "assert not torch.cuda.is_initialized(), 'CUDA initialized at import'\n"
