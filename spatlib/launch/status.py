@@ -109,26 +109,8 @@ def is_done(job: Job, previous: dict) -> bool:
     return job.run_dir is None or (job.run_dir / "metrics.json").is_file()
 
 
-def notebook_state(path: Path) -> tuple[str, str | None]:
-    """(state, end time) of an executed notebook, from papermill's record in it: ``done`` (it
-    ended without an error), ``failed`` (an error), ``interrupted`` (started, never ended: the
-    batch was stopped), ``not started`` (no notebook)."""
-    try:
-        meta = (json.loads(path.read_text()).get("metadata") or {}).get("papermill") or {}
-    except FileNotFoundError:
-        return "not started", None
-    except (OSError, json.JSONDecodeError):   # half written by a killed papermill
-        return "interrupted", None
-    ended = meta.get("end_time")
-    with contextlib.suppress(TypeError, ValueError):     # to the second, as every other date here
-        ended = datetime.datetime.fromisoformat(ended).isoformat(timespec="seconds")
-    if meta.get("exception"):
-        return "failed", ended
-    return ("done", ended) if ended else ("interrupted", None)
-
-
 # --------------------------------------------------------------------------------------------
-# run folders: the one count of epochs done
+# run folders (the one count of epochs done) and executed notebooks
 @dataclass(frozen=True)
 class RunState:
     """What a run folder says about its run, whichever launcher ran it (or none)."""
@@ -201,6 +183,24 @@ def epochs_done(job: Job) -> tuple[int, int] | None:
         return None
     total = state.epochs or 0
     return (total if state.state == "done" else state.epoch), total
+
+
+def notebook_state(path: Path) -> tuple[str, str | None]:
+    """(state, end time) of an executed notebook, from papermill's record in it: ``done`` (it
+    ended without an error), ``failed`` (an error), ``interrupted`` (started, never ended: the
+    batch was stopped), ``not started`` (no notebook)."""
+    try:
+        meta = (json.loads(path.read_text()).get("metadata") or {}).get("papermill") or {}
+    except FileNotFoundError:
+        return "not started", None
+    except (OSError, json.JSONDecodeError):   # half written by a killed papermill
+        return "interrupted", None
+    ended = meta.get("end_time")
+    with contextlib.suppress(TypeError, ValueError):     # to the second, as every other date here
+        ended = datetime.datetime.fromisoformat(ended).isoformat(timespec="seconds")
+    if meta.get("exception"):
+        return "failed", ended
+    return ("done", ended) if ended else ("interrupted", None)
 
 
 # --------------------------------------------------------------------------------------------
