@@ -1,7 +1,8 @@
 """The ``spat`` command: ``spat train``, ``spat batch``, ``spat bench``, ``spat eval``, ``spat doctor``.
 
-Each subcommand lives in its module (``cli_main(argv)``); this file only dispatches, so that
-``spat --help`` stays fast and nothing heavy is imported before it is needed.
+Each subcommand lives in its module (``module:function``, the function ``cli_main`` when not
+named; it takes the arguments after the command and returns the exit status); this file only
+dispatches, so that ``spat --help`` stays fast and nothing heavy is imported before it is needed.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import sys
 
 COMMANDS = {
     "train": ("spatlib.train", "train one run from a params file (resumes an unfinished run)"),
-    "batch": ("spatlib.launch", "execute the notebooks for every run of an experiment with papermill"),
-    "status": ("spatlib.slurm", "state of every job of a batch folder: queued, running, done, failed"),
+    "batch": ("spatlib.launch.cli:batch_main",
+              "execute the notebooks for every run of an experiment with papermill"),
+    "status": ("spatlib.launch.cli:status_main",
+               "state of every job of a batch folder: queued, running, done, failed"),
     "bench": ("spatlib.device.bench", "trainer throughput, SPAT overhead and memory figures"),
     "eval": ("spatlib.cards", "evaluate a run, checkpoint or external model; a JSON result card"),
     "doctor": ("spatlib.device.doctor", "check this machine's training path (PASS/FAIL table, JSON)"),
@@ -37,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"spat: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.cli_main(rest) or 0)
+    module, _, function = COMMANDS[name][0].partition(":")
+    return int(getattr(importlib.import_module(module), function or "cli_main")(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -639,7 +639,7 @@ class Experiment:
     robustness: dict                    # notebook 03's parameters as written (checked: RobustnessConfig)
     path: str | None = None
     labels: dict[str, dict] = field(default_factory=dict)   # run -> {variant, dataset, seed}
-    launcher: dict = field(default_factory=dict)   # cluster settings (validated by spatlib.slurm)
+    launcher: dict = field(default_factory=dict)   # cluster settings (validated by spatlib.launch.slurm)
 
 
 EXPERIMENT_KEYS = ("experiment", "base", "variants", "seeds", "datasets", "hypothesis", "robustness",

@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from spatlib import batch, config
+from spatlib import config, launch
 from spatlib.config import ConfigError
+from spatlib.launch import local, status
+from spatlib.launch.plan import notebook_parameters, robustness_job
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params"
@@ -70,32 +72,32 @@ def test_a_params_typo_fails_before_any_notebook_executes_naming_the_key(tmp_pat
     assert not list(tmp_path.rglob("*.ipynb"))
 
 
-def test_notebook_sections_are_checked_against_the_parameters_cells(tmp_path):
+def test_notebook_sections_are_checked_by_config_before_anything_runs(tmp_path):
     doc = yaml.safe_load((PARAMS / "smoke.yaml").read_text())
     for section, value, match in [("hypothesis", {"n_examples": "many"}, "hypothesis.n_examples"),
                                   ("hypothesis", {"model_dir": "x"}, "set by spat batch"),
                                   ("robustness", {"whih": "last"}, "did you mean 'which'")]:
         d = {**doc, section: value}
         with pytest.raises(ConfigError, match=match):
-            batch.plan_experiment(write_params(tmp_path / "p.yaml", d), out_root=tmp_path)
+            launch.plan_experiment(write_params(tmp_path / "p.yaml", d), out_root=tmp_path)
     with pytest.raises(ConfigError, match="did you mean 'spat_at-digits-s0'"):
-        batch.plan_experiment(PARAMS / "smoke.yaml", out_root=tmp_path, only=["spat_at-digit-s0"])
+        launch.plan_experiment(PARAMS / "smoke.yaml", out_root=tmp_path, only=["spat_at-digit-s0"])
 
 
 def test_every_params_file_validates_and_expands_as_documented(tmp_path):
     expected = {"smoke": 2, "digits": 21, "cifar10_quick": 6, "mnist": 18,
                 "cifar10_paper": 48, "cifar100_paper": 48}
     for name, n_runs in expected.items():
-        plan = batch.plan_experiment(PARAMS / f"{name}.yaml", out_root=tmp_path)
+        plan = launch.plan_experiment(PARAMS / f"{name}.yaml", out_root=tmp_path)
         assert plan.name == name and len(plan.runs) == n_runs, name
-    digits = batch.plan_experiment(PARAMS / "digits.yaml", out_root=tmp_path)
+    digits = launch.plan_experiment(PARAMS / "digits.yaml", out_root=tmp_path)
     variants = {lab["variant"] for lab in digits.labels.values()}
     assert variants == {"standard", "pgd_at", "trades", "spat_at", "spat_random", "spat_radius",
                         "spat_radius_random"}
     assert digits.configs["spat_random-digits-s2"]["attack"]["rule"] == "random"
     assert digits.configs["spat_random-digits-s2"]["train"]["method"] == "spat_at"
     assert "autoattack" in digits.configs["pgd_at-digits-s0"]["eval"]["suite"]
-    paper = batch.plan_experiment(PARAMS / "cifar10_paper.yaml", out_root=tmp_path)
+    paper = launch.plan_experiment(PARAMS / "cifar10_paper.yaml", out_root=tmp_path)
     models = {(c["model"]["name"], c["model"]["depth"], c["model"]["width"]) for c in paper.configs.values()}
     assert ("wide_resnet", 34, 10) in models and any(m[0] == "preact_resnet18" for m in models)
     run = paper.configs["trades.wrn34-cifar10-s0"]
@@ -106,22 +108,22 @@ def test_every_params_file_validates_and_expands_as_documented(tmp_path):
     assert (awp["method"], awp["awp_gamma"], awp["awp_warmup"]) == ("trades", 0.005, 9)
     assert paper.configs["spat_trades_awp.wrn34-cifar10-s0"]["train"]["awp_gamma"] == 0.005
     assert paper.configs["trades.wrn34-cifar10-s0"]["train"]["awp_gamma"] == 0.0
-    mnist = batch.plan_experiment(PARAMS / "mnist.yaml", out_root=tmp_path)
+    mnist = launch.plan_experiment(PARAMS / "mnist.yaml", out_root=tmp_path)
     assert {c["attack"]["eps"] for c in mnist.configs.values()} == {0.3}
-    quick = batch.plan_experiment(PARAMS / "cifar10_quick.yaml", out_root=tmp_path)
+    quick = launch.plan_experiment(PARAMS / "cifar10_quick.yaml", out_root=tmp_path)
     assert {(c["data"]["train_limit"], c["model"]["name"]) for c in quick.configs.values()} == {(5000, "small_cnn")}
 
 
 def test_overrides_point_real_data_files_at_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    plan = batch.plan_experiment(PARAMS / "cifar10_quick.yaml", out_root="out",
-                                 overrides=["data.name=npz", "data.path=data/prefix.npz"])
+    plan = launch.plan_experiment(PARAMS / "cifar10_quick.yaml", out_root="out",
+                                  overrides=["data.name=npz", "data.path=data/prefix.npz"])
     for cfg in plan.configs.values():
         assert cfg["data"]["name"] == "npz"
         assert cfg["data"]["path"] == str(tmp_path / "data" / "prefix.npz")
     # notebook 03 re-reads the experiment from another folder: it gets the absolute path
     assert plan.overrides == ["data.name=npz", f"data.path={tmp_path / 'data' / 'prefix.npz'}"]
-    job = batch.robustness_job(plan, NOTEBOOKS, threads=1)
+    job = robustness_job(plan, NOTEBOOKS, threads=1)
     assert job.parameters["overrides"] == plan.overrides and job.parameters["train_missing"] is False
     assert plan.out_dir == tmp_path / "out" / "cifar10_quick"
     # an override to npz keeps the file's dataset label (the published rows match on it)
@@ -129,7 +131,7 @@ def test_overrides_point_real_data_files_at_absolute_paths(tmp_path, monkeypatch
 
 
 def test_02_parameters_cell_lists_every_key_of_every_section():
-    params = batch.notebook_parameters(NOTEBOOKS / "02_training.ipynb")
+    params = notebook_parameters(NOTEBOOKS / "02_training.ipynb")
     sections = {"data": config.DataConfig, "model": config.ModelConfig, "attack": config.AttackConfig,
                 "train": config.TrainConfig, "eval": config.EvalConfig}
     import dataclasses
@@ -142,8 +144,8 @@ def test_02_parameters_cell_lists_every_key_of_every_section():
 
 
 def test_section_dicts_are_laid_over_the_notebook_defaults(tmp_path):
-    plan = batch.plan_experiment(PARAMS / "smoke.yaml", out_root=tmp_path)
-    jobs = batch.build_jobs(plan, NOTEBOOKS, threads=1)
+    plan = launch.plan_experiment(PARAMS / "smoke.yaml", out_root=tmp_path)
+    jobs = launch.build_jobs(plan, NOTEBOOKS, threads=1)
     hyp = jobs[0]
     assert hyp.name == "01_hypothesis"
     assert hyp.parameters["train"]["epochs"] == 2                 # from smoke.yaml
@@ -158,33 +160,33 @@ def test_section_dicts_are_laid_over_the_notebook_defaults(tmp_path):
 
 
 def test_is_done_needs_the_same_parameters_and_the_outputs(tmp_path):
-    plan = batch.plan_experiment(PARAMS / "smoke.yaml", out_root=tmp_path)
-    job = batch.build_jobs(plan, NOTEBOOKS, threads=1, hypothesis=False)[0]
+    plan = launch.plan_experiment(PARAMS / "smoke.yaml", out_root=tmp_path)
+    job = launch.build_jobs(plan, NOTEBOOKS, threads=1, hypothesis=False)[0]
     summary = {"jobs": {job.name: {"status": "ok", "fingerprint": job.fingerprint()}}}
-    assert not batch.is_done(job, summary)                          # no executed notebook yet
+    assert not status.is_done(job, summary)                          # no executed notebook yet
     job.output.parent.mkdir(parents=True)
     job.output.write_text("{}")
-    assert not batch.is_done(job, summary)                          # no metrics.json
+    assert not status.is_done(job, summary)                          # no metrics.json
     (job.run_dir / "metrics.json").write_text("{}")
-    assert batch.is_done(job, summary)
+    assert status.is_done(job, summary)
     job.parameters["threads"] = 8                                   # threads change nothing computed
-    assert batch.is_done(job, summary)
+    assert status.is_done(job, summary)
     job.parameters["train"] = {**job.parameters["train"], "epochs": 3}
-    assert not batch.is_done(job, summary)
-    assert not batch.is_done(job, {"jobs": {job.name: {"status": "failed", "fingerprint": job.fingerprint()}}})
+    assert not status.is_done(job, summary)
+    assert not status.is_done(job, {"jobs": {job.name: {"status": "failed", "fingerprint": job.fingerprint()}}})
 
 
 def test_a_job_environment_has_its_threads_its_gpu_and_its_batch(tmp_path):
-    env = batch.job_env(threads=3, gpu=None)
+    env = local.job_env(threads=3, gpu=None)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
-    assert batch.job_env(threads=None, gpu=1)["CUDA_VISIBLE_DEVICES"] == "1"
-    assert batch.job_env(None, None, tmp_path)[batch.BATCH_DIR_ENV] == str(tmp_path)
+    assert local.job_env(threads=None, gpu=1)["CUDA_VISIBLE_DEVICES"] == "1"
+    assert local.job_env(None, None, tmp_path)[status.BATCH_DIR_ENV] == str(tmp_path)
     # the placement itself (one GPU per running job, freed at its end) runs real notebooks:
     # tests/test_batch_faults.py::test_each_running_job_holds_a_gpu_of_its_own_and_frees_it
 
 
 def test_kernel_falls_back_to_python3():
-    assert batch.kernel_name("no-such-kernel-xyz") == "python3"
+    assert local.kernel_name("no-such-kernel-xyz") == "python3"
 
 
 def test_notebooks_are_committed_without_outputs_but_the_checked_cells():

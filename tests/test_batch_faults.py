@@ -19,7 +19,9 @@ import pytest
 import torch
 import yaml
 
-from spatlib import batch
+from spatlib import launch
+from spatlib.config import ConfigError
+from spatlib.launch import local, status
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params"
@@ -57,8 +59,8 @@ def processes_under(folder: Path) -> list[tuple[int, str]]:
 # the lock
 HOLD = """
 import sys, time
-from spatlib import batch
-lock = batch.lock_experiment(sys.argv[1], ["spat", "batch", "holder-command"])
+from spatlib.launch import local
+lock = local.lock_experiment(sys.argv[1], ["spat", "batch", "holder-command"])
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -67,14 +69,14 @@ time.sleep(120)
 @pytest.mark.slow
 def test_a_second_batch_on_a_locked_folder_fails_naming_the_holder(tmp_path):
     exp = tmp_path / "out" / "smoke"
-    with batch.lock_experiment(exp, ["spat", "batch", "params/smoke.yaml"]) as lock:
+    with local.lock_experiment(exp, ["spat", "batch", "params/smoke.yaml"]) as lock:
         holder = json.loads((exp / ".batch.lock").read_text())
         assert holder["pid"] == os.getpid() and holder["command"] == "spat batch params/smoke.yaml"
-        with pytest.raises(batch.BatchLocked, match=rf"pid {os.getpid()} on .*started .*: "
+        with pytest.raises(local.BatchLocked, match=rf"pid {os.getpid()} on .*started .*: "
                                                     r"spat batch params/smoke\.yaml"):
-            batch.lock_experiment(exp)
+            local.lock_experiment(exp)
         assert lock.fd >= 0
-    batch.lock_experiment(exp).release()          # released: free again
+    local.lock_experiment(exp).release()          # released: free again
 
     # another process holds it; once SIGKILLed, the kernel has dropped its flock
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -82,8 +84,8 @@ def test_a_second_batch_on_a_locked_folder_fails_naming_the_holder(tmp_path):
                               text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(batch.BatchLocked, match=rf"pid {holder.pid} .*holder-command"):
-            batch.lock_experiment(exp)
+        with pytest.raises(local.BatchLocked, match=rf"pid {holder.pid} .*holder-command"):
+            local.lock_experiment(exp)
         # the command line: one error line, exit 2, no notebook executed
         out = spat_batch(PARAMS / "smoke.yaml", "--out", tmp_path / "out", cwd=tmp_path, timeout=120)
         assert out.returncode == 2, out.stdout + out.stderr
@@ -93,7 +95,7 @@ def test_a_second_batch_on_a_locked_folder_fails_naming_the_holder(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-    with batch.lock_experiment(exp) as lock:        # a dead holder's lock is free
+    with local.lock_experiment(exp) as lock:        # a dead holder's lock is free
         assert json.loads((exp / ".batch.lock").read_text())["pid"] == os.getpid()
 
 
@@ -125,9 +127,9 @@ def test_an_unwritable_output_folder_is_one_error_line_before_any_notebook(tmp_p
 # --------------------------------------------------------------------------------------------
 # the live view
 def test_the_status_line_counts_jobs_and_reads_each_running_runs_epoch(tmp_path):
-    plan = batch.plan_experiment(PARAMS / "smoke.yaml", out_root=tmp_path)
-    j01, j_std, j_spat = batch.build_jobs(plan, ROOT / "notebooks", threads=1)
-    progress = batch.Progress()
+    plan = launch.plan_experiment(PARAMS / "smoke.yaml", out_root=tmp_path)
+    j01, j_std, j_spat = launch.build_jobs(plan, ROOT / "notebooks", threads=1)
+    progress = local.Progress()
     for job in (j01, j_std, j_spat):
         progress.queued(job)
     assert progress.line().endswith("] 0 done, 0 running, 3 queued, 0 failed")
@@ -139,7 +141,7 @@ def test_the_status_line_counts_jobs_and_reads_each_running_runs_epoch(tmp_path)
     torch.save({"epoch": 1, "config": {"train": {"epochs": 2}}}, j_std.run_dir / "checkpoint_last.pt")
     assert re.fullmatch(r"\[status 0m0\ds\] 1 done, 2 running, 0 queued, 0 failed; running: "
                         r"standard-digits-s0 epoch 1/2, spat_at-digits-s0 epoch 0/2", progress.line())
-    progress.finished(batch.JobResult(j_std.name, "failed"))
+    progress.finished(launch.JobResult(j_std.name, "failed"))
     assert ", 1 failed; running: spat_at-digits-s0 epoch 0/2" in progress.line()
 
 
@@ -178,26 +180,26 @@ def sleeper_notebook(path: Path) -> Path:
 
 
 def test_the_fake_gpu_count_is_a_documented_test_hook(monkeypatch):
-    monkeypatch.setenv(batch.FAKE_GPUS_ENV, "3")
-    assert batch.gpu_count() == 3
-    assert batch.gpu_count(override=2) == 2
-    monkeypatch.setenv(batch.FAKE_GPUS_ENV, "two")
-    with pytest.raises(batch.ConfigError, match="SPAT_FAKE_GPUS='two'"):
-        batch.gpu_count()
+    monkeypatch.setenv(local.FAKE_GPUS_ENV, "3")
+    assert local.gpu_count() == 3
+    assert local.gpu_count(override=2) == 2
+    monkeypatch.setenv(local.FAKE_GPUS_ENV, "two")
+    with pytest.raises(ConfigError, match="SPAT_FAKE_GPUS='two'"):
+        local.gpu_count()
 
 
 @pytest.mark.slow
 def test_each_running_job_holds_a_gpu_of_its_own_and_frees_it(tmp_path, monkeypatch):
-    monkeypatch.setenv(batch.FAKE_GPUS_ENV, "2")
-    gpus = list(range(batch.gpu_count()))
+    monkeypatch.setenv(local.FAKE_GPUS_ENV, "2")
+    gpus = list(range(local.gpu_count()))
     assert gpus == [0, 1]
     nb = sleeper_notebook(tmp_path / "sleeper.ipynb")
     record = tmp_path / "record.jsonl"
-    jobs = [batch.Job(f"j{i}", "robustness", nb, tmp_path / f"j{i}.ipynb",
-                      {"record": str(record), "name": f"j{i}"}, tmp_path / "logs" / f"j{i}.log",
-                      tmp_path) for i in range(5)]
+    jobs = [launch.Job(f"j{i}", "robustness", nb, tmp_path / f"j{i}.ipynb",
+                       {"record": str(record), "name": f"j{i}"}, tmp_path / "logs" / f"j{i}.log",
+                       tmp_path) for i in range(5)]
     # asked for 5 at once: only 2 devices, so at most 2 run
-    results = batch.run_jobs(jobs, n_parallel=5, kernel=batch.kernel_name(), threads=None, gpus=gpus)
+    results = local.run_jobs(jobs, n_parallel=5, kernel=local.kernel_name(), threads=None, gpus=gpus)
     assert [r.status for r in results] == ["ok"] * 5, [r.error for r in results]
     rows = [json.loads(ln) for ln in record.read_text().splitlines()]
     assert sorted(r["name"] for r in rows) == [f"j{i}" for i in range(5)]          # all 5 ran
@@ -237,16 +239,16 @@ def test_sigkill_mid_run_leaves_no_process_and_the_rerun_gives_the_uninterrupted
     deadline = time.monotonic() + 10       # kernels notice the lost parent within a second
     while (left := processes_under(out_root)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert left == [] and batch.leftover_processes(exp) == []
+    assert left == [] and status.leftover_processes(exp) == []
     assert not (exp / "runs" / "spat_at-digits-s0" / "metrics.json").is_file() or \
         not (exp / "runs" / "standard-digits-s0" / "metrics.json").is_file()
     # spat status reads the killed batch's run folders: the epochs its checkpoints hold
-    status = subprocess.run([sys.executable, "-m", "spatlib.cli", "status", str(exp)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0, status.stdout + status.stderr
+    shown = subprocess.run([sys.executable, "-m", "spatlib.cli", "status", str(exp)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
     killed = {m.group(1): int(m.group(2)) for m in
-              re.finditer(r"^(\S+-digits-s0)\s+interrupted at epoch (\d+) of 8$", status.stdout, re.M)}
-    assert killed and max(killed.values()) >= 2, status.stdout
+              re.finditer(r"^(\S+-digits-s0)\s+interrupted at epoch (\d+) of 8$", shown.stdout, re.M)}
+    assert killed and max(killed.values()) >= 2, shown.stdout
 
     again = spat_batch(*args, "--out", out_root, cwd=tmp_path)   # at once: the lock is free
     assert again.returncode == 0, again.stdout + again.stderr

@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 import torch
 
-from spatlib import batch, cards, config, report, targets
+from spatlib import cards, config, launch, report, targets
+from spatlib.launch.plan import robustness_job
 from spatlib.runfolder import load_run_model
 from spatlib.train import train
 
@@ -320,13 +321,13 @@ def test_the_cards_parameter_is_a_list_of_files_or_globs(tmp_path, monkeypatch):
     config.check_notebook_parameters("robustness", {"cards": ["a.json", "cards/*.json"]})
     # spat batch: a params file's robustness.cards, relative to where the command runs
     monkeypatch.chdir(tmp_path)
-    plan = batch.plan_experiment(ROOT / "params" / "smoke.yaml", ["robustness.cards=[mine/*.json]"],
-                                 out_root=tmp_path / "out")
+    plan = launch.plan_experiment(ROOT / "params" / "smoke.yaml", ["robustness.cards=[mine/*.json]"],
+                                  out_root=tmp_path / "out")
     assert plan.experiment.robustness["cards"] == [str(tmp_path / "mine" / "*.json")]
-    job = batch.robustness_job(plan, ROOT / "notebooks", threads=1)
+    job = robustness_job(plan, ROOT / "notebooks", threads=1)
     assert job.parameters["cards"] == [str(tmp_path / "mine" / "*.json")]
     with pytest.raises(config.ConfigError, match="robustness.cards"):
-        batch.plan_experiment(ROOT / "params" / "smoke.yaml", ["robustness.cards=3"], out_root=tmp_path)
+        launch.plan_experiment(ROOT / "params" / "smoke.yaml", ["robustness.cards=3"], out_root=tmp_path)
 
 
 @pytest.mark.slow

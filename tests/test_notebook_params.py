@@ -8,6 +8,7 @@ import papermill as pm
 import pytest
 
 from spatlib import config
+from spatlib.launch.plan import NOTEBOOKS as NOTEBOOK_FILES, notebook_parameters
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -26,6 +27,16 @@ def test_check_names_the_unknown_parameter_and_the_closest_one():
     # the kernel's own names, private names, modules and functions are not parameters
     config.check_notebook_parameters("hypothesis", {"In": [], "Out": {}, "_": None, "_i1": "",
                                                     "get_ipython": print, "config": config})
+
+
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOK_FILES))
+def test_each_parameters_cell_holds_exactly_the_parameters_config_checks(notebook):
+    # spat batch checks an experiment's notebook sections with config alone: right only while
+    # each parameters cell defines exactly config's names (a key config allows but the cell
+    # lacks would be injected and go unused; a cell default config lacks could never be set)
+    defaults = notebook_parameters(NOTEBOOKS / NOTEBOOK_FILES[notebook])
+    assert sorted(defaults) == sorted(config.notebook_parameter_names(notebook))
+    config.check_notebook_parameters(notebook, defaults)        # and its defaults pass the checks
 
 
 def test_papermill_api_fails_on_a_misspelt_parameter_before_training(tmp_path):

@@ -12,9 +12,9 @@ import spatlib
 
 
 def test_importing_every_module_does_not_initialize_cuda():
-    modules = [m.name for m in pkgutil.walk_packages(spatlib.__path__, "spatlib.")]
+    modules = [m.name for m in pkgutil.walk_packages(spatlib.__path__, "spatlib.")]   # subpackages too
     assert {"spatlib.attacks", "spatlib.semantics", "spatlib.train", "spatlib.evaluate",
-            "spatlib.device.doctor", "spatlib.device.bench"} <= set(modules)
+            "spatlib.launch.cli", "spatlib.device.doctor", "spatlib.device.bench"} <= set(modules)
     code = ("import importlib, torch\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             "assert not torch.cuda.is_initialized(), 'CUDA initialized at import'\n"
@@ -25,10 +25,12 @@ def test_importing_every_module_does_not_initialize_cuda():
 
 
 def test_the_build_lists_every_subpackage():
-    # setuptools' `packages` is explicit: a subpackage missing there is missing from the wheel
+    # a subpackage the build does not find is missing from the wheel
     tomllib = pytest.importorskip("tomllib")     # Python >= 3.11
+    from setuptools import find_packages
     root = Path(__file__).resolve().parents[1]
-    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    listed = find_packages(str(root), include=include)
     found = ["spatlib"] + [m.name for m in pkgutil.walk_packages(spatlib.__path__, "spatlib.") if m.ispkg]
     assert sorted(listed) == sorted(found)
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spatlib import slurm as S
+from spatlib.launch import slurm as S
+from spatlib.launch.plan import plan_experiment
+from spatlib.launch.status import JOBS_FILE
 from spatlib.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +128,6 @@ def test_launcher_section_is_strict_and_flags_override_it():
 
 
 def test_unknown_key_in_the_params_files_launcher_section(tmp_path):
-    from spatlib.batch import plan_experiment
     params = write_experiment(tmp_path / "e.yaml", "bad", {"standard": {"train": {"method": "standard"}}})
     doc = yaml.safe_load(params.read_text())
     doc["launcher"] = {"partition": "debug", "cpus": 4}
@@ -138,7 +139,6 @@ def test_unknown_key_in_the_params_files_launcher_section(tmp_path):
 
 
 def test_no_sbatch_on_path_fails_before_anything(tmp_path, monkeypatch):
-    from spatlib.batch import plan_experiment
     plan = plan_experiment(ROOT / "params/smoke.yaml", out_dir=tmp_path / "smoke")
     empty = tmp_path / "bin"
     empty.mkdir()
@@ -152,11 +152,10 @@ def test_no_sbatch_on_path_fails_before_anything(tmp_path, monkeypatch):
 # the cluster refuses bad settings before submission
 @pytest.mark.parametrize("settings, message", [
     ({"partition": "gpuz"}, "no partition 'gpuz' on this cluster; sinfo lists: debug"),
-    ({"time": "2 hours"}, "launcher.time: Slurm cannot parse '2 hours'"),
+    ({"time": "2 hours"}, "launcher.time: '2 hours' is not a Slurm time limit"),
     ({"gpus_per_run": 1}, "partition 'debug' has no GPUs (sinfo Gres: (null))"),
 ])
 def test_bad_settings_fail_before_submission(cluster, tmp_path, settings, message):
-    from spatlib.batch import plan_experiment
     plan = plan_experiment(ROOT / "params/smoke.yaml", out_dir=tmp_path / "smoke")
     with pytest.raises(ConfigError) as err:
         S.run_slurm_batch(plan, S.launcher_config(settings))
@@ -177,7 +176,7 @@ def test_smoke_batch_on_slurm_matches_the_local_launcher(cluster, tmp_path):
                "--cpus-per-run", "1", "--time", "20:00", *FAST, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     exp = tmp_path / "slurm" / "smoke"
-    jobs = json.loads((exp / S.JOBS_FILE).read_text())["jobs"]
+    jobs = json.loads((exp / JOBS_FILE).read_text())["jobs"]
     assert set(jobs) == {"01_hypothesis", "standard-digits-s0", "spat_at-digits-s0", "03_robustness"}
     assert sorted(slurm_jobs_from(tmp_path)) == sorted(r["job_id"] for r in jobs.values())
     for run in ("standard-digits-s0", "spat_at-digits-s0"):   # executed notebooks in the run folders
@@ -201,7 +200,6 @@ def test_smoke_batch_on_slurm_matches_the_local_launcher(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_requeued_run_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_path):
-    from spatlib.batch import plan_experiment
     from spatlib.train import train
     params = write_experiment(tmp_path / "e.yaml", "requeue", {"pgd_at": {"train": {"method": "pgd_at"}}})
     args = ["batch", str(params), "--launcher", "slurm", "--no-hypothesis", "--set", "train.epochs=4"]
@@ -217,7 +215,7 @@ def test_requeued_run_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_pa
         rows_before = (run_dir / "history.csv").read_text().splitlines()
         done_before = len(rows_before) - 1
         assert 1 <= done_before < 3
-        job_id = json.loads((exp / S.JOBS_FILE).read_text())["jobs"]["pgd_at-digits-s0"]["job_id"]
+        job_id = json.loads((exp / JOBS_FILE).read_text())["jobs"]["pgd_at-digits-s0"]["job_id"]
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         # the restarted job: `spat status` shows its epoch (history.csv counts the ended ones)
         shown = None
@@ -277,7 +275,7 @@ def test_driver_killed_after_submitting_and_rerun_submits_nothing_twice(cluster,
     args = ["batch", str(ROOT / "params/smoke.yaml"), "--launcher", "slurm", "--no-hypothesis", *FAST]
     driver = subprocess.Popen([*SPAT, *args], cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    jobs_path = tmp_path / "outputs" / "smoke" / S.JOBS_FILE
+    jobs_path = tmp_path / "outputs" / "smoke" / JOBS_FILE
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (jobs_path.is_file()
                                                and len(json.loads(jobs_path.read_text())["jobs"]) == 2):
@@ -299,7 +297,6 @@ def test_driver_killed_after_submitting_and_rerun_submits_nothing_twice(cluster,
 
 @pytest.mark.slow
 def test_two_tasks_under_slurm_follow_the_single_process_loss_curve(cluster, tmp_path):
-    from spatlib.batch import plan_experiment
     from spatlib.train import train
     # as tests/test_train.py's torchrun test: no random start, no BatchNorm, 17 batches of 64
     # split 32/32, so the two ranks compute the single process's gradients

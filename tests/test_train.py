@@ -590,7 +590,7 @@ def test_a_setting_added_since_a_run_was_saved_counts_as_its_default():
 # spat train on the command line: experiment runs, progress lines, re-evaluation, disk errors
 def test_spat_train_trains_one_run_of_an_experiment_into_the_batch_folder(tmp_path, monkeypatch,
                                                                           capsys):
-    from spatlib.batch import plan_experiment
+    from spatlib.launch import plan_experiment
     from spatlib.runfolder import config_diff
     monkeypatch.chdir(tmp_path)
     params = str(ROOT / "params" / "smoke.yaml")
