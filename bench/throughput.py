@@ -7,7 +7,7 @@ the acceptance targets (bench/targets.py): ``spat bench`` plus the targets.
 
 Prints the markdown tables and writes bench/results/<device>.json (+ .md), the targets
 included. Every option: ``python bench/throughput.py --help``; the method and the figures:
-bench/README.md.
+docs/benchmarks.md.
 """
 from __future__ import annotations
 

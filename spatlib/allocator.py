@@ -7,7 +7,7 @@ every step pays page faults to touch fresh pages again. Raising the mmap thresho
 maximum (32 MiB on 64-bit) and the trim threshold to 2 GiB keeps those pages in the process
 for the next step. Measured on the 2-core development CPU (2 threads, two processes each way):
 a PGD step 1.11x faster on PreActResNet-18 (batch 32) and 1.15x on SmallCNN (batch 128), the
-10-class ``input_grad`` class evidence of SmallCNN 1.35x (bench/README.md).
+10-class ``input_grad`` class evidence of SmallCNN 1.35x (docs/benchmarks.md).
 
 The price: the process keeps its peak working memory after it is freed, as a CUDA process
 keeps its cached blocks. :func:`keep_freed_memory` is process-wide and lasts until the process

@@ -82,7 +82,7 @@ def compute_layout(model: nn.Module, x: Tensor) -> Tensor:
 
     oneDNN's CPU convolutions run 1.5-2x faster on channels_last (NHWC) inputs, and PyTorch
     takes the input's layout when the weights are NCHW, so the attack's forwards and backwards
-    all speed up (bench/README.md). Only for :class:`~spatlib.models.SpatModel`: they flatten
+    all speed up (docs/benchmarks.md). Only for :class:`~spatlib.models.SpatModel`: they flatten
     with ``flatten``/``mean``, never ``view``, so no layout breaks them; other models get x as
     given. On CUDA the caller's layout stands (the trainer's ``train.channels_last``).
     """

@@ -236,26 +236,34 @@ def paired_difference(a: Mapping[Hashable, object], b: Mapping[Hashable, object]
 
 
 def verdict(diff: float, ci_low: float, ci_high: float, p_holm: float, n_seeds: int, *,
-            level: float = 0.95, alpha: float = ALPHA) -> str:
+            level: float = 0.95, alpha: float = ALPHA, family: int | None = None,
+            p_value: float | None = None) -> str:
     """The verdict of one comparison (fractions): "B better" / "A better" only when the
     Holm-adjusted p is below ``alpha``; otherwise the two cannot be told apart (with the
-    interval: not significant is not equal); with one seed, no method-level verdict."""
+    interval: not significant is not equal); with one seed, no method-level verdict. When the
+    comparison alone (``p_value``) would pass but the table's ``family`` of comparisons does
+    not let it, the verdict says so, so that an interval that excludes 0 is not misread."""
     if n_seeds < 2:
         return ONE_SEED
     if math.isnan(p_holm):
         return "1 image: image variance unmeasured; no method-level verdict"
     if p_holm < alpha:
         return "B better" if diff > 0 else "A better"
-    return (f"cannot be told apart with these images and seeds ({100 * level:.0f}% CI "
-            f"{100 * ci_low:+.1f} to {100 * ci_high:+.1f} points)")
+    ci = f"{100 * level:.0f}% CI {100 * ci_low:+.1f} to {100 * ci_high:+.1f} points"
+    if p_value is not None and p_value < alpha and family:
+        return (f"cannot be told apart with these images and seeds once the table's {family} "
+                f"comparisons are counted (Holm p = {p_holm:.2g}; alone: p = {p_value:.2g}, {ci})")
+    return f"cannot be told apart with these images and seeds ({ci})"
 
 
 def _with_holm(df: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """The table as one family: ``p_holm`` over all its rows and each row's ``verdict``."""
     df = df.copy()
     df["p_holm"] = stats.holm(df["p_value"].to_numpy(dtype=float)) if len(df) else []
+    family = int(df["p_value"].notna().sum())
     df["verdict"] = [verdict(r.diff_pct / 100, r.ci_low_pct / 100, r.ci_high_pct / 100, r.p_holm,
-                             int(r.n_seeds), level=float(r.level), alpha=alpha)
+                             int(r.n_seeds), level=float(r.level), alpha=alpha, family=family,
+                             p_value=r.p_value)
                      for r in df.itertuples()]
     return df
 

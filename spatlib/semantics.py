@@ -111,7 +111,7 @@ def _class_vjps(z: Tensor, x: Tensor, class_chunk: int, batched: bool | None = N
     classes; the chunk bounds memory, which grows with it (chunk x the activation gradients).
     Else one plain backward per class: on the CPU always, where oneDNN's kernels already use
     every core and the vmapped backward measured 1.3-1.45x slower, its extra time in copies of
-    per-class tensors (``aten::cat`` in the profile), with 3-4x the peak memory (bench/README.md).
+    per-class tensors (``aten::cat`` in the profile), with 3-4x the peak memory (docs/benchmarks.md).
     """
     n, s = z.shape
     if batched is None:

@@ -379,7 +379,10 @@ def test_verdicts_read_holm_and_never_call_a_tie_equal():
     assert list(df["p_value"]) == pytest.approx([p] * 3, rel=1e-6) and p < 0.05
     assert list(df["p_holm"]) == pytest.approx([3 * p] * 3, rel=1e-6) and 3 * p > 0.05
     for v, lo, hi in zip(df["verdict"], df["ci_low_pct"], df["ci_high_pct"]):
-        assert v == f"cannot be told apart with these images and seeds (95% CI {lo:+.1f} to {hi:+.1f} points)"
+        # significant alone, not once the three are counted: the verdict says both
+        assert v == (f"cannot be told apart with these images and seeds once the table's 3 "
+                     f"comparisons are counted (Holm p = {3 * p:.2g}; alone: p = {p:.2g}, "
+                     f"95% CI {lo:+.1f} to {hi:+.1f} points)")
     assert compare.verdict(-0.05, -0.08, -0.02, 0.01, 3) == "A better"
     assert compare.verdict(0.05, -0.01, 0.11, 0.2, 3, level=0.9).startswith(
         "cannot be told apart with these images and seeds (90% CI -1.0 to +11.0 points)")
