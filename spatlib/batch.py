@@ -2,7 +2,7 @@
 
 ``spat batch params/<experiment>.yaml [--jobs N] [--only RUN ...] [--set KEY=VALUE ...]``
 
-1. The experiment file is loaded and expanded (:func:`spatlib.config.load_experiment`: base,
+1. The experiment file is loaded and expanded (:func:`spatlib.experiment.load_experiment`: base,
    variants x datasets x seeds) with the overrides, and *every* run config and the notebook
    sections (``hypothesis:`` for 01, ``robustness:`` for 03, checked against the parameters
    cells of the notebooks) is validated before anything is written or executed: a typo fails
@@ -69,9 +69,9 @@ from typing import TYPE_CHECKING, Callable
 
 import yaml
 
-from .config import (BATCH_PARAMETERS, ConfigError, Experiment, RunConfig, apply_overrides,
-                     check_section as check_section_values, deep_merge, from_dict, load_experiment,
-                     read_yaml, to_dict)
+from .config import (BATCH_PARAMETERS, ConfigError, RunConfig, apply_overrides,
+                     check_section as check_section_values, deep_merge, from_dict, read_yaml, to_dict)
+from .experiment import Experiment, load_experiment
 from .util import atomic_write_text, did_you_mean, utc_now
 
 if TYPE_CHECKING:

@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from .config import (SUITE_ATTACKS, EvalConfig, RunConfig, from_dict, parse_eps,
-                     split_run_name, to_dict)
+from .config import SUITE_ATTACKS, EvalConfig, RunConfig, from_dict, parse_eps, to_dict
 from .evaluate import (ATTACK_LABELS, RobustnessResult, accuracy_vs_eps, result_from_json,
                        result_to_json, robustness)
+from .experiment import split_run_name
 from .data import selection_label
 from .util import atomic_write_text, code_fingerprint, resolve_device, sha256_file
 from .runfolder import (BEST, LAST, eval_cache_path, load_history, load_metrics, load_run_model,

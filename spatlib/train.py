@@ -38,16 +38,16 @@ from torch import Tensor, nn
 from . import allocator, attacks
 from . import runfolder as rf
 from .awp import WeightPerturbation
-from .config import (EXPERIMENT_KEYS, ConfigError, RunConfig, TrainConfig, from_dict, load_config,
-                     load_experiment, read_yaml, to_dict)
+from .config import ConfigError, RunConfig, TrainConfig, from_dict, to_dict
 from .data import DataError, DeviceLoader, augmentation_defaults, dataset_from_config, select_validation
 from .distributed import Distributed, init_distributed
+from .experiment import run_config_from_params
 from .methods import METHODS, Method, kl_divergence, mart_loss, trades_loss, training_attack
 from .models import model_from_config
 from .runfolder import (HISTORY_COLUMNS, CheckpointError, config_diff, load_checkpoint,
                         load_run_model)
 from .semantics import perturbation_mass_share, shared_pixel_score
-from .util import derive_seed, did_you_mean, eval_mode, resolve_device, utc_now
+from .util import derive_seed, eval_mode, resolve_device, utc_now
 
 __all__ = ["train", "Trainer", "StepStats", "EMA", "load_checkpoint", "load_run_model", "main",
            "cli_main", "METHODS", "Method", "CheckpointError", "TrainingDivergedError", "lr_at",
@@ -872,37 +872,6 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
 
 # --------------------------------------------------------------------------------------------
 # command line: spat train PARAMS [--run NAME] [--run-dir DIR] [--set key=value ...]
-_EXPERIMENT_ONLY = set(EXPERIMENT_KEYS) - {"name", "seed", "data", "model", "attack", "train", "eval"}
-
-
-def run_config_from_params(params: str | None, overrides: list[str], run: str | None = None
-                           ) -> tuple[RunConfig, str | None]:
-    """(the run's config, its experiment's name or None) from a params file: a run params file
-    (a RunConfig YAML; defaults when ``params`` is None), or with ``run`` one run of an
-    experiment file (:func:`spatlib.config.load_experiment`). ConfigError names what is wrong:
-    an unknown run (with the runs it has), or an experiment file given without ``run``."""
-    if run is not None:
-        if params is None:
-            raise ConfigError("--run: needs the experiment params file it names a run of")
-        exp = load_experiment(params, overrides)
-        if run not in exp.runs:
-            raise ConfigError(f"{params}: no run named '{run}'{did_you_mean(run, exp.runs)}; "
-                              f"runs: {', '.join(exp.runs)}")
-        cfg = exp.runs[run]
-        if cfg.data.path and not Path(cfg.data.path).expanduser().is_absolute():
-            # spat batch makes it absolute too, so that the two share the run folder
-            cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-        return cfg, exp.name
-    if params is not None:
-        data = read_yaml(params)
-        found = sorted(_EXPERIMENT_ONLY & set(data))
-        if found:
-            runs = ", ".join(load_experiment(params, overrides).runs)
-            raise ConfigError(f"{params}: an experiment file (it has {', '.join(found)}), not one "
-                              f"run's params: pick a run with --run NAME; runs: {runs}")
-    return load_config(params, overrides), None
-
-
 def _os_error_line(e: OSError, run_dir: Path | None) -> str:
     """One line for a file system error: the path, the reason and its errno name."""
     name = errno.errorcode.get(e.errno, "") if e.errno else ""

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from spatlib import batch, config
+from spatlib import batch, config, experiment
 from spatlib.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def test_02_parameters_cell_lists_every_key_of_every_section():
     for name, cls in sections.items():
         assert list(params[name]) == [f.name for f in dataclasses.fields(cls)], name
     cfg = config.from_dict({k: params[k] for k in ("name", "seed", *sections)})
-    digits = config.load_experiment(PARAMS / "digits.yaml").runs["pgd_at-digits-s0"].to_dict()
+    digits = experiment.load_experiment(PARAMS / "digits.yaml").runs["pgd_at-digits-s0"].to_dict()
     digits["eval"]["suite"].remove("autoattack")          # the notebook's nbval-sized default
     assert cfg.to_dict() == digits
 

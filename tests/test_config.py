@@ -2,8 +2,8 @@
 import pytest
 import yaml
 
-from spatlib.config import (ConfigError, RunConfig, format_eps, from_dict, load_config,
-                            load_experiment, parse_eps)
+from spatlib.config import ConfigError, RunConfig, format_eps, from_dict, load_config, parse_eps
+from spatlib.experiment import expand_experiment, load_experiment
 
 
 def test_defaults_round_trip_through_yaml():
@@ -127,5 +127,4 @@ def test_range_checks_sit_beside_their_fields_and_are_checked_at_import():
 
 
 def load_experiment_text(text, overrides=None):
-    from spatlib.config import expand_experiment
     return expand_experiment(yaml.safe_load(text), overrides)
