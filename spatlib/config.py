@@ -258,6 +258,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def eval_eps(self, ev: EvalConfig | None = None) -> float:
+        """The evaluation budget: ``eps`` of the eval settings ``ev`` (default: this run's own
+        ``eval`` section), or the training attack's eps where that is None."""
+        ev = self.eval if ev is None else ev
+        return float(ev.eps if ev.eps is not None else self.attack.eps)
+
     def to_dict(self) -> dict:
         return to_dict(self)
 
