@@ -2,7 +2,10 @@
 and the loss the model minimizes.
 
 The six methods differ only in those three things (``METHODS``); one loop
-(:class:`spatlib.train.Trainer`) runs all of them:
+(:class:`spatlib.train.Trainer`) runs all of them. The names are
+:data:`spatlib.config.METHODS` (what ``train.method`` allows, checked without this module);
+``METHODS`` here gives each name its :class:`Method`, and importing this module fails when the
+two tables disagree (:func:`check_method_table`), so neither can drift from the other:
 
 ============  ======  ==============  ===========================================
 method        attack  attack ascends  training loss
@@ -38,17 +41,17 @@ model on valid images.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attacks
+from . import attacks, config
 from .config import AttackConfig
 
-__all__ = ["Method", "METHODS", "kl_divergence", "trades_loss", "mart_loss", "ce_adv",
+__all__ = ["Method", "METHODS", "check_method_table", "kl_divergence", "trades_loss", "mart_loss", "ce_adv",
            "ce_clean", "training_attack", "START_CHOICES"]
 
 
@@ -110,6 +113,21 @@ METHODS: dict[str, Method] = {
     "spat_at": Method("spat", "ce", False, ce_adv),
     "spat_trades": Method("spat", "kl", True, trades_loss, "normal"),
 }
+
+
+def check_method_table(table: Mapping[str, Method], names: Sequence[str]) -> None:
+    """Raise RuntimeError unless ``table`` defines exactly ``names``, in their order: the
+    method table against the names the config accepts (:data:`spatlib.config.METHODS`)."""
+    if list(table) != list(names):
+        missing = [n for n in names if n not in table]
+        extra = [n for n in table if n not in names]
+        raise RuntimeError(
+            f"spatlib.methods.METHODS and spatlib.config.METHODS disagree: "
+            f"no Method for {missing or 'none'}; no config name for {extra or 'none'}; "
+            f"order {list(table)} vs {list(names)}")
+
+
+check_method_table(METHODS, config.METHODS)
 
 
 START_CHOICES = {"uniform": True, "normal": "normal", "none": False}
