@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("spatlib.train", "train one run from a params file (resumes an unfinished run)"),
+    "train": ("spatlib.train_cli", "train one run from a params file (resumes an unfinished run)"),
     "batch": ("spatlib.launch", "execute the notebooks for every run of an experiment with papermill"),
     "status": ("spatlib.slurm", "state of every job of a batch folder: queued, running, done, failed"),
     "bench": ("spatlib.benchmark", "trainer throughput, SPAT overhead and memory figures"),
