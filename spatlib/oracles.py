@@ -9,6 +9,7 @@ robust runs of other seeds or architectures, or RobustBench's zoo, for CIFAR).
 """
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -34,8 +35,7 @@ def as_unit_float(x, name: str = "x") -> Tensor:
     return x
 
 
-
-class Oracle:
+class Oracle(abc.ABC):
     """A classifier the attack never sees; it stands in for "what the image means".
 
     Subclasses implement :meth:`predict_proba`. Inputs are images (N, C, H, W) in [0, 1] on any
@@ -44,9 +44,9 @@ class Oracle:
 
     num_classes: int
 
+    @abc.abstractmethod
     def predict_proba(self, x: Tensor) -> Tensor:
         """x (N, C, H, W) in [0, 1] -> class probabilities (N, K), float32, rows sum to 1."""
-        raise NotImplementedError
 
     def predict(self, x: Tensor) -> Tensor:
         """x (N, C, H, W) in [0, 1] -> labels (N,) long (ties: the smallest class index)."""
