@@ -70,7 +70,8 @@ from typing import TYPE_CHECKING, Callable
 import yaml
 
 from .config import (BATCH_PARAMETERS, ConfigError, RunConfig, apply_overrides,
-                     check_section as check_section_values, deep_merge, from_dict, read_yaml, to_dict)
+                     check_section as check_section_values, deep_merge, from_dict, read_yaml,
+                     to_dict)
 from .experiment import Experiment, load_experiment
 from .util import atomic_write_text, did_you_mean, utc_now
 

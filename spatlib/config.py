@@ -26,7 +26,7 @@ from typing import Any, Union
 import yaml
 
 from .semantics import BUDGETS, RULES, SALIENCIES, parse_classes
-from .util import ConfigError, did_you_mean
+from .util import ConfigError, unknown_line
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "npz", "synthetic")
 MODELS = ("small_cnn", "preact_resnet18", "wide_resnet")
@@ -384,6 +384,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
 
 
+_EXACT = {bool: "true or false", str: "a string"}   # annotation -> the value it takes, in words
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert only losslessly (int -> float)."""
     origin = typing.get_origin(tp)
@@ -411,9 +414,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item, f"{key}[{i}]" if leaf not in _EPS_KEYS else key) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in _EXACT:    # bool and str take no conversion at all
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected {_EXACT[tp]}, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -430,10 +433,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module
 
 
@@ -453,8 +452,8 @@ def _from_dict(cls, data: Any, prefix: str = "", *, partial: bool = False):
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key '{path}'{did_you_mean(key, fields)}; allowed keys"
-                              f"{' under ' + prefix if prefix else ''}: {', '.join(fields)}")
+            raise ConfigError(unknown_line(key, fields, f"unknown key '{path}'",
+                                           "allowed keys" + (f" under {prefix}" if prefix else "")))
         nested = PARTIAL_SECTIONS.get((cls, key))
         if nested is not None and value is not None:
             kwargs[key] = _from_dict(nested, value, path, partial=True)
@@ -653,8 +652,7 @@ def check_notebook_parameters(notebook: str, namespace: Mapping[str, Any]) -> No
     where = f"{notebook} notebook parameter"
     for name in given:
         if name not in allowed:
-            raise ConfigError(f"{where} '{name}' is unknown{did_you_mean(name, allowed)}; "
-                              f"parameters: {', '.join(allowed)}")
+            raise ConfigError(unknown_line(name, allowed, f"{where} '{name}' is unknown", "parameters"))
     for name, kind in BATCH_PARAMETERS[notebook].items():
         ok, text = _BATCH_KINDS[kind]
         if name in given and not ok(given[name]):

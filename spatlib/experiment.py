@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import (ConfigError, RunConfig, apply_overrides, check_section, deep_merge, from_dict,
                      load_config, parse_override, read_yaml)
-from .util import did_you_mean
+from .util import unknown_line
 
 __all__ = ["run_name", "split_run_name", "Experiment", "EXPERIMENT_KEYS", "expand_experiment",
            "load_experiment", "run_config_from_params"]
@@ -85,8 +85,8 @@ def expand_experiment(data: dict, overrides: list[str] | None = None,
         raise ConfigError(f"{where}expected a mapping at the top level")
     for key in data:
         if key not in EXPERIMENT_KEYS:
-            raise ConfigError(f"{where}unknown key '{key}'{did_you_mean(key, EXPERIMENT_KEYS)}; "
-                              f"allowed top-level keys: " + ", ".join(EXPERIMENT_KEYS))
+            raise ConfigError(unknown_line(key, EXPERIMENT_KEYS, f"{where}unknown key '{key}'",
+                                           "allowed top-level keys"))
     run_over, nb_over = [], {"hypothesis": [], "robustness": []}
     for text in overrides or []:
         head = text.split("=", 1)[0].split(".", 1)[0].strip()
@@ -178,8 +178,7 @@ def run_config_from_params(params: str | None, overrides: list[str], run: str | 
             raise ConfigError("--run: needs the experiment params file it names a run of")
         exp = load_experiment(params, overrides)
         if run not in exp.runs:
-            raise ConfigError(f"{params}: no run named '{run}'{did_you_mean(run, exp.runs)}; "
-                              f"runs: {', '.join(exp.runs)}")
+            raise ConfigError(unknown_line(run, exp.runs, f"{params}: no run named '{run}'", "runs"))
         cfg = exp.runs[run]
         if cfg.data.path and not Path(cfg.data.path).expanduser().is_absolute():
             # spat batch makes it absolute too, so that the two share the run folder

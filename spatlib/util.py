@@ -41,6 +41,14 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def unknown_line(word: str, options: Iterable, head: str, label: str) -> str:
+    """The one line for ``word`` that is not among ``options``: ``head``, the closest option
+    and every option after ``label``, e.g. ``unknown key 'train.lrr' (did you mean 'lr'?);
+    allowed keys under train: method, epochs, lr, ...``."""
+    options = [str(o) for o in options]
+    return f"{head}{did_you_mean(word, options)}; {label}: {', '.join(options)}"
+
+
 def derive_seed(seed: int, *tags) -> int:
     """A stable 63-bit seed for one random stream, from a seed and tags (names or numbers):
     the same on every platform, process and Python run (no ``hash()``)."""
