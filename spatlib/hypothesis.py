@@ -40,7 +40,7 @@ from .config import attack_names, format_eps, parse_attack_name, parse_eps
 from .semantics import SALIENCIES, perturbation_mass_share, shared_pixel_score
 from .oracles import Oracle, as_unit_float
 from .stats import McNemarResult, holm, mcnemar_test, wilson_interval
-from .util import derive_seed, device_of, eval_mode
+from .util import derive_seed, device_of, eval_mode, unknown_line
 
 # an attack factory builds the attack for one eps: factory(model, eps, generator) -> Attack
 AttackFactory = Callable[[nn.Module, float, torch.Generator], Attack]
@@ -90,10 +90,10 @@ def standard_attacks(names: Sequence[str] | None = None, *, steps: int = 20,
         raise ValueError(f"saliency: expected one of {', '.join(SALIENCIES)}, got {saliency!r}")
     available = attack_names(saliency)
     chosen = list(available if names is None else names)
-    unknown = [n for n in chosen if n not in available]
-    if unknown:
-        raise ValueError(f"unknown attack(s) {unknown}; available with saliency {saliency!r}: "
-                         f"{', '.join(available)}")
+    for n in chosen:
+        if n not in available:
+            raise ValueError(unknown_line(n, available, f"unknown attack {n!r}",
+                                          f"available with saliency {saliency!r}"))
     settings = dict(steps=steps, alpha_scale=alpha_scale, saliency=saliency, gamma=gamma,
                     classes=classes, random_start=random_start, restarts=restarts, loss=loss,
                     radius_mean=radius_mean)
