@@ -582,11 +582,13 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping ({} for an empty file); one ConfigError naming the file
+    when it is missing, not YAML, or not a mapping."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ConfigError(f"params file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if data is None:
