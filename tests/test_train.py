@@ -650,7 +650,7 @@ def test_spat_train_help_names_spat_train(capsys):
     assert capsys.readouterr().out.startswith("usage: spat train")
     out = subprocess.run([sys.executable, "-m", "spatlib.train_cli", "--help"], capture_output=True,
                          text=True, env=subprocess_env(), timeout=120).stdout
-    assert out.startswith("usage: spat train") and "python -m spatlib.train" in out
+    assert out.startswith("usage: spat train") and "python -m spatlib.train_cli." in out
 
 
 def test_a_line_per_epoch_where_no_bar_shows(tmp_path, capsys):
