@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -686,3 +687,8 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
         raise
     dist.close()
     return metrics
+
+
+if __name__ == "__main__":   # not silently nothing: the command line lives in spatlib.train_cli
+    sys.exit("python -m spatlib.train: spat train's command line is python -m spatlib.train_cli "
+             "(or spat train; under torchrun: torchrun ... -m spatlib.train_cli)")

@@ -651,6 +651,10 @@ def test_spat_train_help_names_spat_train(capsys):
     out = subprocess.run([sys.executable, "-m", "spatlib.train_cli", "--help"], capture_output=True,
                          text=True, env=subprocess_env(), timeout=120).stdout
     assert out.startswith("usage: spat train") and "python -m spatlib.train_cli." in out
+    # the trainer's module is no command line, and says where it is rather than doing nothing
+    old = subprocess.run([sys.executable, "-m", "spatlib.train", "--help"], capture_output=True,
+                         text=True, env=subprocess_env(), timeout=120)
+    assert old.returncode != 0 and "python -m spatlib.train_cli" in old.stderr
 
 
 def test_a_line_per_epoch_where_no_bar_shows(tmp_path, capsys):
