@@ -58,15 +58,13 @@ class WeightPerturbation:
 
     def __init__(self, model: nn.Module, gamma: float, *,
                  reduce: Callable[[list[Tensor]], None] | None = None):
+        named = [(n, p) for n, p in model.named_parameters() if p.dim() > 1 and p.requires_grad]
         if not gamma > 0:
             raise ValueError(f"WeightPerturbation: gamma must be > 0, got {gamma!r}")
-        self.model = model
-        self.gamma = float(gamma)
-        self.reduce = reduce
-        named = [(n, p) for n, p in model.named_parameters() if p.dim() > 1 and p.requires_grad]
         if not named:
             raise ValueError("WeightPerturbation: the model has no weight tensor with more than "
                              "one dimension to perturb")
+        self.model, self.gamma, self.reduce = model, float(gamma), reduce
         self.names = [n for n, _ in named]              # what is perturbed, in model order
         self.weights = [p for _, p in named]
 

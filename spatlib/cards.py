@@ -223,7 +223,7 @@ def prepare_evaluation(spec: str, *, weights: str | None = None, dataset: str | 
         overrides["batch_size"] = batch_size
     if cfg is not None:
         ev = report.resolve_eval(cfg, {**overrides, "suite": _suite(suite, list(cfg.eval.suite))})
-        eps_v = report.eval_eps(cfg, ev)
+        eps_v = cfg.eval_eps(ev)
         seed_v = cfg.seed if seed is None else seed
         n_req, bs, restarts, cw_steps = ev.n_examples, ev.batch_size, ev.pgd100_restarts, ev.cw_steps
         suite_v = list(ev.suite)
@@ -349,7 +349,7 @@ def _cached_result(run_dir: Path, cfg: RunConfig, ev,
     """(the run folder's cached suite result when its key (:func:`spatlib.report.eval_cache_key`:
     weights, settings, code) is this evaluation's, else None; the line that says why an existing
     cache is not used, else None)."""
-    path = eval_cache_path(run_dir, report.eval_eps(cfg, ev))
+    path = eval_cache_path(run_dir, cfg.eval_eps(ev))
     data, reason = report.read_cache(path, report.eval_cache_key(run_dir, cfg, ev, which))
     note = f"{run_dir.name}/{path.name}: not used: {reason}" if reason is not None else None
     return (result_from_json(data["result"]) if data is not None else None), note

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("spatlib.train", "train one run from a params file (resumes an unfinished run)"),
+    "train": ("spatlib.train_cli", "train one run from a params file (resumes an unfinished run)"),
     "batch": ("spatlib.launch.cli:batch_main",
               "execute the notebooks for every run of an experiment with papermill"),
     "status": ("spatlib.launch.cli:status_main",

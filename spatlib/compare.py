@@ -62,7 +62,7 @@ from matplotlib.figure import Figure
 from . import stats
 from .evaluate import ATTACK_LABELS as SUITE_LABELS
 from .stats import IMAGE_MODES
-from .util import atomic_write_text, derive_seed, did_you_mean
+from .util import atomic_write_text, derive_seed, unknown_line
 
 WORST_CASE = "worst_case"
 ATTACK_LABELS = {**SUITE_LABELS, WORST_CASE: "worst case"}
@@ -355,15 +355,15 @@ def compare_methods(per_example: Mapping[tuple, object] | pd.DataFrame,
         ma, mb = pair
         for m in (ma, mb):
             if m not in flags:
-                raise ValueError(f"pairs: no per-example results for method {m!r}"
-                                 f"{did_you_mean(m, flags)}; methods: {', '.join(map(str, flags))}")
+                raise ValueError(unknown_line(m, flags, f"pairs: no per-example results for "
+                                                        f"method {m!r}", "methods"))
         both = [att for att in flags[ma] if att in flags[mb]]
         todo = list(attacks) if attacks is not None else both
         for att in todo:
             for m in (ma, mb):
                 if att not in flags[m]:
-                    raise ValueError(f"attack {att!r}: no results for method {m!r}"
-                                     f"{did_you_mean(att, flags[m])}; it has {', '.join(flags[m])}")
+                    raise ValueError(unknown_line(att, flags[m], f"attack {att!r}: no results "
+                                                            f"for method {m!r}", "it has"))
             try:
                 r = paired_difference(flags[ma][att], flags[mb][att], n_boot=n_boot,
                                       seed=derive_seed(seed, ma, mb, att), level=level, images=images,

@@ -20,13 +20,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import yaml
 
 from .semantics import BUDGETS, RULES, SALIENCIES, parse_classes
-from .util import ConfigError, did_you_mean
+from .util import ConfigError, unknown_line
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "npz", "synthetic")
 MODELS = ("small_cnn", "preact_resnet18", "wide_resnet")
@@ -258,6 +258,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def eval_eps(self, ev: EvalConfig | None = None) -> float:
+        """The evaluation budget: ``eps`` of the eval settings ``ev`` (default: this run's own
+        ``eval`` section), or the training attack's eps where that is None."""
+        ev = self.eval if ev is None else ev
+        return float(ev.eps if ev.eps is not None else self.attack.eps)
+
     def to_dict(self) -> dict:
         return to_dict(self)
 
@@ -378,6 +384,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
 
 
+_EXACT = {bool: "true or false", str: "a string"}   # annotation -> the value it takes, in words
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert only losslessly (int -> float)."""
     origin = typing.get_origin(tp)
@@ -405,9 +414,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item, f"{key}[{i}]" if leaf not in _EPS_KEYS else key) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in _EXACT:    # bool and str take no conversion at all
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected {_EXACT[tp]}, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -424,10 +433,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module
 
 
@@ -447,8 +452,8 @@ def _from_dict(cls, data: Any, prefix: str = "", *, partial: bool = False):
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key '{path}'{did_you_mean(key, fields)}; allowed keys"
-                              f"{' under ' + prefix if prefix else ''}: {', '.join(fields)}")
+            raise ConfigError(unknown_line(key, fields, f"unknown key '{path}'",
+                                           "allowed keys" + (f" under {prefix}" if prefix else "")))
         nested = PARTIAL_SECTIONS.get((cls, key))
         if nested is not None and value is not None:
             kwargs[key] = _from_dict(nested, value, path, partial=True)
@@ -577,11 +582,13 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping ({} for an empty file); one ConfigError naming the file
+    when it is missing, not YAML, or not a mapping."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ConfigError(f"params file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if data is None:
@@ -598,52 +605,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return from_dict(apply_overrides(data, overrides))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-
-
-# --------------------------------------------------------------------------------------------
-# run names: ``<variant>-<dataset>-s<seed>``, built here and nowhere else
-_RUN_NAME = re.compile(r"^(?P<variant>.+)-(?P<dataset>[^-]+)-s(?P<seed>-?\d+)$")
-
-
-def run_name(variant: str, dataset: str, seed: int) -> str:
-    """The name of an experiment's run: ``spat_at-digits-s0``."""
-    return f"{variant}-{dataset}-s{seed}"
-
-
-def split_run_name(name: str, variants: Iterable[str] | None = None) -> dict:
-    """``"spat_at-digits-s2"`` -> ``{"variant": "spat_at", "dataset": "digits", "seed": 2}``;
-    for run folders without the experiment's labels (:attr:`Experiment.labels` has them).
-
-    A variant name may itself contain ``-``; ``variants`` (the experiment's variant names)
-    settles such names, the longest matching variant first.
-    """
-    for v in sorted(variants or (), key=len, reverse=True):
-        if name.startswith(v + "-"):
-            m = re.fullmatch(r"(?P<dataset>.+)-s(?P<seed>-?\d+)", name[len(v) + 1:])
-            if m:
-                return {"variant": v, "dataset": m["dataset"], "seed": int(m["seed"])}
-    m = _RUN_NAME.match(name)
-    if not m:
-        return {"variant": name, "dataset": "", "seed": None}
-    return {"variant": m["variant"], "dataset": m["dataset"], "seed": int(m["seed"])}
-
-
-# --------------------------------------------------------------------------------------------
-# experiments: a base, a list of variants, seeds and datasets
-@dataclass
-class Experiment:
-    """An experiment file expanded into runs (variants x datasets x seeds)."""
-    name: str
-    runs: dict[str, RunConfig]          # run name -> resolved config, in order
-    hypothesis: dict                    # notebook 01's parameters as written (checked: HypothesisConfig)
-    robustness: dict                    # notebook 03's parameters as written (checked: RobustnessConfig)
-    path: str | None = None
-    labels: dict[str, dict] = field(default_factory=dict)   # run -> {variant, dataset, seed}
-    launcher: dict = field(default_factory=dict)   # cluster settings (validated by spatlib.launch.slurm)
-
-
-EXPERIMENT_KEYS = ("experiment", "base", "variants", "seeds", "datasets", "hypothesis", "robustness",
-                   "launcher")
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,8 +654,7 @@ def check_notebook_parameters(notebook: str, namespace: Mapping[str, Any]) -> No
     where = f"{notebook} notebook parameter"
     for name in given:
         if name not in allowed:
-            raise ConfigError(f"{where} '{name}' is unknown{did_you_mean(name, allowed)}; "
-                              f"parameters: {', '.join(allowed)}")
+            raise ConfigError(unknown_line(name, allowed, f"{where} '{name}' is unknown", "parameters"))
     for name, kind in BATCH_PARAMETERS[notebook].items():
         ok, text = _BATCH_KINDS[kind]
         if name in given and not ok(given[name]):
@@ -706,93 +666,3 @@ def check_notebook_parameters(notebook: str, namespace: Mapping[str, Any]) -> No
         check_section(notebook, section)
 
 
-def expand_experiment(data: dict, overrides: list[str] | None = None,
-                      path: str | None = None) -> Experiment:
-    """Expand ``{experiment, base, variants, seeds, datasets}`` into validated runs.
-
-    ``variants`` maps a variant name to a partial config layered on ``base``; ``datasets`` maps a
-    dataset label to a partial ``data`` section (or is a list of dataset names). Each run is
-    named ``<variant>-<dataset>-s<seed>``. Overrides (``train.epochs=2``) apply to every run's
-    config; ``hypothesis.KEY=...`` and ``robustness.KEY=...`` to the notebook sections.
-    Every run is validated here, so a typo fails before any work starts.
-    """
-    where = f"{path}: " if path else ""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}expected a mapping at the top level")
-    for key in data:
-        if key not in EXPERIMENT_KEYS:
-            raise ConfigError(f"{where}unknown key '{key}'{did_you_mean(key, EXPERIMENT_KEYS)}; "
-                              f"allowed top-level keys: " + ", ".join(EXPERIMENT_KEYS))
-    run_over, nb_over = [], {"hypothesis": [], "robustness": []}
-    for text in overrides or []:
-        head = text.split("=", 1)[0].split(".", 1)[0].strip()
-        (nb_over[head] if head in nb_over else run_over).append(text)
-    name = data.get("experiment") or (Path(path).stem if path else "experiment")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ConfigError(f"{where}experiment: expected a name of letters, digits, _ . -, got {name!r}")
-    base = data.get("base") or {}
-    variants = data.get("variants") or {"default": {}}
-    if not isinstance(variants, dict):
-        raise ConfigError(f"{where}variants: expected a mapping of variant name to overrides")
-    seeds = data.get("seeds", [0])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = [seeds]
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"{where}seeds: expected a list of integers, got {seeds!r}")
-    datasets = data.get("datasets")
-    if datasets is None:
-        datasets = {None: {}}
-    elif isinstance(datasets, list):
-        datasets = {d: {"name": d} for d in datasets}
-    elif not isinstance(datasets, dict):
-        raise ConfigError(f"{where}datasets: expected a list of names or a mapping label -> data section")
-    runs: dict[str, RunConfig] = {}
-    labels: dict[str, dict] = {}
-    name_overridden = any(parse_override(t)[0] == ["data", "name"] for t in run_over)
-    for ds_label, ds_data in datasets.items():
-        for variant, vdata in variants.items():
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(variant)):
-                raise ConfigError(f"{where}variants: bad variant name {variant!r}")
-            for seed in seeds:
-                layered = deep_merge(base, vdata or {})
-                if ds_label is not None:
-                    layered = deep_merge(layered, {"data": ds_data or {}})
-                layered["seed"] = seed
-                layered["name"] = provisional = run_name(
-                    variant, ds_label if ds_label is not None else layered.get("data", {}).get("name", "digits"), seed)
-                try:
-                    cfg = from_dict(apply_overrides(layered, run_over))
-                except ConfigError as e:
-                    raise ConfigError(f"{where}run '{provisional}': {e}") from None
-                # the dataset part names the data the run trains on: the label of `datasets:`
-                # (or the file's data.name), unless an override changed data.name to another
-                # dataset. An override to npz keeps it: the .npz holds the data the experiment
-                # names (a CIFAR-10 prefix stays cifar10, so published rows still match)
-                file_name = ds_label if ds_label is not None else layered.get("data", {}).get("name", "digits")
-                ds_part = (cfg.data.name if name_overridden and cfg.data.name != "npz" else file_name)
-                cfg.name = run_name(variant, ds_part, seed)
-                if cfg.name in runs:
-                    raise ConfigError(f"{where}run '{cfg.name}' appears twice (two datasets labels "
-                                      f"with the same data after overrides)")
-                runs[cfg.name] = cfg
-                labels[cfg.name] = {"variant": str(variant), "dataset": ds_part, "seed": seed}
-    sections = {}
-    for sec in ("hypothesis", "robustness"):
-        sdata = data.get(sec) or {}
-        if not isinstance(sdata, dict):
-            raise ConfigError(f"{where}{sec}: expected a mapping of notebook parameters")
-        stripped = [t.split(".", 1)[1] if "." in t.split("=", 1)[0] else t for t in nb_over[sec]]
-        merged = apply_overrides(sdata, stripped)
-        check_section(sec, merged, where)   # values too: a bad attack name fails before any work
-        sections[sec] = merged
-    launcher = data.get("launcher") or {}
-    if not isinstance(launcher, dict):
-        raise ConfigError(f"{where}launcher: expected a mapping of cluster settings")
-    return Experiment(name=name, runs=runs, hypothesis=sections["hypothesis"],
-                      robustness=sections["robustness"], path=str(path) if path else None,
-                      labels=labels, launcher=launcher)
-
-
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read and expand an experiment params file (see :func:`expand_experiment`)."""
-    return expand_experiment(read_yaml(path), overrides, str(path))

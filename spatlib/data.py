@@ -38,26 +38,21 @@ from .util import ConfigError, derive_seed
 # --------------------------------------------------------------------------------------------
 # Per-dataset facts. mean/std: published per-channel constants of the full train split, in [0,1]
 # units (None: computed from the train split at load time). pad/flip: the standard training
-# augmentation (pad-and-random-crop in pixels, random horizontal flip).
+# augmentation (pad-and-random-crop in pixels, random horizontal flip). get: how to fetch
+# torchvision's files by hand (the files and their folder: TORCHVISION_FILES).
 _TORONTO = "https://www.cs.toronto.edu/~kriz/"
 DATASET_FACTS: dict[str, dict] = {
     "cifar10": dict(tv="CIFAR10", pad=4, flip=True,
                     mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
-                    files="cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)",
                     get="download " + _TORONTO + "cifar-10-python.tar.gz and extract it"),
     "cifar100": dict(tv="CIFAR100", pad=4, flip=True,
                      mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                     files="cifar-100-python/ (train, test, meta)",
                      get="download " + _TORONTO + "cifar-100-python.tar.gz and extract it"),
     # digits and MNIST strokes are not mirror-symmetric; clothes are (a mirrored shoe is a shoe)
     "mnist": dict(tv="MNIST", pad=2, flip=False, mean=(0.1307,), std=(0.3081,),
-                  files="MNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; gunzipped)",
                   get="download the four *-ubyte.gz files from "
                       "https://ossci-datasets.s3.amazonaws.com/mnist/ and gunzip them"),
     "fashion_mnist": dict(tv="FashionMNIST", pad=2, flip=True, mean=(0.2860,), std=(0.3530,),
-                          files="FashionMNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                                "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; gunzipped)",
                           get="download the four *-ubyte.gz files from http://fashion-mnist."
                               "s3-website.eu-central-1.amazonaws.com/ and gunzip them"),
     "digits": dict(pad=1, flip=False, mean=None, std=None),   # 1 px of 8 is CIFAR's 4 of 32
@@ -158,7 +153,7 @@ def default_root() -> Path:
 def _load_torchvision(name: str, root: str | None, download: bool):
     import torchvision  # lazy: importing it is slow and most runs use digits
 
-    facts = DATASET_FACTS[name]
+    facts, where = DATASET_FACTS[name], TORCHVISION_FILES[name]
     root = Path(root).expanduser() if root else default_root()
     cls = getattr(torchvision.datasets, facts["tv"])
     try:
@@ -166,8 +161,8 @@ def _load_torchvision(name: str, root: str | None, download: bool):
     except (RuntimeError, OSError) as e:  # not found / corrupted, or no network for the download
         why = "download failed" if download else "files not found and download=False"
         raise DataError(
-            f"{name}: {why} ({str(e).strip()}). Expected the files in {root / facts['files']}: "
-            f"{facts['get']} so that they land there (or point root= / $SPATLIB_DATA at the "
+            f"{name}: {why} ({str(e).strip()}). Expected the files in {root / where['folder']} "
+            f"({', '.join(where['files'])}): {facts['get']} so that they land there (or point root= / $SPATLIB_DATA at the "
             f"folder that holds them). Offline without them, use the 'npz' dataset with your "
             f"own x_train, y_train, x_test, y_test arrays.") from e
     # .data/.targets are whole arrays: no per-image PIL conversion
@@ -208,9 +203,9 @@ def _npz_layout(layout: dict[str, tuple[tuple[int, ...], np.dtype]], y_train: np
     :class:`DataError` (without the file's name) for a missing key, a wrong shape or dtype, or
     labels out of range. Shapes and dtypes are all it needs of the images: the batch's check
     (:func:`check_data`) reads them from the .npy headers without loading the images."""
-    missing = [k for k in NPZ_KEYS if k not in layout]
+    missing = ", ".join(k for k in NPZ_KEYS if k not in layout)
     if missing:
-        raise DataError(f"missing key(s) {', '.join(missing)}; expected {', '.join(NPZ_KEYS)} "
+        raise DataError(f"missing key(s) {missing}; expected {', '.join(NPZ_KEYS)} "
                         f"(found: {', '.join(layout) or 'none'})")
     shapes = set()
     for split in ("train", "test"):

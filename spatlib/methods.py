@@ -2,7 +2,10 @@
 and the loss the model minimizes.
 
 The six methods differ only in those three things (``METHODS``); one loop
-(:class:`spatlib.train.Trainer`) runs all of them:
+(:class:`spatlib.train.Trainer`) runs all of them. The names are
+:data:`spatlib.config.METHODS` (what ``train.method`` allows, checked without this module);
+``METHODS`` here gives each name its :class:`Method`, and importing this module fails when the
+two tables disagree (:func:`check_method_table`), so neither can drift from the other:
 
 ============  ======  ==============  ===========================================
 method        attack  attack ascends  training loss
@@ -35,21 +38,28 @@ after the first step. Otherwise the two agree to 2e-7, but the clip makes the in
 stronger: measured on TRADES, the mean KL the attack reaches is 10-19% higher. It is kept
 because every attack in the kit, training and evaluation alike, then only ever evaluates the
 model on valid images.
+
+:func:`shared_share_sums` is the manipulation check of a method's examples: their share of
+|delta| on shared pixels beside PGD's on the same batch (the trainer runs it every
+``train.share_every`` batches).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attacks
+from . import attacks, config
 from .config import AttackConfig
+from .semantics import perturbation_mass_share, shared_pixel_score
+from .util import eval_mode
 
-__all__ = ["Method", "METHODS", "kl_divergence", "trades_loss", "mart_loss", "ce_adv",
-           "ce_clean", "training_attack", "START_CHOICES"]
+__all__ = ["Method", "METHODS", "check_method_table", "kl_divergence", "trades_loss", "mart_loss",
+           "ce_adv", "ce_clean", "training_attack", "START_CHOICES", "shared_share_sums"]
 
 
 def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
@@ -112,6 +122,21 @@ METHODS: dict[str, Method] = {
 }
 
 
+def check_method_table(table: Mapping[str, Method], names: Sequence[str]) -> None:
+    """Raise RuntimeError unless ``table`` defines exactly ``names``, in their order: the
+    method table against the names the config accepts (:data:`spatlib.config.METHODS`)."""
+    if list(table) != list(names):
+        missing = [n for n in names if n not in table]
+        extra = [n for n in table if n not in names]
+        raise RuntimeError(
+            f"spatlib.methods.METHODS and spatlib.config.METHODS disagree: "
+            f"no Method for {missing or 'none'}; no config name for {extra or 'none'}; "
+            f"order {list(table)} vs {list(names)}")
+
+
+check_method_table(METHODS, config.METHODS)
+
+
 START_CHOICES = {"uniform": True, "normal": "normal", "none": False}
 
 
@@ -143,3 +168,33 @@ def training_attack(model: nn.Module, cfg: AttackConfig, method: Method, eps: fl
                                generator=generator, rule=cfg.rule, saliency=cfg.saliency,
                                gamma=cfg.gamma, classes=cfg.classes, class_chunk=cfg.class_chunk,
                                refresh=cfg.refresh, budget=cfg.budget, radius_mean=cfg.radius_mean)
+
+
+def shared_share_sums(model: nn.Module, cfg: AttackConfig, method: Method, x: Tensor, y: Tensor,
+                      x_adv: Tensor, eps: float, generator: torch.Generator | None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """The manipulation check on one batch (docs/design.md, "The manipulation check"): how far
+    ``method``'s training examples ``x_adv`` moved from PGD's.
+
+    The share of |x_adv - x| on shared pixels (the intersection score of ``model`` at x,
+    :func:`spatlib.semantics.perturbation_mass_share`), and the same share for the method's
+    attack without its SPAT shaping (rule none: PGD, same loss, start, eps and steps) on the
+    same batch; for a method whose attack is PGD the two are one. x, x_adv: (N, C, H, W), y:
+    (N,). Returns device sums (shares of the examples, PGD's shares, examples counted: an
+    eps of 0 leaves nothing to split), no host sync. Runs with the model in eval mode and the
+    PGD from ``generator`` (the caller's own stream for the check), so it moves no BatchNorm
+    statistic, no dropout or training attack noise: training is the same with it or without.
+    Autocast is the caller's.
+    """
+    with eval_mode(model):
+        score = shared_pixel_score(model, x, y, "intersection", cfg.saliency, cfg.classes,
+                                   cfg.class_chunk)
+        share = perturbation_mass_share(x_adv - x, score)[1]
+        if method.attack == "spat":
+            plain = dataclasses.replace(cfg, rule="none", budget="step", bn_mode="eval")
+            pgd = training_attack(model, plain, method, eps, generator)
+            share_pgd = perturbation_mass_share(pgd.run(x, y).x_adv - x, score)[1]
+        else:
+            share_pgd = share
+    ok = ~(share.isnan() | share_pgd.isnan())
+    return share[ok].sum(), share_pgd[ok].sum(), ok.sum()

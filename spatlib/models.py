@@ -67,6 +67,14 @@ class Normalize(nn.Module):
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
         self.register_buffer("std", std_t.view(1, -1, 1, 1))
 
+    @classmethod
+    def of_channels(cls, channels: int, mean: Sequence[float] | None = None,
+                    std: Sequence[float] | None = None) -> "Normalize":
+        """A model's input normalization: ``mean``/``std`` per channel, 0 / 1 for the one not
+        given (neither given: no normalization)."""
+        return cls(mean if mean is not None else [0.0] * channels,
+                   std if std is not None else [1.0] * channels)
+
     def forward(self, x: Tensor) -> Tensor:
         """x (N, C, H, W) in [0, 1] -> normalized (N, C, H, W)."""
         return (x - self.mean) / self.std
@@ -82,8 +90,9 @@ class Normalize(nn.Module):
 class SpatModel(nn.Module):
     """Base of every spatlib model: ``forward(x) = head(features(x))``, x in [0, 1].
 
-    Subclasses set ``normalize``, ``classifier`` (the final ``nn.Linear``), ``gap_linear`` and
-    implement :meth:`features`. The default :meth:`head` is global average pooling followed by
+    Subclasses set ``num_classes``, ``normalize`` (:meth:`Normalize.of_channels`),
+    ``classifier`` (the final ``nn.Linear``) and ``gap_linear`` (True unless set) and implement
+    :meth:`features`. The default :meth:`head` is global average pooling followed by
     ``classifier``, the exact-CAM case (``gap_linear = True``).
     """
 
@@ -133,6 +142,8 @@ class SmallCNN(SpatModel):
     gradient exactly 0 at init; class-evidence maps of a fresh model would then be all zero.
     """
 
+    gap_linear = False
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, *,
                  image_size: int | Sequence[int] = 28, dropout: float = 0.0):
@@ -140,9 +151,7 @@ class SmallCNN(SpatModel):
         h, w = _pair(image_size)
         pad = 0 if min(h, w) >= 16 else 1
         self.num_classes = num_classes
-        self.gap_linear = False
-        self.normalize = Normalize(mean if mean is not None else [0.0] * in_channels,
-                                   std if std is not None else [1.0] * in_channels)
+        self.normalize = Normalize.of_channels(in_channels, mean, std)
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=pad), nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=pad), nn.ReLU(),
@@ -185,25 +194,27 @@ class SmallCNN(SpatModel):
 # ReLUs are out-of-place throughout: in-place activations can clash with batched
 # vector-Jacobian products (torch.func) and with hooks that keep feature maps.
 class PreActBlock(nn.Module):
-    """Pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut."""
+    """Pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 plus shortcut: the
+    identity of the raw input, or where the shape changes a 1x1 projection of the pre-activated
+    one (as both references have it). PreAct ResNet-18's block; with dropout, WideResNet's."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dropout: float = 0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.dropout = dropout
         self.shortcut = None
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        # a projection shortcut takes the pre-activated input, the identity the raw one
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
+        act = F.relu(self.bn1(x))
+        out = F.relu(self.bn2(self.conv1(act)))
+        if self.dropout > 0:
+            out = F.dropout(out, p=self.dropout, training=self.training)
+        return self.conv2(out) + (x if self.shortcut is None else self.shortcut(act))
 
 
 class PreActResNet18(SpatModel):
@@ -219,9 +230,7 @@ class PreActResNet18(SpatModel):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         self.num_classes = num_classes
-        self.gap_linear = True
-        self.normalize = Normalize(mean if mean is not None else [0.0] * in_channels,
-                                   std if std is not None else [1.0] * in_channels)
+        self.normalize = Normalize.of_channels(in_channels, mean, std)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         blocks, in_planes = [], 64
         for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
@@ -239,28 +248,9 @@ class PreActResNet18(SpatModel):
 
 # --------------------------------------------------------------------------------------------
 # WideResNet (Madry et al. / TRADES)
-class WideBasicBlock(nn.Module):
-    """WRN basic block: BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 plus shortcut (reference code)."""
-
-    def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float = 0.0):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_planes)
-        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
-        self.dropout = dropout
-        self.equal_in_out = in_planes == out_planes
-        self.shortcut = None if self.equal_in_out else nn.Conv2d(
-            in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        act = F.relu(self.bn1(x))
-        out = F.relu(self.bn2(self.conv1(act)))
-        if self.dropout > 0:
-            out = F.dropout(out, p=self.dropout, training=self.training)
-        out = self.conv2(out)
-        # as in the reference: identity on the raw input, projection on the pre-activated one
-        return out + (x if self.equal_in_out else self.shortcut(act))
+class WideBasicBlock(PreActBlock):
+    """WRN basic block (the TRADES / Madry reference code): :class:`PreActBlock` with its
+    dropout between the two convolutions."""
 
 
 class WideResNet(SpatModel):
@@ -282,9 +272,7 @@ class WideResNet(SpatModel):
         n = (depth - 4) // 6
         channels = [16, 16 * width, 32 * width, 64 * width]
         self.num_classes = num_classes
-        self.gap_linear = True
-        self.normalize = Normalize(mean if mean is not None else [0.0] * in_channels,
-                                   std if std is not None else [1.0] * in_channels)
+        self.normalize = Normalize.of_channels(in_channels, mean, std)
         self.conv1 = nn.Conv2d(in_channels, channels[0], 3, stride=1, padding=1, bias=False)
         blocks = []
         for g, stride in enumerate((1, 2, 2)):

@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from .config import (SUITE_ATTACKS, EvalConfig, RunConfig, from_dict, parse_eps,
-                     split_run_name, to_dict)
+from .config import SUITE_ATTACKS, EvalConfig, RunConfig, from_dict, parse_eps, to_dict
 from .evaluate import (ATTACK_LABELS, RobustnessResult, accuracy_vs_eps, result_from_json,
                        result_to_json, robustness)
+from .experiment import split_run_name
 from .data import selection_label
 from .util import atomic_write_text, code_fingerprint, resolve_device, sha256_file
 from .runfolder import (BEST, LAST, eval_cache_path, load_history, load_metrics, load_run_model,
@@ -111,11 +111,6 @@ def resolve_eval(cfg: RunConfig, overrides: EvalConfig | Mapping | None = None,
     return from_dict(merged, EvalConfig)
 
 
-def eval_eps(cfg: RunConfig, ev: EvalConfig) -> float:
-    """The eval budget: ``eval.eps``, or the training attack's eps when it is None."""
-    return float(ev.eps if ev.eps is not None else cfg.attack.eps)
-
-
 def eval_code(suite: Sequence[str]) -> dict[str, str]:
     """The code a suite's numbers come from: an AST hash per module of what :data:`EVAL_CODE`
     runs (:func:`spatlib.util.code_fingerprint`: a docstring or comment edit keeps it), the
@@ -139,7 +134,7 @@ def eval_cache_key(run_dir: str | Path, cfg: RunConfig, ev: EvalConfig, which: s
         raise FileNotFoundError(f"{ckpt}: no checkpoint; the run has not finished an epoch")
     suite = [a for a in ATTACKS if a in ev.suite]
     return {"format": EVAL_FORMAT, "which": which, "checkpoint_sha256": sha256_file(ckpt),
-            "suite": suite, "eps": eval_eps(cfg, ev),
+            "suite": suite, "eps": cfg.eval_eps(ev),
             "n_examples": ev.n_examples, "batch_size": ev.batch_size,
             "pgd100_restarts": ev.pgd100_restarts, "cw_steps": ev.cw_steps,
             "eps_curve": [float(e) for e in ev.eps_curve], "seed": cfg.seed,
@@ -207,7 +202,7 @@ def evaluate_run(run_dir: str | Path, eval: EvalConfig | Mapping | None = None, 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     ev = resolve_eval(cfg, eval, base)
-    eps = eval_eps(cfg, ev)
+    eps = cfg.eval_eps(ev)
     key = eval_cache_key(run_dir, cfg, ev, which)
     path = eval_cache_path(run_dir, eps)
     if not force:

@@ -25,10 +25,9 @@ import zipfile
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from .config import ConfigError, RunConfig, format_eps, from_dict, to_dict
+from .config import ConfigError, RunConfig, format_eps, from_dict, read_yaml, to_dict
 from .data import Dataset, dataset_from_config
 from .models import model_from_config
 from .util import atomic_write_bytes, atomic_write_text, remove_stale_temps
@@ -120,12 +119,10 @@ def check_same_run(saved: dict, requested: dict, path: Path) -> None:
 def read_saved_config(run_dir: str | Path) -> dict | None:
     """The raw config dict of ``run_dir/config.yaml``; None when the folder has none."""
     path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        return None
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: not valid YAML ({e})") from None
+        return read_yaml(path) if path.is_file() else None
+    except ConfigError as e:     # a damaged config.yaml: the run folder's problem
+        raise CheckpointError(str(e)) from None
 
 
 def read_finished_metrics(run_dir: str | Path) -> dict | None:
@@ -142,10 +139,11 @@ def read_finished_metrics(run_dir: str | Path) -> dict | None:
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved config a run folder was trained with (``config.yaml``)."""
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.yaml; is {run_dir} a spatlib run folder?")
-    return from_dict(upgrade_config(yaml.safe_load(path.read_text()) or {}))
+    saved = read_saved_config(run_dir)
+    if saved is None:
+        raise FileNotFoundError(f"{Path(run_dir) / CONFIG}: no config.yaml; is {run_dir} a "
+                                f"spatlib run folder?")
+    return from_dict(upgrade_config(saved))
 
 
 def load_history(run_dir: str | Path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -417,15 +418,12 @@ def budget_preserving_weights(score: Tensor, gamma: float = 1.0, cap: float | No
 
 
 def shared_pixel_weights(model: nn.Module, x: Tensor, y: Tensor, rule: str = "intersection",
-                         saliency: str = "input_grad", gamma: float = 1.0,
-                         classes: str | Tensor = "all", eps: float | None = None,
-                         alpha: float | None = None, class_chunk: int = 16,
-                         generator: torch.Generator | None = None) -> Tensor:
-    """The step weights of :func:`shared_pixels` alone: mean 1 per image, at most eps/alpha;
-    (N, 1, H, W) (or (N, C, H, W) for ``agreement``), float32, to multiply the PGD step
-    ``alpha * sign(grad)``."""
-    return shared_pixels(model, x, y, rule, saliency, gamma, classes, eps, alpha, class_chunk,
-                         generator).weights
+                         **options: Any) -> Tensor:
+    """The step weights of :func:`shared_pixels` alone (``options``: its keywords saliency,
+    gamma, classes, eps, alpha, class_chunk, generator; the budget is ``step``): mean 1 per
+    image, at most eps/alpha; (N, 1, H, W) (or (N, C, H, W) for ``agreement``), float32, to
+    multiply the PGD step ``alpha * sign(grad)``."""
+    return shared_pixels(model, x, y, rule, budget="step", **options).weights
 
 
 def perturbation_mass_share(delta: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:

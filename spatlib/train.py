@@ -4,7 +4,9 @@
 :mod:`spatlib.runfolder`). What each method is (its attack and its loss) lives in
 :mod:`spatlib.methods`; :class:`Trainer` is the loop that runs all of them: small setup steps,
 one :meth:`Trainer.train_step` per batch, :meth:`Trainer.train_epoch`, :meth:`Trainer.validate`
-and :meth:`Trainer.fit`, the epoch loop with checkpoints and early stopping.
+and :meth:`Trainer.fit`, the epoch loop with checkpoints and early stopping. Beside it: the
+schedules and the EMA (:mod:`spatlib.schedules`), the precision (:mod:`spatlib.precision`), what
+a run shows (:mod:`spatlib.trainlog`) and ``spat train`` (:mod:`spatlib.train_cli`).
 
 Resuming: a run folder that holds ``checkpoint_last.pt`` continues from the epoch after it (the
 config must match, cosmetic keys aside); one that holds ``metrics.json`` is finished and is
@@ -16,14 +18,8 @@ each process takes its slice of every global batch and DDP averages the gradient
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
-import dataclasses
-import errno
 import importlib.util
-import json
-import math
 import os
 import sys
 import time
@@ -38,65 +34,34 @@ from torch import Tensor, nn
 from . import allocator, attacks
 from . import runfolder as rf
 from .awp import WeightPerturbation
-from .config import (EXPERIMENT_KEYS, ConfigError, RunConfig, TrainConfig, from_dict, load_config,
-                     load_experiment, read_yaml, to_dict)
-from .data import DataError, DeviceLoader, augmentation_defaults, dataset_from_config, select_validation
+from .config import ConfigError, RunConfig, from_dict, to_dict
+from .data import DeviceLoader, augmentation_defaults, dataset_from_config, select_validation
 from .distributed import Distributed, init_distributed
-from .methods import METHODS, Method, kl_divergence, mart_loss, trades_loss, training_attack
+from .methods import (METHODS, Method, kl_divergence, mart_loss, shared_share_sums, trades_loss,
+                      training_attack)
 from .models import model_from_config
+from .precision import AMP_DTYPES, autocast, backend_flags, resolve_precision
 from .runfolder import (HISTORY_COLUMNS, CheckpointError, config_diff, load_checkpoint,
                         load_run_model)
-from .semantics import perturbation_mass_share, shared_pixel_score
-from .util import derive_seed, did_you_mean, eval_mode, provenance, resolve_device, utc_now
+from .schedules import EMA, eps_at, lr_at
+from .trainlog import display_mode, progress_bar, show_epoch, tensorboard_writer, write_scalars
+from .util import derive_seed, eval_mode, provenance, resolve_device, utc_now
 
-__all__ = ["train", "Trainer", "StepStats", "EMA", "load_checkpoint", "load_run_model", "main",
-           "cli_main", "METHODS", "Method", "CheckpointError", "TrainingDivergedError", "lr_at",
-           "eps_at", "trades_loss", "mart_loss", "kl_divergence", "config_diff",
-           "HISTORY_COLUMNS", "backend_flags", "resolve_precision", "epoch_line",
-           "run_config_from_params"]
+__all__ = ["train", "Trainer", "StepStats", "EMA", "load_checkpoint", "load_run_model",
+           "METHODS", "Method", "CheckpointError", "TrainingDivergedError", "lr_at", "eps_at",
+           "trades_loss", "mart_loss", "kl_divergence", "config_diff", "HISTORY_COLUMNS",
+           "AMP_DTYPES", "backend_flags", "resolve_precision"]
 
-TENSORBOARD_DIR = "tensorboard"   # train.tensorboard: the event files' folder in the run folder
 # Methods that never see f(x) (PGD-AT; SPAT-AT when its class evidence did not run f(x) in eval
 # mode) measure the clean training accuracy with one more forward (eval mode, no grad) on every
 # CLEAN_ACC_EVERY-th batch of an epoch, from the first: an unbiased estimate over a quarter of
 # the batches, for a quarter of the cost (that forward was 4% of a PGD-10 step on CPU).
 CLEAN_ACC_EVERY = 4
 SYNC_EVERY = 50           # batches between host syncs (progress postfix + NaN check)
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite; checkpoint_last.pt keeps the last good epoch."""
-
-
-# --------------------------------------------------------------------------------------------
-# schedules: pure functions of the global step, so a resumed run needs no scheduler state
-def lr_at(tc: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate of global step ``step`` (0-based): schedule x linear warm-up."""
-    total = tc.epochs * steps_per_epoch
-    p = step / total                                   # fraction of training done
-    if tc.schedule == "piecewise":                     # milestones are fractions of the epochs
-        factor = tc.lr_decay ** sum(p >= m for m in tc.milestones)
-    elif tc.schedule == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * p))
-    elif tc.schedule == "onecycle":                    # linear 0 -> lr over 30%, then -> 0
-        factor = min((step + 1) / (0.3 * total), (total - step) / (0.7 * total))
-    else:
-        raise ConfigError(f"train.schedule: unknown schedule {tc.schedule!r}")
-    if tc.warmup_epochs > 0:
-        factor *= min(1.0, (step + 1) / (tc.warmup_epochs * steps_per_epoch))
-    return tc.lr * factor
-
-
-def eps_at(eps: float, warmup_epochs: float, step: int, steps_per_epoch: int) -> float:
-    """Training eps at global step ``step``: linear from ~0 to ``eps`` over ``warmup_epochs``."""
-    if warmup_epochs <= 0:
-        return eps
-    return eps * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
-
-
-# --------------------------------------------------------------------------------------------
-# small helpers
 
 
 def _as_config(config: RunConfig | dict) -> RunConfig:
@@ -106,98 +71,6 @@ def _as_config(config: RunConfig | dict) -> RunConfig:
     if isinstance(config, dict):
         return from_dict(config)
     raise TypeError(f"config: expected a RunConfig or a dict, got {type(config).__name__}")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA, fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-@contextlib.contextmanager
-def backend_flags(deterministic: bool, device: torch.device) -> Iterator[None]:
-    """Deterministic kernels (or cuDNN autotuning on CUDA) inside the block; the caller's
-    flags come back after."""
-    prev = (torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
-    try:
-        if deterministic:
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        elif device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-        torch.backends.cudnn.benchmark = prev[2]
-
-
-class _NoBar:
-    """A progress bar that shows nothing (tqdm's interface)."""
-
-    def __init__(self, *args, **kwargs): pass
-    def update(self, n: int = 1) -> None: pass
-    def set_postfix(self, *args, **kwargs) -> None: pass
-    def close(self) -> None: pass
-
-
-def _in_jupyter_kernel() -> bool:
-    """True inside a Jupyter kernel (JupyterLab, papermill), where tqdm.auto draws widgets."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return shell is not None and "IPKernelApp" in shell.config
-
-
-def _acc(v: float) -> str:
-    return "-" if v is None or math.isnan(v) else f"{v:.3f}"
-
-
-def epoch_line(row: dict, epochs: int, name: str = "") -> str:
-    """The one line per epoch printed where no progress bar shows (logs, batches, kernels):
-    ``run: epoch 3/15: loss 0.8123, train clean/adv acc 0.912/0.553, val clean/robust acc
-    0.933/0.587, shared share 0.301 (PGD 0.185), 12.3 s``; ``-`` where the epoch did not measure
-    a value (no attack, no validation that epoch), no shared share where no check ran."""
-    head = f"{name}: " if name else ""
-    share = row.get("shared_share", math.nan)
-    check = ("" if share is None or math.isnan(share) else
-             f", shared share {share:.3f} (PGD {_acc(row.get('shared_share_pgd', math.nan))})")
-    return (f"{head}epoch {int(row['epoch'])}/{epochs}: loss {row['train_loss']:.4f}, "
-            f"train clean/adv acc {_acc(row['train_clean_acc'])}/{_acc(row['train_adv_acc'])}, "
-            f"val clean/robust acc {_acc(row.get('val_clean_acc', math.nan))}/"
-            f"{_acc(row.get('val_robust_acc', math.nan))}{check}, {row['epoch_time_s']:.1f} s")
-
-
-def _bar_factory(enabled: bool):
-    if not enabled:
-        return _NoBar
-    from tqdm.auto import tqdm
-    return tqdm
-
-
-class EMA:
-    """Exponential moving average of the weights; BatchNorm buffers copied from the model.
-
-    The decay ramps up as min(decay, (1 + t) / (10 + t)) (TensorFlow's num_updates rule), so
-    the average of a short run is not dominated by the random initialization.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.decay = decay
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One step of the average towards ``model``'s weights."""
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.module.parameters()),
-                             [p.detach() for p in model.parameters()], 1.0 - d)
-        for mine, theirs in zip(self.module.buffers(), model.buffers()):
-            mine.copy_(theirs)
 
 
 @dataclass
@@ -210,7 +83,7 @@ class StepStats:
     adv_correct: Tensor | None      # None: clean training
     lr: float
     eps: float
-    # the manipulation check when this step ran it (:meth:`Trainer.manipulation_check`): sums of
+    # the manipulation check when this step ran it (:func:`methods.shared_share_sums`): sums of
     # the shared shares of the training examples and of PGD's, and how many examples they cover
     shares: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -240,7 +113,7 @@ class Trainer:
         self.precision = resolve_precision(self.tc.precision, self.device)
         self.show = progress
         self.epoch_lines = epoch_lines   # one line per epoch to stderr (epoch_line)
-        self._bar = _bar_factory(progress)
+        self._bar = progress_bar(progress)
         self.requested = to_dict(self.cfg)
         self._check_settings()
         self._setup_data()
@@ -437,40 +310,11 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------
     def amp(self):
         """Autocast at the run's precision (a no-op context in fp32)."""
-        dtype = AMP_DTYPES[self.precision]
-        return (contextlib.nullcontext() if dtype is None
-                else torch.autocast(self.device.type, dtype=dtype))
+        return autocast(self.precision, self.device)
 
     def attack(self, eps: float) -> attacks.PGD:
         """The training attack of this run at budget ``eps`` (:func:`methods.training_attack`)."""
         return training_attack(self.model, self.cfg.attack, self.method, eps, self.attack_gen)
-
-    def manipulation_check(self, x: Tensor, y: Tensor, x_adv: Tensor, eps: float
-                           ) -> tuple[Tensor, Tensor, Tensor]:
-        """How far the training examples moved from PGD's, on this batch (docs/design.md,
-        "The manipulation check"): the share of |x_adv - x| on shared pixels (the intersection
-        score of the model at x, :func:`spatlib.semantics.perturbation_mass_share`), and the same
-        share for the method's attack without its SPAT shaping (rule none: PGD, same loss,
-        start, eps and steps) on the same batch; for a method whose attack is PGD the two are one.
-
-        Returns device sums (shares of the examples, PGD's shares, examples counted), no host
-        sync. Runs with the model in eval mode and the PGD from its own generator, so it moves no
-        BatchNorm statistic, no dropout or attack noise: training is the same with it or without.
-        """
-        a = self.cfg.attack
-        model = self.model
-        with eval_mode(model), self.amp():
-            score = shared_pixel_score(model, x, y, "intersection", a.saliency, a.classes,
-                                       a.class_chunk)
-            share = perturbation_mass_share(x_adv - x, score)[1]
-            if self.method.attack == "spat":
-                plain = dataclasses.replace(a, rule="none", budget="step", bn_mode="eval")
-                pgd = training_attack(model, plain, self.method, eps, self.share_gen)
-                share_pgd = perturbation_mass_share(pgd.run(x, y).x_adv - x, score)[1]
-            else:
-                share_pgd = share
-        ok = ~(share.isnan() | share_pgd.isnan())     # eps 0: no perturbation to split
-        return share[ok].sum(), share_pgd[ok].sum(), ok.sum()
 
     def awp_perturb(self, x: Tensor, x_adv: Tensor, y: Tensor, step: int) -> list[Tensor] | None:
         """Move the weights to w + v (:mod:`spatlib.awp`) for the step ``step``: one ascent
@@ -493,7 +337,7 @@ class Trainer:
         the training attack, the adversarial weight perturbation (when on), the method's loss,
         the optimizer step (at the perturbed weights, as the AWP authors' code), the weights
         restored, and the EMA. ``check``: also run the manipulation check
-        (:meth:`manipulation_check`) on this batch's examples."""
+        (:func:`spatlib.methods.shared_share_sums`) on this batch's examples."""
         tc, model, method = self.tc, self.model, self.method
         lr = lr_at(tc, step, self.n_batches)
         for group in self.opt.param_groups:
@@ -505,8 +349,10 @@ class Trainer:
             with self.amp():
                 result = self.attack(eps).run(x, y)
             x_adv = result.x_adv
-            if check:
-                shares = self.manipulation_check(x, y, x_adv, eps)
+            if check:   # the manipulation check (methods.shared_share_sums): own noise stream
+                with self.amp():
+                    shares = shared_share_sums(model, self.cfg.attack, method, x, y, x_adv, eps,
+                                               self.share_gen)
             if not method.needs_clean:
                 # SPAT's class evidence ran f(x) with BN in eval mode: its logits give the clean
                 # accuracy at no cost; else one more forward (eval mode, no grad) on every
@@ -708,26 +554,6 @@ class Trainer:
             if device.type == "cuda" and rng["torch_cuda"] is not None:
                 torch.cuda.set_rng_state(rng["torch_cuda"], device)
 
-    def tensorboard_writer(self):
-        """A SummaryWriter on ``run_dir/tensorboard`` (rank 0, ``train.tensorboard``), else None.
-
-        Its ``purge_step`` is the first epoch this session trains: a run killed after an epoch's
-        events were written but before its checkpoint retrains that epoch, and TensorBoard drops
-        the stale events from that step on, so every epoch has one value per column."""
-        if not (self.tc.tensorboard and self.dist.main and self.run_dir is not None):
-            return None
-        from torch.utils.tensorboard import SummaryWriter   # the optional extra, checked at setup
-        return SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=self.epoch + 1)
-
-    def _write_scalars(self, writer, row: dict) -> None:
-        """One scalar per numeric history column at step = the epoch (1-based), as history.csv
-        has it; a NaN (no validation that epoch) is left out, as TensorBoard cannot draw it."""
-        for c in self.columns:
-            v = row.get(c)
-            if c != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
-                writer.add_scalar(c, v, global_step=int(row["epoch"]))
-        writer.flush()
-
     def run(self) -> None:
         """The epoch loop (from ``self.epoch``), with validation, checkpoints, early stop, and
         the history's TensorBoard events when ``train.tensorboard``."""
@@ -735,7 +561,8 @@ class Trainer:
         t_session = time.perf_counter()
         base_elapsed = self.elapsed_s
         epochs_bar = self._bar(total=tc.epochs, initial=self.epoch, desc=self.cfg.name)
-        writer = self.tensorboard_writer()
+        writer = (tensorboard_writer(self.run_dir, self.epoch)   # the history as events too
+                  if self.tc.tensorboard and self.dist.main and self.run_dir is not None else None)
         try:
             while not self.finished and self.epoch < tc.epochs:
                 epoch = self.epoch
@@ -755,14 +582,9 @@ class Trainer:
                 row["wall_time_s"] = self.elapsed_s
                 self.history.append(row)
                 if writer is not None:   # before the checkpoint: a kill between them retrains it
-                    self._write_scalars(writer, row)
+                    write_scalars(writer, row, self.columns)
                 self.save(improved)
-                epochs_bar.update(1)
-                epochs_bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_clean_acc",
-                                                                      "val_robust_acc")
-                                        if not math.isnan(row[k])})
-                if self.epoch_lines:
-                    print(epoch_line(row, tc.epochs, self.cfg.name), file=sys.stderr, flush=True)
+                show_epoch(epochs_bar, row, tc.epochs, self.cfg.name, self.epoch_lines)
         finally:
             epochs_bar.close()
             if writer is not None:
@@ -842,10 +664,7 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS reads it at first use
     dist, device = init_distributed(cfg.train.device)
     try:
-        in_kernel = _in_jupyter_kernel()
-        bars = progress if progress is not None else (sys.stderr.isatty() or in_kernel)
-        show = bool(cfg.train.progress and dist.main and bars)
-        lines = dist.main and (not show or in_kernel)
+        show, lines = display_mode(progress, cfg.train.progress, dist.main)
         trainer = Trainer(cfg, run_dir, device=device, dist=dist, progress=show,
                           epoch_lines=lines)
         if last is not None:
@@ -870,106 +689,6 @@ def train(config: RunConfig | dict, run_dir: str | Path, *, progress: bool | Non
     return metrics
 
 
-# --------------------------------------------------------------------------------------------
-# command line: spat train PARAMS [--run NAME] [--run-dir DIR] [--set key=value ...]
-_EXPERIMENT_ONLY = set(EXPERIMENT_KEYS) - {"name", "seed", "data", "model", "attack", "train", "eval"}
-
-
-def run_config_from_params(params: str | None, overrides: list[str], run: str | None = None
-                           ) -> tuple[RunConfig, str | None]:
-    """(the run's config, its experiment's name or None) from a params file: a run params file
-    (a RunConfig YAML; defaults when ``params`` is None), or with ``run`` one run of an
-    experiment file (:func:`spatlib.config.load_experiment`). ConfigError names what is wrong:
-    an unknown run (with the runs it has), or an experiment file given without ``run``."""
-    if run is not None:
-        if params is None:
-            raise ConfigError("--run: needs the experiment params file it names a run of")
-        exp = load_experiment(params, overrides)
-        if run not in exp.runs:
-            raise ConfigError(f"{params}: no run named '{run}'{did_you_mean(run, exp.runs)}; "
-                              f"runs: {', '.join(exp.runs)}")
-        cfg = exp.runs[run]
-        if cfg.data.path and not Path(cfg.data.path).expanduser().is_absolute():
-            # spat batch makes it absolute too, so that the two share the run folder
-            cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-        return cfg, exp.name
-    if params is not None:
-        data = read_yaml(params)
-        found = sorted(_EXPERIMENT_ONLY & set(data))
-        if found:
-            runs = ", ".join(load_experiment(params, overrides).runs)
-            raise ConfigError(f"{params}: an experiment file (it has {', '.join(found)}), not one "
-                              f"run's params: pick a run with --run NAME; runs: {runs}")
-    return load_config(params, overrides), None
-
-
-def _os_error_line(e: OSError, run_dir: Path | None) -> str:
-    """One line for a file system error: the path, the reason and its errno name."""
-    name = errno.errorcode.get(e.errno, "") if e.errno else ""
-    reason = f"{e.strerror or e}" + (f" ({name})" if name else "")
-    where = e.filename if e.filename is not None else run_dir
-    need = f"; spat train needs a writable run folder ({run_dir})" if run_dir is not None else ""
-    return f"error: {where}: {reason}{need}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``spat train``: one run from a params file; works under ``torchrun --nproc_per_node N
-    -m spatlib.train``."""
-    parser = argparse.ArgumentParser(
-        prog="spat train",
-        description="Train one spat-kit run into a run folder (resumes from its last checkpoint; "
-                    "a finished run is returned as it is) and print its metrics.json: training "
-                    "facts, no test numbers (spat eval RUN_DIR runs the robustness suite). "
-                    "Also run as: python -m spatlib.train.",
-        epilog="examples: spat train params/digits.yaml --run pgd_at-digits-s0 --set train.epochs=2\n"
-               "          spat train my_run.yaml --run-dir outputs/one-run",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("params", nargs="?",
-                        help="an experiment params file (with --run) or one run's params file "
-                             "(a RunConfig YAML); defaults when omitted")
-    parser.add_argument("--run", metavar="NAME",
-                        help="the run of the experiment file to train, e.g. pgd_at-digits-s0")
-    parser.add_argument("--run-dir", help="the run folder (with --run, default "
-                                          "OUT/<experiment>/runs/<run>: the folder spat batch uses)")
-    parser.add_argument("--out", default="outputs",
-                        help="output root for the default --run-dir (default: ./outputs, as spat batch)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
-                        metavar="KEY=VALUE", help="override params, e.g. train.epochs=2")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: on a terminal or in a Jupyter kernel; "
-                             "without bars, one line per epoch on stderr)")
-    args = parser.parse_args(argv)
-    if args.run_dir is None and args.run is None:
-        parser.error("--run-dir is required (or --run NAME with an experiment file)")
-    run_dir = Path(args.run_dir) if args.run_dir is not None else None
-    try:
-        cfg, experiment = run_config_from_params(args.params, args.overrides, args.run)
-        if run_dir is None:
-            run_dir = Path(args.out) / experiment / "runs" / args.run
-        finished = rf.read_finished_metrics(run_dir)
-        metrics = train(cfg, run_dir, progress=args.progress)
-        if finished is not None and int(os.environ.get("RANK", "0")) == 0:   # stderr: stdout is JSON
-            print(f"already finished (metrics.json of {finished.get('finished_at', '?')}): "
-                  f"not retrained", file=sys.stderr)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:   # a read-only or full disk, a file where a folder should be
-        print(_os_error_line(e, run_dir), file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(metrics, indent=2))
-        # metrics.json holds no test numbers: one suite gives them, cached per setting
-        print(f"test numbers: spat eval {run_dir} (the robustness suite under the run's eval "
-              f"settings, cached in {run_dir / 'eval_<eps>.json'}; notebooks 02 and 03 read the "
-              f"same cache)", file=sys.stderr)
-    return 0
-
-
-cli_main = main
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # not silently nothing: the command line lives in spatlib.train_cli
+    sys.exit("python -m spatlib.train: spat train's command line is python -m spatlib.train_cli "
+             "(or spat train; under torchrun: torchrun ... -m spatlib.train_cli)")

@@ -54,8 +54,7 @@ def check_choices(key: str, values: Iterable[str], allowed: Iterable[str], what:
     allowed = [str(a) for a in allowed]
     for v in values:
         if v not in allowed:
-            raise ConfigError(f"{key}: unknown {what} {v!r}{did_you_mean(v, allowed)}; "
-                              f"allowed: {', '.join(allowed)}")
+            raise ConfigError(unknown_line(v, allowed, f"{key}: unknown {what} {v!r}", "allowed"))
 
 
 def comma_list(text: str) -> list[str]:
@@ -68,6 +67,14 @@ def progress_log(quiet: bool = False) -> Callable[[str], None]:
     if quiet:
         return lambda line: None
     return lambda line: print(line, file=sys.stderr, flush=True)
+
+
+def unknown_line(word: str, options: Iterable, head: str, label: str) -> str:
+    """The one line for ``word`` that is not among ``options``: ``head``, the closest option
+    and every option after ``label``, e.g. ``unknown key 'train.lrr' (did you mean 'lr'?);
+    allowed keys under train: method, epochs, lr, ...``."""
+    options = [str(o) for o in options]
+    return f"{head}{did_you_mean(word, options)}; {label}: {', '.join(options)}"
 
 
 def derive_seed(seed: int, *tags) -> int:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from spatlib import config, launch
+from spatlib import config, experiment, launch
 from spatlib.config import ConfigError
 from spatlib.launch import local, status
 from spatlib.launch.plan import notebook_parameters, robustness_job
@@ -138,7 +138,7 @@ def test_02_parameters_cell_lists_every_key_of_every_section():
     for name, cls in sections.items():
         assert list(params[name]) == [f.name for f in dataclasses.fields(cls)], name
     cfg = config.from_dict({k: params[k] for k in ("name", "seed", *sections)})
-    digits = config.load_experiment(PARAMS / "digits.yaml").runs["pgd_at-digits-s0"].to_dict()
+    digits = experiment.load_experiment(PARAMS / "digits.yaml").runs["pgd_at-digits-s0"].to_dict()
     digits["eval"]["suite"].remove("autoattack")          # the notebook's nbval-sized default
     assert cfg.to_dict() == digits
 

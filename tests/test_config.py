@@ -2,8 +2,9 @@
 import pytest
 import yaml
 
-from spatlib.config import (ConfigError, RunConfig, format_eps, from_dict, load_config,
-                            load_experiment, parse_eps)
+from spatlib.config import (ConfigError, EvalConfig, RunConfig, format_eps, from_dict, load_config,
+                            parse_eps)
+from spatlib.experiment import expand_experiment, load_experiment
 
 
 def test_defaults_round_trip_through_yaml():
@@ -21,6 +22,19 @@ def test_eps_fraction_strings_are_parsed_and_formatted_back():
     assert format_eps(2.5 / 255) == "0.00980392"   # no short decimal, not a whole number of 255ths
     assert format_eps(16 / 255) == "16/255"
     assert parse_eps(0.1) == 0.1
+
+
+def test_eval_eps_is_the_eval_sections_eps_else_the_training_eps():
+    # the one definition of the eval budget: report's cache names, spat eval's cards and the
+    # suite all read it
+    cfg = from_dict({"attack": {"eps": "8/255"}})
+    assert cfg.eval.eps is None and cfg.eval_eps() == pytest.approx(8 / 255)
+    cfg = from_dict({"attack": {"eps": "8/255"}, "eval": {"eps": 0.0}})
+    assert cfg.eval_eps() == 0.0                        # 0 is a budget, not "unset"
+    # settings in force (notebook 03's, spat eval --eps) win over the run's own eval section
+    other = from_dict({"eps": "4/255"}, EvalConfig)
+    assert cfg.eval_eps(other) == pytest.approx(4 / 255)
+    assert cfg.eval_eps(from_dict({}, EvalConfig)) == pytest.approx(8 / 255)
 
 
 def test_misspelt_key_in_params_file_names_the_key(tmp_path):
@@ -127,5 +141,4 @@ def test_range_checks_sit_beside_their_fields_and_are_checked_at_import():
 
 
 def load_experiment_text(text, overrides=None):
-    from spatlib.config import expand_experiment
     return expand_experiment(yaml.safe_load(text), overrides)

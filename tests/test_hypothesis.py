@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from spatlib.attacks import Attack
 from spatlib.data import DeviceLoader, load_dataset
 from spatlib import stats
-from spatlib.hypothesis import (AttackOutcome, EnsembleOracle, KNNOracle, attack_comparisons,
-                                build_oracle, compare_attacks, comparison_names, mcnemar_test,
-                                perturbation_mass_share, semantic_report, standard_attacks,
+from spatlib.hypothesis import (AttackOutcome, attack_comparisons, compare_attacks,
+                                comparison_names, mcnemar_test, perturbation_mass_share,
+                                scaled_attack, semantic_report, standard_attacks,
                                 wilson_interval)
+from spatlib.oracles import EnsembleOracle, KNNOracle, build_oracle
 from spatlib.models import build_model
 from spatlib.semantics import shared_pixel_score
 
@@ -304,6 +305,21 @@ def test_compare_attacks_every_variant_against_pgd_and_its_own_control_with_holm
     assert df["verdict"].str.startswith("on this attacked model, spat_intersection").all()
     one = compare_attacks(details, [("spat_intersection:radius", "pgd", "spat_random:radius")], eps=0.2)
     assert len(one) == 1 and one.iloc[0]["eps"] == 0.2
+
+
+def test_scaled_attack_steps_in_proportion_to_eps():
+    # attacks.make_attack takes alpha as given; notebook 01's attacks scale it with eps, so the
+    # same attack at eps 0.1 and 0.3 (or at a success-matched eps) is equally well tuned
+    model = build_model("small_cnn", 10, 1, image_size=8, seed=0)
+    for eps in (0.1, 0.3):
+        pgd = scaled_attack(model, eps, steps=10)
+        assert (type(pgd).__name__, pgd.eps, pgd.alpha) == ("PGD", eps, pytest.approx(0.25 * eps))
+    spat = scaled_attack(model, 0.2, rule="random", steps=4, alpha_scale=1.0, budget="radius")
+    assert (type(spat).__name__, spat.rule, spat.budget, spat.alpha) == (
+        "SPAT", "random", "radius", pytest.approx(0.05))
+    assert scaled_attack(model, 0.0).alpha == 1e-12          # an empty budget is still an attack
+    with pytest.raises(ValueError, match="steps: expected an integer >= 1"):
+        scaled_attack(model, 0.1, steps=0)
 
 
 def test_standard_attacks_differ_only_in_rule_and_budget():

@@ -1,11 +1,13 @@
-"""The methods' training attacks start where the authors' code starts them."""
+"""The methods' training attacks start where the authors' code starts them; the method table is
+the config's list of names."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from spatlib import config
 from spatlib.config import AttackConfig
-from spatlib.methods import METHODS, training_attack
+from spatlib.methods import METHODS, check_method_table, training_attack
 from spatlib.models import build_model
 
 
@@ -41,3 +43,16 @@ def test_the_uniform_start_stays_available(model):
         training_attack(model, cfg, METHODS["mart"], 0.2, gen, start="gaussian")
     with pytest.raises(ValueError, match="random start"):
         training_attack(model, cfg, METHODS["trades"], 0.2, gen, start="none")
+
+
+def test_the_method_table_is_the_configs_names_and_a_drift_fails_loudly():
+    # train.method is validated against config.METHODS, the trainer looks the name up in
+    # methods.METHODS: one name short on either side would be a KeyError mid-batch
+    assert list(METHODS) == list(config.METHODS)
+    check_method_table(METHODS, config.METHODS)
+    with pytest.raises(RuntimeError, match=r"no Method for \['awp_at'\]"):
+        check_method_table(METHODS, [*config.METHODS, "awp_at"])
+    with pytest.raises(RuntimeError, match=r"no config name for \['mart'\]"):
+        check_method_table(METHODS, [n for n in config.METHODS if n != "mart"])
+    with pytest.raises(RuntimeError, match="order"):
+        check_method_table(METHODS, list(reversed(config.METHODS)))

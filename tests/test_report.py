@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from spatlib import config, figures, hypothesis, report
+from spatlib import config, experiment, figures, hypothesis, report
 from spatlib.config import ConfigError, from_dict
 
 ATTACKS = ["clean", "fgsm", "pgd20", "pgd100", "cw", "autoattack"]
@@ -200,8 +200,8 @@ def test_per_class_matrix_is_the_worst_case_mean_over_seeds(three_seeds):
 
 
 def test_split_run_name_uses_known_variants_for_names_with_dashes():
-    assert config.split_run_name("spat_at-digits-s2") == {"variant": "spat_at", "dataset": "digits", "seed": 2}
-    assert config.split_run_name("spat-at-v2-cifar10-s0", ["spat-at-v2"]) == {
+    assert experiment.split_run_name("spat_at-digits-s2") == {"variant": "spat_at", "dataset": "digits", "seed": 2}
+    assert experiment.split_run_name("spat-at-v2-cifar10-s0", ["spat-at-v2"]) == {
         "variant": "spat-at-v2", "dataset": "cifar10", "seed": 0}
 
 

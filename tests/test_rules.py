@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spatlib import config, hypothesis, semantics
-from spatlib import train as train_module
+from spatlib import train_cli
 
 
 def _left_half(ev, y, generator):
@@ -43,7 +43,7 @@ def test_an_unregistered_rule_is_refused_naming_the_registered_ones():
 
 def test_a_registered_rule_trains_through_spat_train(toy_rule, tmp_path, capsys):
     run_dir = tmp_path / "toy"
-    code = train_module.main(["--run-dir", str(run_dir), "--set", "name=toy", "train.method=spat_at",
+    code = train_cli.main(["--run-dir", str(run_dir), "--set", "name=toy", "train.method=spat_at",
                               "attack.rule=left_half", "attack.eps=0.1", "attack.alpha=0.05",
                               "attack.steps=2", "train.epochs=1", "train.batch_size=64",
                               "train.max_batches=2", "train.val_steps=1", "data.val_size=50",

@@ -50,6 +50,11 @@ def test_damaged_config_or_metrics_is_an_error_naming_the_file(tmp_path):
     (tmp_path / rf.CONFIG).write_text("train: [unclosed")
     with pytest.raises(rf.CheckpointError, match="config.yaml: not valid YAML"):
         rf.read_saved_config(tmp_path)
+    with pytest.raises(rf.CheckpointError, match="config.yaml: not valid YAML"):
+        rf.read_run_config(tmp_path)        # the one reader of config.yaml, however it is asked
+    (tmp_path / rf.CONFIG).write_text("- a list\n- not a config\n")
+    with pytest.raises(rf.CheckpointError, match="config.yaml: expected a mapping at the top level"):
+        rf.read_saved_config(tmp_path)
     (tmp_path / rf.METRICS).write_text('{"test_clean_acc": 0.9')
     with pytest.raises(rf.CheckpointError, match="metrics.json: not valid JSON"):
         rf.read_finished_metrics(tmp_path)

@@ -285,8 +285,8 @@ def test_scores_in_unit_interval_and_weights_keep_the_budget(rule, saliency):
     assert torch.isfinite(s).all() and s.min() >= 0 and s.max() <= 1
     assert s.max() > 0
     for gamma in (0.5, 1.0, 3.0):
-        w = shared_pixel_weights(model, x, y, rule, saliency, gamma, eps=0.1, alpha=0.025,
-                                 generator=_gen(0))
+        w = shared_pixel_weights(model, x, y, rule, saliency=saliency, gamma=gamma, eps=0.1,
+                                 alpha=0.025, generator=_gen(0))
         assert w.dtype == torch.float32 and torch.isfinite(w).all() and w.min() >= 0
         assert w.max() <= 4.0 + 1e-5                                  # eps / alpha
         torch.testing.assert_close(w.mean((1, 2, 3)), torch.ones(4), rtol=0, atol=1e-5)

@@ -20,11 +20,12 @@ import torch
 import yaml
 
 import spatlib.train as T
-from spatlib import report
+from spatlib import report, train_cli, trainlog
 from spatlib.config import DATASETS, ConfigError, RunConfig, deep_merge, from_dict
 from spatlib.models import build_model
-from spatlib.train import (METHODS, CheckpointError, TrainingDivergedError, eps_at,
-                           load_checkpoint, load_run_model, lr_at, mart_loss, train, trades_loss)
+from spatlib.schedules import EMA, eps_at, lr_at
+from spatlib.train import (METHODS, CheckpointError, TrainingDivergedError, load_checkpoint,
+                           load_run_model, mart_loss, train, trades_loss)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -339,7 +340,7 @@ def test_bad_params_fail_before_training(section, key, value, tmp_path):
 
 def test_cli_reports_bad_params_without_writing(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert T.main(["--run-dir", str(run_dir), "--set", "attack.eps=2"]) == 2
+    assert train_cli.main(["--run-dir", str(run_dir), "--set", "attack.eps=2"]) == 2
     assert "attack.eps" in capsys.readouterr().err
     assert not run_dir.exists()
 
@@ -449,7 +450,7 @@ def test_run_killed_before_metrics_finishes_with_the_same_numbers(tmp_path, monk
 # --------------------------------------------------------------------------------------------
 # kill -9 and resume: the same numbers as an uninterrupted run
 def _train_cmd(params: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "spatlib.train", str(params), "--run-dir", str(run_dir)]
+    return [sys.executable, "-m", "spatlib.train_cli", str(params), "--run-dir", str(run_dir)]
 
 
 @pytest.mark.slow
@@ -524,7 +525,7 @@ def test_torchrun_two_processes_match_single_process(awp, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "ddp"
     subprocess.run(_train_cmd(params, single), check=True, env=subprocess_env(),
                    capture_output=True, timeout=300)
-    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "spatlib.train",
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "spatlib.train_cli",
                           str(params), "--run-dir", str(multi)], env=subprocess_env(),
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -595,7 +596,7 @@ def test_spat_train_trains_one_run_of_an_experiment_into_the_batch_folder(tmp_pa
     monkeypatch.chdir(tmp_path)
     params = str(ROOT / "params" / "smoke.yaml")
     over = ["train.epochs=1", "train.max_batches=2", "eval.n_examples=20"]
-    assert T.main([params, "--run", "spat_at-digits-s0", "--set", *over]) == 0
+    assert train_cli.main([params, "--run", "spat_at-digits-s0", "--set", *over]) == 0
     metrics = json.loads(capsys.readouterr().out)
     run_dir = tmp_path / "outputs" / "smoke" / "runs" / "spat_at-digits-s0"
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
@@ -606,12 +607,12 @@ def test_spat_train_trains_one_run_of_an_experiment_into_the_batch_folder(tmp_pa
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config_diff(saved, plan.configs["spat_at-digits-s0"], ignore=()) == []
     # a misspelt run: the closest name and the runs there are; nothing written
-    assert T.main([params, "--run", "spat-digits-s0", "--run-dir", str(tmp_path / "x")]) == 2
+    assert train_cli.main([params, "--run", "spat-digits-s0", "--run-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "no run named 'spat-digits-s0'" in err and "did you mean 'spat_at-digits-s0'" in err
     assert "runs: standard-digits-s0, spat_at-digits-s0" in err
     # an experiment file without --run says so
-    assert T.main([params, "--run-dir", str(tmp_path / "x")]) == 2
+    assert train_cli.main([params, "--run-dir", str(tmp_path / "x")]) == 2
     assert "experiment file" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
@@ -620,11 +621,11 @@ def test_spat_train_says_a_finished_run_was_not_retrained(tmp_path, capsys):
     params.write_text(yaml.safe_dump(digits_config(train={"epochs": 1, "max_batches": 2},
                                                    eval={"n_examples": 20})))
     args = [str(params), "--run-dir", str(tmp_path / "run")]
-    assert T.main(args) == 0
+    assert train_cli.main(args) == 0
     first = capsys.readouterr()
     assert "already finished" not in first.err
     finished_at = json.loads(first.out)["finished_at"]
-    assert T.main(args) == 0
+    assert train_cli.main(args) == 0
     again = capsys.readouterr()
     assert again.err.splitlines()[0] == f"already finished (metrics.json of {finished_at}): not retrained"
     assert json.loads(again.out) == json.loads(first.out)        # stdout stays the metrics JSON
@@ -635,7 +636,7 @@ def test_spat_train_still_takes_one_runs_params_file(tmp_path, capsys):
     params.write_text(yaml.safe_dump(digits_config(train={"epochs": 1, "max_batches": 2},
                                                    eval={"n_examples": 20})))
     run_dir = tmp_path / "run"
-    assert T.main([str(params), "--run-dir", str(run_dir)]) == 0
+    assert train_cli.main([str(params), "--run-dir", str(run_dir)]) == 0
     out, err = capsys.readouterr()
     # what it trained, and where the test numbers come from (it computes none of its own)
     assert json.loads(out) == json.loads((run_dir / "metrics.json").read_text())
@@ -645,11 +646,15 @@ def test_spat_train_still_takes_one_runs_params_file(tmp_path, capsys):
 
 def test_spat_train_help_names_spat_train(capsys):
     with pytest.raises(SystemExit):
-        T.main(["--help"])
+        train_cli.main(["--help"])
     assert capsys.readouterr().out.startswith("usage: spat train")
-    out = subprocess.run([sys.executable, "-m", "spatlib.train", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "spatlib.train_cli", "--help"], capture_output=True,
                          text=True, env=subprocess_env(), timeout=120).stdout
-    assert out.startswith("usage: spat train") and "python -m spatlib.train" in out
+    assert out.startswith("usage: spat train") and "python -m spatlib.train_cli." in out
+    # the trainer's module is no command line, and says where it is rather than doing nothing
+    old = subprocess.run([sys.executable, "-m", "spatlib.train", "--help"], capture_output=True,
+                         text=True, env=subprocess_env(), timeout=120)
+    assert old.returncode != 0 and "python -m spatlib.train_cli" in old.stderr
 
 
 def test_a_line_per_epoch_where_no_bar_shows(tmp_path, capsys):
@@ -661,7 +666,7 @@ def test_a_line_per_epoch_where_no_bar_shows(tmp_path, capsys):
     assert err[0].startswith("test: epoch 1/2: loss ")
     assert ", val clean/robust acc -/-, " in err[0]     # no validation in epoch 1
     rows = read_history(tmp_path / "run")
-    assert err[1] == T.epoch_line(rows[1], 2, "test")
+    assert err[1] == trainlog.epoch_line(rows[1], 2, "test")
     assert err[1].endswith(f", {rows[1]['epoch_time_s']:.1f} s")
     assert (f"train clean/adv acc {rows[1]['train_clean_acc']:.3f}/{rows[1]['train_adv_acc']:.3f}, "
             f"val clean/robust acc {rows[1]['val_clean_acc']:.3f}/{rows[1]['val_robust_acc']:.3f}, "
@@ -669,7 +674,7 @@ def test_a_line_per_epoch_where_no_bar_shows(tmp_path, capsys):
             in err[1])
     train(cfg, tmp_path / "bars", progress=True)   # bars asked for: no lines
     assert "epoch 1/2: loss" not in capsys.readouterr().err
-    assert not T._in_jupyter_kernel()
+    assert not trainlog.in_jupyter_kernel()
 
 
 def test_changed_eval_settings_change_no_finished_run(tmp_path, monkeypatch):
@@ -703,7 +708,7 @@ def test_unwritable_run_folder_is_one_line_before_training(tmp_path, capsys, mon
         raise AssertionError("training started before the run folder was checked")
     monkeypatch.setattr(T.Trainer, "train_epoch", no_training)
     run_dir = blocker / "runs" / "one"
-    assert T.main([str(params), "--run-dir", str(run_dir)]) == 2
+    assert train_cli.main([str(params), "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: {run_dir}: Not a directory (ENOTDIR)") and str(run_dir) in err
@@ -878,7 +883,7 @@ def test_ema_update_by_hand():
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema = T.EMA(model, 0.99)
+    ema = EMA(model, 0.99)
     expected = 1.0
     for w, d in ((3.0, 2 / 11), (5.0, 3 / 12)):
         with torch.no_grad():
@@ -888,7 +893,7 @@ def test_ema_update_by_hand():
         assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(29 / 44 + 3.75)     # 29/11 after the first update
     # a decay below the ramp: d = 0.1 from the first update on
-    low = T.EMA(torch.nn.Linear(1, 1, bias=False).requires_grad_(False), 0.1)
+    low = EMA(torch.nn.Linear(1, 1, bias=False).requires_grad_(False), 0.1)
     low.module.weight.fill_(1.0)
     target = torch.nn.Linear(1, 1, bias=False).requires_grad_(False)
     target.weight.fill_(3.0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from spatlib import cards, hypothesis, targets, zoo
+from spatlib import cards, oracles, targets, zoo
 from spatlib.models import build_model
 
 try:
@@ -130,14 +130,14 @@ def test_a_zoo_model_serves_as_notebook_01s_oracle(model_dir, monkeypatch):
     root, state = model_dir
     monkeypatch.setenv(zoo.MODEL_DIR_ENV, str(root))
     ds = type("Data", (), {"name": "cifar10"})()
-    oracle = hypothesis.build_oracle("ensemble", ds, checkpoints=[f"robustbench:{ZOO_MODEL}"])
+    oracle = oracles.build_oracle("ensemble", ds, checkpoints=[f"robustbench:{ZOO_MODEL}"])
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = by_hand(state)(x).softmax(1)
     assert torch.allclose(oracle.predict_proba(x), expected, atol=1e-6)
     npz = type("Data", (), {"name": "npz"})()
     with pytest.raises(ValueError, match="the data is 'npz'"):
-        hypothesis.build_oracle("ensemble", npz, checkpoints=[f"robustbench:{ZOO_MODEL}"])
+        oracles.build_oracle("ensemble", npz, checkpoints=[f"robustbench:{ZOO_MODEL}"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """An experiment as jobs: what ``spat batch`` runs, with which notebook parameters, on which data.
 
-:func:`plan_experiment` loads and expands an experiment file (:func:`spatlib.config.load_experiment`:
+:func:`plan_experiment` loads and expands an experiment file (:func:`spatlib.experiment.load_experiment`:
 base, variants x datasets x seeds, the ``--set`` overrides), which validates every run config and
 the notebook sections (``hypothesis:`` for 01, ``robustness:`` for 03) before anything is written:
 a typo fails at once, naming the key. Paths the user typed are made absolute (the notebooks run in
@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Callable
 
 import yaml
 
-from ..config import (ConfigError, Experiment, RunConfig, apply_overrides, check_section, deep_merge,
-                      from_dict, load_experiment, read_yaml, to_dict)
+from ..config import (ConfigError, RunConfig, apply_overrides, check_section, deep_merge, from_dict,
+                      read_yaml, to_dict)
+from ..experiment import Experiment, load_experiment
 from ..util import did_you_mean
 
 if TYPE_CHECKING:
@@ -218,7 +219,7 @@ def plan_experiment(params: str | Path, overrides: list[str] | None = None,
                     out_dir: str | Path | None = None) -> Plan:
     """Load, expand and validate an experiment; nothing is written. Raises ConfigError
     (naming the key) for any typo in the runs or the notebook sections (validated by
-    :func:`spatlib.config.load_experiment`, as a notebook validates its own parameters), or an
+    :func:`spatlib.experiment.load_experiment`, as a notebook validates its own parameters), or an
     unknown --only. Outputs go to ``out_root/<experiment>`` (or exactly ``out_dir`` when given)."""
     path = locate(params)
     overrides = absolute_overrides(list(overrides or []), Path.cwd())
