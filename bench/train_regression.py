@@ -7,8 +7,8 @@ sha256 of every weight tensor of checkpoint_last.pt and checkpoint_best.pt.
     python bench/train_regression.py OUT.json --compare BEFORE.json   # and compare: exit 1 on any difference
 
 A refactor of the trainer must leave every figure bit-identical. Under a minute on one CPU core.
-Metrics keys recorded by only one of the two files (a field added or removed by the change) are
-listed, not compared; every key both hold must agree.
+Metrics keys and history columns recorded by only one of the two files (a field added or removed
+by the change) are listed, not compared; every key and column both hold must agree.
 """
 from __future__ import annotations
 
@@ -97,17 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.compare:
         before = json.loads(Path(args.compare).read_text())
-        bad, only = [], set()
+        bad, only, columns = [], set(), set()
         for run in sorted(set(before) | set(result)):
             old, new = before.get(run, {}), result.get(run, {})
-            bad += [f"{run}.{part}" for part in ("history", "last", "best")
-                    if old.get(part) != new.get(part)]
+            bad += [f"{run}.{part}" for part in ("last", "best") if old.get(part) != new.get(part)]
+            h_old, h_new = old.get("history", []), new.get("history", [])
+            c_old, c_new = (set(h[0]) if h else set() for h in (h_old, h_new))
+            columns |= {f"{c} ({'before' if c in c_old else 'now'})" for c in c_old ^ c_new}
+            shared = c_old & c_new
+            if [{c: r[c] for c in shared} for r in h_old] != [{c: r[c] for c in shared} for r in h_new]:
+                bad.append(f"{run}.history")
             m_old, m_new = old.get("metrics", {}), new.get("metrics", {})
             only |= {f"{k} ({'before' if k in m_old else 'now'})" for k in set(m_old) ^ set(m_new)}
             bad += [f"{run}.metrics.{k}" for k in sorted(set(m_old) & set(m_new))
                     if m_old[k] != m_new[k]]
         if only:
             print(f"metrics keys in one file only (not compared): {', '.join(sorted(only))}")
+        if columns:
+            print(f"history columns in one file only (not compared): {', '.join(sorted(columns))}")
         print("identical" if not bad else f"DIFFERENT: {', '.join(bad)}")
         return 1 if bad else 0
     return 0
