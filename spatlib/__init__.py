@@ -2,4 +2,4 @@
 
 Importing spatlib touches no GPU: device and dtype are arguments everywhere.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
