@@ -570,7 +570,10 @@ def test_sigint_while_evaluating_stops_with_one_line(run_dir, tmp_path):
         [sys.executable, "-m", "spatlib.cli", "eval", "slowmodels:slow", "--weights", "w.pt",
          "--dataset", "digits", "--suite", "clean,pgd100", "--n-examples", "100", "--progress",
          "--device", "cpu", "--out", "card.json"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C's default, whatever this test inherited: a shell that starts a job in the
+        # background (CI, nohup) ignores SIGINT for it, and Python keeps an ignored SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         header, clean = proc.stdout.readline(), proc.stdout.readline()
         proc.send_signal(signal.SIGINT)          # PGD-100 is under way: 500 steps of 20 ms
