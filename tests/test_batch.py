@@ -85,7 +85,7 @@ def test_notebook_sections_are_checked_by_config_before_anything_runs(tmp_path):
 
 
 def test_every_params_file_validates_and_expands_as_documented(tmp_path):
-    expected = {"smoke": 2, "digits": 21, "cifar10_quick": 6, "mnist": 18,
+    expected = {"smoke": 2, "digits": 35, "cifar10_quick": 6, "mnist": 18,
                 "cifar10_paper": 48, "cifar100_paper": 48}
     for name, n_runs in expected.items():
         plan = launch.plan_experiment(PARAMS / f"{name}.yaml", out_root=tmp_path)
