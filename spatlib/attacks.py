@@ -99,8 +99,6 @@ def _check_eps(eps) -> None:
 
 def _project(delta: Tensor, bound: float | Tensor) -> Tensor:
     """delta clipped into [-bound, bound] (a number, or a tensor broadcast over delta)."""
-    if isinstance(bound, Tensor):
-        return torch.maximum(torch.minimum(delta, bound), -bound)
     return delta.clamp(-bound, bound)
 
 
@@ -246,12 +244,15 @@ class PGD(Attack):
         """One restart: ``steps`` shaped sign-gradient steps from the start (``shaping``: that of
         the first step, see :meth:`step_shaping`). Returns x_adv and the last step's shaping."""
         shaping = shaping if shaping is not None else Shaping()
-        delta = self._start(x, self._bound(shaping))
+        bound = self._bound(shaping)
+        delta = self._start(x, bound)
         kept = fooled = None
         if self.keep_fooled:
             kept, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for step in range(self.steps):
-            shaping = self.step_shaping(x + delta, y, step, shaping)
+            new = self.step_shaping(x + delta, y, step, shaping)
+            if new is not shaping:      # a refreshed shaping: its ball, once per refresh
+                shaping, bound = new, self._bound(new)
             delta.requires_grad_(True)
             with torch.enable_grad():
                 logits = self.model(x + delta).float()
@@ -263,7 +264,7 @@ class PGD(Attack):
                 fooled |= new
             w = shaping.weights
             step_size = self.alpha if w is None else self.alpha * w
-            delta = _project(delta.detach() + step_size * grad.float().sign(), self._bound(shaping))
+            delta = _project(delta.detach() + step_size * grad.float().sign(), bound)
             delta = (x + delta).clamp(0, 1) - x
         x_adv = x + delta
         if fooled is not None:
@@ -363,10 +364,6 @@ class SPAT(PGD):
         """The step weights or the radius at x, (N, 1 | C, H, W), and f(x)."""
         sp = self._shared_pixels(x, y)
         return Shaping(sp.weights, sp.radius, sp.logits)
-
-    def weights(self, x: Tensor, y: Tensor) -> Tensor:
-        """The step weights at x, (N, 1 | C, H, W) (``budget='step'``)."""
-        return self._shared_pixels(x, y).weights
 
     def clean_shaping(self, x, y):
         if self.rule == "none":
