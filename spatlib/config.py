@@ -331,7 +331,7 @@ class HypothesisConfig:
 
 @dataclass
 class RobustnessConfig:
-    """Notebook 03's parameters (``params``, ``overrides``, ``out_dir``, ``train_missing`` and
+    """Notebook 03's parameters (``params``, ``overrides``, ``out_dir``, ``base_dir``, ``train_missing`` and
     ``threads`` are set by the batch)."""
     eval: dict | None = None             # EvalConfig keys on top of each run's own
     which: str = spec("best", choice(CHECKPOINTS))
@@ -615,7 +615,7 @@ BATCH_PARAMETERS = {
     "hypothesis": {"model_dir": "path", "threads": "threads", "data_origin": "text"},
     "training": {"run_dir": "path", "threads": "threads"},
     "robustness": {"params": "path", "overrides": "strings", "out_dir": "path",
-                   "train_missing": "bool", "threads": "threads"},
+                   "base_dir": "path", "train_missing": "bool", "threads": "threads"},
 }
 _BATCH_KINDS = {
     "path": (lambda v: v is None or isinstance(v, (str, Path)), "None or a path"),

@@ -17,7 +17,7 @@ import yaml
 from spatlib import config, experiment, launch
 from spatlib.config import ConfigError
 from spatlib.launch import local, status
-from spatlib.launch.plan import notebook_parameters, robustness_job
+from spatlib.launch.plan import experiment_document, notebook_parameters, robustness_job
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params"
@@ -128,6 +128,30 @@ def test_overrides_point_real_data_files_at_absolute_paths(tmp_path, monkeypatch
     assert plan.out_dir == tmp_path / "out" / "cifar10_quick"
     # an override to npz keeps the file's dataset label (the published rows match on it)
     assert all(lab["dataset"] == "cifar10" for lab in plan.labels.values())
+
+
+def test_notebook_03_replans_relative_data_paths_from_where_the_batch_was_typed(tmp_path, monkeypatch):
+    # a params file with a relative data path: the batch plans in the user's folder, notebook 03
+    # re-plans in the experiment's folder with the base_dir the batch hands it
+    params = tmp_path / "rel.yaml"
+    doc = config.read_yaml(PARAMS / "smoke.yaml")
+    doc["base"].setdefault("data", {}).update({"name": "npz", "path": "data/prefix.npz"})
+    params.write_text(yaml.safe_dump(doc))
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.chdir(home)
+    plan = launch.plan_experiment(params, out_root="out")
+    assert {c["data"]["path"] for c in plan.configs.values()} == {str(home / "data" / "prefix.npz")}
+    job = robustness_job(plan, NOTEBOOKS, threads=1)
+    assert job.parameters["base_dir"] == str(home)
+    job.cwd.mkdir(parents=True)              # as the launcher makes it before papermill's --cwd
+    monkeypatch.chdir(job.cwd)
+    again = launch.plan_experiment(job.parameters["params"], job.parameters["overrides"],
+                                   out_dir=job.parameters["out_dir"], base_dir=job.parameters["base_dir"])
+    assert again.configs == plan.configs
+    assert experiment_document(again) == experiment_document(plan)
+    # without it the same file would point at the experiment's folder
+    assert launch.plan_experiment(params, out_dir=plan.out_dir).configs != plan.configs
 
 
 def test_02_parameters_cell_lists_every_key_of_every_section():

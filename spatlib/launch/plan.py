@@ -123,6 +123,9 @@ class Plan:
     # notebook 01's section with its data/model/train laid over the experiment's base
     hypothesis: dict = field(default_factory=dict)
     data_origin: str = "the notebook's parameters"    # where notebook 01's data comes from
+    # the folder relative paths of the params file and the overrides are read from (the one
+    # the user typed the command in); notebook 03 re-plans from there, not from its own folder
+    base_dir: Path = field(default_factory=Path.cwd)
 
     @property
     def name(self) -> str:
@@ -216,17 +219,20 @@ def hypothesis_section(raw: dict, section: dict, overrides: list[str], base_dir:
 
 def plan_experiment(params: str | Path, overrides: list[str] | None = None,
                     out_root: str | Path = "outputs", only: list[str] | None = None,
-                    out_dir: str | Path | None = None) -> Plan:
+                    out_dir: str | Path | None = None, base_dir: str | Path | None = None) -> Plan:
     """Load, expand and validate an experiment; nothing is written. Raises ConfigError
     (naming the key) for any typo in the runs or the notebook sections (validated by
     :func:`spatlib.experiment.load_experiment`, as a notebook validates its own parameters), or an
-    unknown --only. Outputs go to ``out_root/<experiment>`` (or exactly ``out_dir`` when given)."""
+    unknown --only. Outputs go to ``out_root/<experiment>`` (or exactly ``out_dir`` when given).
+    Relative data paths and cards (in the file or the overrides) are read from ``base_dir``
+    (None: the current folder), and the plan holds them absolute."""
     path = locate(params)
-    overrides = absolute_overrides(list(overrides or []), Path.cwd())
+    base = Path(base_dir).expanduser().resolve() if base_dir is not None else Path.cwd()
+    overrides = absolute_overrides(list(overrides or []), base)
     exp = load_experiment(path, overrides)
     raw = read_yaml(path)
-    exp.robustness = _absolute_card_paths(exp.robustness, Path.cwd())
-    configs = {name: _absolute_data_paths(to_dict(cfg), Path.cwd()) for name, cfg in exp.runs.items()}
+    exp.robustness = _absolute_card_paths(exp.robustness, base)
+    configs = {name: _absolute_data_paths(to_dict(cfg), base) for name, cfg in exp.runs.items()}
     if only:
         unknown = [r for r in only if r not in configs]
         if unknown:
@@ -234,10 +240,11 @@ def plan_experiment(params: str | Path, overrides: list[str] | None = None,
                               f"runs: {', '.join(configs)}")
         configs = {r: c for r, c in configs.items() if r in only}
     labels = {name: dict(exp.labels[name]) for name in exp.runs}
-    hypothesis, origin = hypothesis_section(raw, exp.hypothesis, overrides, Path.cwd())
+    hypothesis, origin = hypothesis_section(raw, exp.hypothesis, overrides, base)
     out = Path(out_dir) if out_dir is not None else Path(out_root) / exp.name
     return Plan(experiment=exp, params_path=path, overrides=overrides, out_dir=out.resolve(),
-                labels=labels, configs=configs, hypothesis=hypothesis, data_origin=origin)
+                labels=labels, configs=configs, hypothesis=hypothesis, data_origin=origin,
+                base_dir=base)
 
 
 def experiment_document(plan: Plan) -> dict:
@@ -372,7 +379,7 @@ def robustness_job(plan: Plan, nb_dir: Path, threads: int | None) -> Job:
     params = {**section_parameters(plan.experiment.robustness, nb_dir / NOTEBOOKS["robustness"]),
               "params": str(plan.params_path),
               "overrides": list(plan.overrides), "out_dir": str(plan.out_dir),
-              "train_missing": False, "threads": threads}
+              "base_dir": str(plan.base_dir), "train_missing": False, "threads": threads}
     return Job(ROBUSTNESS_JOB, "robustness", nb_dir / NOTEBOOKS["robustness"],
                plan.out_dir / NOTEBOOKS["robustness"], params,
                plan.out_dir / "logs" / f"{ROBUSTNESS_JOB}.log", plan.out_dir)
