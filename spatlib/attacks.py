@@ -285,9 +285,6 @@ class PGD(Attack):
         best, last = self.perturb(x, y, clean_prob, shaping)
         if self.restarts == 1:
             return AttackResult(best, clean_logits, last.radius)
-        if last.radius is not shaping.radius:
-            # refreshed radii differ per restart: the restarts' balls would not be one ball
-            raise ValueError("restarts > 1 with a refreshed per-pixel radius: use refresh 0 or restarts 1")
         best_fooled, best_loss = self._score(best, y, clean_prob)
         for _ in range(self.restarts - 1):
             cand, _ = self.perturb(x, y, clean_prob, shaping)
@@ -351,6 +348,9 @@ class SPAT(PGD):
         if refresh < 0:
             raise ValueError(f"refresh: expected an integer >= 0, got {refresh}")
         check_spat_settings(rule, saliency, gamma, classes, budget, radius_mean)
+        if budget == "radius" and rule != "none" and 0 < refresh < steps and restarts > 1:
+            # refreshed radii differ per restart: the restarts' balls would not be one ball
+            raise ValueError("restarts > 1 with a refreshed per-pixel radius: use refresh 0 or restarts 1")
         self.rule, self.saliency, self.gamma = rule, saliency, float(gamma)
         self.classes, self.class_chunk, self.refresh = classes, int(class_chunk), int(refresh)
         self.budget, self.radius_mean = budget, float(radius_mean)

@@ -380,7 +380,8 @@ def plot_forest(df: pd.DataFrame, title: str | None = None, *, images: bool = Tr
                             fmt="none", ecolor="0.45", elinewidth=0.9, capsize=2)
             seeds_known = not math.isnan(r["p_value"])
             if seeds_known:
-                color = "C3" if r["p_holm"] < 0.05 else "C0"
+                # the verdict's own reading of p_holm (and its alpha), not a second threshold
+                color = "C3" if r["verdict"] in ("B better", "A better") else "C0"
                 ax.errorbar(r["diff_pct"], y, xerr=[[r["diff_pct"] - r["ci_low_pct"]],
                                                     [r["ci_high_pct"] - r["diff_pct"]]],
                             fmt="o", color=color, elinewidth=2.5, capsize=3, ms=5)

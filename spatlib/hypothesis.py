@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import MADRY_ALPHA_SCALE, PGD, Attack, assert_threat_model, make_attack
-from .config import attack_names, format_eps, parse_attack_name, parse_eps
+from .config import RADIUS_SUFFIX, attack_names, format_eps, parse_attack_name, parse_eps
 from .semantics import SALIENCIES, perturbation_mass_share, shared_pixel_score
 from .oracles import Oracle, as_unit_float
 from .stats import McNemarResult, holm, mcnemar_test, wilson_interval
@@ -480,9 +480,8 @@ def compare_attacks(details: Mapping, comparisons: Sequence[tuple[str, str, str 
 # --------------------------------------------------------------------------------------------
 # notebook 01's tables
 def _control_of(variant: str) -> str:
-    """``spat_<rule>`` -> ``spat_random``; ``spat_<rule>:<mode>`` -> ``spat_random:<mode>``."""
-    _, sep, mode = variant.partition(":")
-    return f"spat_random{sep}{mode}"
+    """``spat_<rule>`` -> ``spat_random``; ``spat_<rule>:radius`` -> ``spat_random:radius``."""
+    return "spat_random" + (RADIUS_SUFFIX if parse_attack_name(variant)[1] == "radius" else "")
 
 
 def attack_comparisons(attacks: Sequence[str]) -> list[tuple[str, str, str | None]]:
@@ -493,7 +492,7 @@ def attack_comparisons(attacks: Sequence[str]) -> list[tuple[str, str, str | Non
     attacks = list(attacks)
     if "pgd" not in attacks:
         raise ValueError(f"attacks: the comparison needs 'pgd' as the baseline, got {attacks}")
-    variants = [a for a in attacks if a.startswith("spat_") and a.partition(":")[0] != "spat_random"]
+    variants = [a for a in attacks if a.startswith("spat_") and parse_attack_name(a)[0] != "random"]
     if not variants:
         raise ValueError(f"attacks: the comparison needs a SPAT rule besides the control, got {attacks}")
     return [(v, "pgd", _control_of(v) if _control_of(v) in attacks else None) for v in variants]

@@ -197,4 +197,6 @@ def shared_share_sums(model: nn.Module, cfg: AttackConfig, method: Method, x: Te
         else:
             share_pgd = share
     ok = ~(share.isnan() | share_pgd.isnan())
-    return share[ok].sum(), share_pgd[ok].sum(), ok.sum()
+    # where, not share[ok]: boolean indexing would sync with the host on CUDA
+    zero = share.new_zeros(())
+    return torch.where(ok, share, zero).sum(), torch.where(ok, share_pgd, zero).sum(), ok.sum()

@@ -18,7 +18,6 @@ each process takes its slice of every global batch and DDP averages the gradient
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import sys
@@ -468,7 +467,7 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, model: nn.Module, x_u8: Tensor, y: Tensor, *, eps: float, alpha: float,
-                 steps: int, tag: str, amp: bool) -> tuple[float, float]:
+                 steps: int, tag: str) -> tuple[float, float]:
         """(clean accuracy, PGD accuracy) on uint8 images; robust = clean-correct and adv-correct.
 
         The PGD noise comes from a fresh generator per call, so the numbers do not depend on
@@ -480,7 +479,7 @@ class Trainer:
         attack = (attacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True,
                               loss="ce", bn_mode="eval", generator=gen)
                   if eps > 0 and steps > 0 else None)
-        ctx = self.amp if amp else contextlib.nullcontext
+        ctx = self.amp
         clean_ok = torch.zeros((), device=dev, dtype=torch.long)
         robust_ok = torch.zeros((), device=dev, dtype=torch.long)
         with eval_mode(model):
@@ -511,7 +510,7 @@ class Trainer:
         for prefix, m in models:
             self.dist.broadcast_buffers(m)
             clean, robust = self.evaluate(m, self.x_val, self.y_val, eps=a.eps, alpha=a.alpha,
-                                          steps=self.tc.val_steps, tag="val", amp=True)
+                                          steps=self.tc.val_steps, tag="val")
             out[f"{prefix}val_clean_acc"], out[f"{prefix}val_robust_acc"] = clean, robust
         return out
 

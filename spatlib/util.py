@@ -184,6 +184,14 @@ def remove_stale_temps(folder: str | Path, names: Iterable[str]) -> None:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The file's SHA-256, hashed once per process for each (path, size, mtime): a checkpoint is
+    hashed for the eval cache key and again for its card."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -198,8 +206,11 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> str | None:
-    """HEAD of the repository that holds the spatlib package, or None."""
+    """HEAD of the repository that holds the spatlib package, or None; asked once per process
+    (the code this process runs is what it imported: a checkpoint a run writes every epoch
+    needs no git subprocess each time)."""
     try:
         out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=10)

@@ -368,6 +368,18 @@ def test_refresh_recomputes_the_weights(linear_model):
     assert not torch.equal(runs[0], runs[1])
 
 
+def test_restarts_with_a_refreshed_radius_are_refused_before_any_attack(linear_model):
+    model = linear_model(_SHARED_W)
+    with pytest.raises(ValueError, match="restarts > 1 with a refreshed per-pixel radius"):
+        SPAT(model, eps=0.2, alpha=0.05, steps=4, refresh=2, budget="radius", restarts=2)
+    # the radius fixed at the clean x (refresh 0), or a refresh that never comes: one ball
+    for refresh in (0, 4):
+        x, y = _images(2, 1, 2, 3), torch.tensor([0, 2])
+        result = SPAT(model, eps=0.2, alpha=0.05, steps=4, refresh=refresh, budget="radius",
+                      restarts=2, generator=_gen(1)).run(x, y)
+        assert (result.x_adv - x).abs().le(0.2 * result.radius + 1e-6).all()
+
+
 # --------------------------------------------------------------------------------------------
 # PGD and SPAT relations on a real model
 def test_spat_rule_none_is_pgd_exactly():
