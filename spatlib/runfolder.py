@@ -37,7 +37,7 @@ __all__ = ["CONFIG", "HISTORY", "LAST", "BEST", "METRICS", "RUN_FILES", "CHECKPO
            "config_diff", "upgrade_config", "check_same_run", "read_saved_config", "read_finished_metrics",
            "read_run_config", "load_history", "load_metrics", "history_csv", "write_history",
            "write_config", "write_metrics", "save_checkpoint", "best_of", "load_checkpoint",
-           "load_weights", "repair_best", "clean_temps", "WHICH", "load_run_model"]
+           "load_weights", "repair_best", "clean_temps", "WHICH", "load_run_model", "model_from_checkpoint"]
 
 CONFIG, HISTORY, METRICS = "config.yaml", "history.csv", "metrics.json"
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
@@ -339,9 +339,15 @@ def load_run_model(run_dir: str | Path, which: str = "best",
         raise ValueError(f"which: expected one of {', '.join(WHICH)}, got {which!r}")
     name, weights = WHICH[which]
     path = Path(run_dir) / name
-    ckpt = load_checkpoint(path)
+    model, cfg, dataset = model_from_checkpoint(load_checkpoint(path), weights, path)
+    return model.to(device).eval(), cfg, dataset
+
+
+def model_from_checkpoint(ckpt: dict, weights: str, path: Path) -> tuple[nn.Module, RunConfig, Dataset]:
+    """(model with the ``weights`` of a loaded kit checkpoint, on the CPU, its RunConfig read
+    through :func:`upgrade_config`, its Dataset); ``path`` names the file in errors."""
     cfg = from_dict(upgrade_config(ckpt["config"]))
     dataset = dataset_from_config(cfg.data)
     model = model_from_config(cfg.model, dataset, seed=cfg.seed)  # seeded: the caller's RNG is untouched
     load_weights(model, ckpt, weights, path)
-    return model.to(device).eval(), cfg, dataset
+    return model, cfg, dataset

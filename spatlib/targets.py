@@ -41,9 +41,8 @@ from torch import nn
 from . import zoo
 from .config import ConfigError, DataConfig, RunConfig, from_dict
 from .data import KNOWN_SHAPES, Dataset, dataset_from_config
-from .models import model_from_config
-from .runfolder import (CONFIG, WHICH, CheckpointError, load_checkpoint, load_weights,
-                        upgrade_config)
+from .runfolder import (CONFIG, WHICH, CheckpointError, load_checkpoint, load_run_model,
+                        model_from_checkpoint)
 from .util import eval_mode
 
 __all__ = ["TargetError", "Target", "WHICH", "load_target", "run_target", "target_data",
@@ -93,14 +92,6 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
-def _kit_model(ckpt: dict, weights: str, path: Path) -> tuple[nn.Module, RunConfig, Dataset]:
-    cfg = from_dict(upgrade_config(ckpt["config"]))
-    ds = dataset_from_config(cfg.data)
-    model = model_from_config(cfg.model, ds, seed=cfg.seed)   # seeded: the caller's RNG untouched
-    load_weights(model, ckpt, weights, path)
-    return model, cfg, ds
-
-
 def load_target(spec: str, *, weights: str | None = None, which: str = "best",
                 device: str | torch.device = "cpu", threat_model: str | None = None,
                 model_dir: str | Path | None = None, zoo_dataset: str = "cifar10") -> Target:
@@ -128,11 +119,9 @@ def load_target(spec: str, *, weights: str | None = None, which: str = "best",
     if path.is_dir():
         if not (path / CONFIG).is_file():
             raise TargetError(f"{spec}: a folder without {CONFIG}: not a spatlib run folder")
-        name, key = WHICH[which]
-        ckpt_path = path / name
-        ckpt = load_checkpoint(ckpt_path)      # CheckpointError names a missing/damaged file
-        model, cfg, ds = _kit_model(ckpt, key, ckpt_path)
-        return Target("run", spec, model.to(device).eval(), ckpt_path, cfg, which,
+        # CheckpointError names a missing/damaged file
+        model, cfg, ds = load_run_model(path, which, device)
+        return Target("run", spec, model, path / WHICH[which][0], cfg, which,
                       _run_description(cfg, which), ds)
     if _is_torchscript(path):
         try:
@@ -149,7 +138,7 @@ def load_target(spec: str, *, weights: str | None = None, which: str = "best",
     except CheckpointError:
         raise TargetError(f"{spec}: neither a TorchScript file nor a spatlib checkpoint (for a "
                           f"state_dict, give module:factory --weights {spec})") from None
-    model, cfg, ds = _kit_model(ckpt, WHICH[which][1], path)
+    model, cfg, ds = model_from_checkpoint(ckpt, WHICH[which][1], path)
     return Target("checkpoint", spec, model.to(device).eval(), path, cfg, which,
                   f"checkpoint {path.name} of {_run_description(cfg, which)}", ds)
 

@@ -366,9 +366,12 @@ def _digits_named_cifar10(monkeypatch) -> None:
     """The digits images stand in for CIFAR-10 (the format reads the dataset's name; the real
     CIFAR-10 is a download away)."""
     import dataclasses
+    from spatlib import runfolder
     real = targets.dataset_from_config
-    monkeypatch.setattr(targets, "dataset_from_config", lambda cfg: dataclasses.replace(
-        real(config.DataConfig(name="digits")), name="cifar10"))
+    fake = lambda cfg: dataclasses.replace(real(config.DataConfig(name="digits")), name="cifar10")  # noqa: E731
+    # both readers: a kit model's own data (runfolder) and --dataset's (targets)
+    monkeypatch.setattr(targets, "dataset_from_config", fake)
+    monkeypatch.setattr(runfolder, "dataset_from_config", fake)
 
 
 @pytest.fixture
