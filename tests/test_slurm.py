@@ -164,6 +164,18 @@ def test_bad_settings_fail_before_submission(cluster, tmp_path, settings, messag
     assert slurm_jobs_from(tmp_path) == []
 
 
+def test_a_locked_folder_is_refused_by_the_library_call_too(cluster, tmp_path):
+    # run_slurm_batch takes the experiment's batch lock itself (not only `spat batch`): a
+    # script calling it beside a running local batch stops at once, nothing submitted
+    from spatlib.launch.local import BatchLocked, lock_experiment
+    plan = plan_experiment(ROOT / "params/smoke.yaml", out_dir=tmp_path / "smoke")
+    with lock_experiment(plan.out_dir, ["spat", "batch", "params/smoke.yaml"]):
+        with pytest.raises(BatchLocked, match="spat batch params/smoke.yaml"):
+            S.run_slurm_batch(plan, S.launcher_config({}), command=["a", "script"])
+    assert not (plan.out_dir / "experiment.yaml").exists()
+    assert slurm_jobs_from(tmp_path) == []
+
+
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smoke_batch_on_slurm_matches_the_local_launcher(cluster, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from ..config import ConfigError
-from .local import DEFAULT_KERNEL, STATUS_EVERY, gpu_count, lock_experiment, run_batch
+from .local import DEFAULT_KERNEL, STATUS_EVERY, gpu_count, run_batch
 from .plan import (NOTEBOOKS, ROBUSTNESS_JOB, Plan, build_jobs, check_jobs_data, data_lines,
                    notebooks_dir, plan_experiment)
 from .slurm import LAUNCHER_KEYS, launcher_config, run_slurm_batch
@@ -73,9 +73,9 @@ def batch_main(argv: list[str] | None = None) -> int:
     if args.launcher == "slurm":
         def start() -> BatchOutcome:
             cfg = launcher_config(plan.experiment.launcher, {k: getattr(args, k) for k in LAUNCHER_KEYS})
-            with lock_experiment(plan.out_dir, command):   # one driver per folder, either launcher
-                return run_slurm_batch(plan, cfg, kernel=args.kernel, hypothesis=not args.no_hypothesis,
-                                       notebooks=nb_dir, log=lambda s: print(s, flush=True))
+            return run_slurm_batch(plan, cfg, kernel=args.kernel, hypothesis=not args.no_hypothesis,
+                                   notebooks=nb_dir, log=lambda s: print(s, flush=True),
+                                   command=command)
         return run_launcher(start, plan, "the Slurm jobs go on; rerun the same command to wait "
                                          "for them (nothing is submitted twice), or "
                                          f"`spat status {plan.out_dir}`")

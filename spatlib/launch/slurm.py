@@ -38,7 +38,7 @@ from typing import Callable
 
 from ..config import ConfigError
 from ..util import did_you_mean, utc_now
-from .local import job_env, kernel_name, run_job
+from .local import job_env, kernel_name, lock_experiment, run_job
 from .plan import (Job, JobResult, Plan, build_jobs, check_jobs_data, data_lines, notebooks_dir,
                    robustness_job, write_experiment_file)
 from .status import (BatchOutcome, is_done, job_state, load_jobs, load_summary, log_line, read_result,
@@ -374,22 +374,31 @@ def wait_for(names: list[str], doc: dict, *, on_done: Callable[[JobResult], None
 
 def run_slurm_batch(plan: Plan, cfg: LauncherConfig, *, kernel: str | None = None,
                     hypothesis: bool = True, notebooks: Path | None = None,
-                    log: Callable[[str], None] = print, poll: float = POLL_S) -> BatchOutcome:
+                    log: Callable[[str], None] = print, poll: float = POLL_S,
+                    command: list[str] | None = None) -> BatchOutcome:
     """Execute the plan on Slurm (see the module doc); returns what happened to every job.
     Every job's data (:func:`spatlib.launch.plan.check_jobs_data`) and the cluster
-    (:func:`check_cluster`) are checked before anything is written or submitted."""
+    (:func:`check_cluster`) are checked before anything is written or submitted; then the
+    experiment folder's batch lock is taken (one driver per folder, either launcher:
+    :func:`spatlib.launch.local.lock_experiment`; ``command`` goes into the lock file)."""
     nb_dir = notebooks or notebooks_dir()
-    data = check_jobs_data(build_jobs(plan, nb_dir, threads=cfg.cpus_per_run, hypothesis=hypothesis))
+    jobs = build_jobs(plan, nb_dir, threads=cfg.cpus_per_run, hypothesis=hypothesis)
+    data = check_jobs_data(jobs)
     check_cluster(cfg)
+    with lock_experiment(plan.out_dir, command):
+        return _submit_and_wait(plan, cfg, jobs, data, nb_dir, kernel or kernel_name(), log, poll)
+
+
+def _submit_and_wait(plan: Plan, cfg: LauncherConfig, jobs: list[Job], data: list, nb_dir: Path,
+                     kernel: str, log: Callable[[str], None], poll: float) -> BatchOutcome:
     outcome = BatchOutcome(plan)
-    kernel = kernel or kernel_name()
     previous = load_summary(plan.out_dir)
     write_experiment_file(plan)
     doc = load_jobs(plan.out_dir)
     queue = squeue_states()
     to_submit: list[Job] = []
     waiting: list[str] = []
-    for job in build_jobs(plan, nb_dir, threads=cfg.cpus_per_run, hypothesis=hypothesis):
+    for job in jobs:
         rec = doc["jobs"].get(job.name)
         if is_done(job, previous):
             outcome.results[job.name] = skipped_result(job)
