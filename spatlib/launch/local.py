@@ -425,12 +425,13 @@ def run_batch(plan: Plan, *, jobs: int = 1, kernel: str | None = None, hypothesi
     seconds between status lines (None or 0: none); ``command`` goes into the lock file."""
     outcome = BatchOutcome(plan)
     nb_dir = notebooks or notebooks_dir()
-    # every job's data resolved before the folder is touched: a missing file is one line now
-    data = check_jobs_data(build_jobs(plan, nb_dir, threads=None, hypothesis=hypothesis))
-    kernel = kernel or kernel_name()
     gpus = list(range(gpu_count())) if gpus is None else list(gpus)
     n_parallel = min(max(1, jobs), len(gpus)) if gpus else max(1, jobs)
     threads = None if gpus else max(1, cpu_count() // n_parallel)
+    batch_jobs = build_jobs(plan, nb_dir, threads=threads, hypothesis=hypothesis)
+    # every job's data resolved before the folder is touched: a missing file is one line now
+    data = check_jobs_data(batch_jobs)
+    kernel = kernel or kernel_name()
     with lock_experiment(plan.out_dir, command):
         wait_for_leftovers(plan.out_dir)
         previous = load_summary(plan.out_dir)
@@ -441,7 +442,7 @@ def run_batch(plan: Plan, *, jobs: int = 1, kernel: str | None = None, hypothesi
             raise not_writable(plan.out_dir, e) from None
         progress = Progress()
         todo = []
-        for job in build_jobs(plan, nb_dir, threads=threads, hypothesis=hypothesis):
+        for job in batch_jobs:
             if is_done(job, previous):
                 outcome.results[job.name] = skipped_result(job)
                 progress.skipped(job.name)
