@@ -117,6 +117,14 @@ def device_of(model: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:      # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or ``cpu (x86_64)``: what provenance records."""
     if device.type == "cuda":

@@ -58,7 +58,7 @@ import torch
 
 from ..config import MODELS
 from ..train import backend_flags, resolve_precision
-from ..util import check_choices, comma_list, progress_log, resolve_device
+from ..util import check_choices, comma_list, cpu_count, progress_log, resolve_device
 from .machine import PeakMemory, machine_info, read_machine, timed
 from .slices import (ALPHA, AWP_GAMMA, BENCH_METHODS, EPS, FLOOR, IMAGE_SHAPE, REFERENCE, Case,
                      ReferenceProcess, build_runner, cpu_memory, write_data)
@@ -226,10 +226,10 @@ def resolve_settings(s: BenchSettings) -> tuple[BenchSettings, torch.device]:
                 warmup=d["warmup"] if s.warmup is None else s.warmup,
                 repeats=d["repeats"] if s.repeats is None else s.repeats,
                 overhead_models=list(s.overhead_models or d["overhead_models"]),
-                threads=s.threads or os.cpu_count() or 1,
+                threads=s.threads or cpu_count(),
                 max_other_load=(0.1 if device.type == "cpu" else 1.0)
                 if s.max_other_load is None else s.max_other_load,
-                workers=(0 if device.type == "cpu" else min(4, os.cpu_count() or 1))
+                workers=(0 if device.type == "cpu" else min(4, cpu_count()))
                 if s.workers is None else s.workers)
     check_choices("--models", s.models, MODELS, "model")
     check_choices("--overhead-models", s.overhead_models, MODELS, "model")

@@ -14,7 +14,6 @@ home for both, used by ``spat doctor`` (:mod:`spatlib.device.doctor`) and ``spat
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import resource
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..util import provenance
+from ..util import cpu_count, provenance
 
 __all__ = ["OLD_KEYS", "cpu_name", "machine_info", "read_machine", "PeakMemory", "sync", "timed"]
 
@@ -45,7 +44,7 @@ def machine_info(device: torch.device, threads: int | None = None) -> dict:
     """:func:`~spatlib.util.provenance` of ``device`` and the hardware beside it: ``cpu``,
     ``cpu_count``, ``torch_threads`` (``threads``, default torch's current count), ``python``,
     ``platform``, ``gpu_count``; on CUDA also ``gpu_memory_gb`` and ``cudnn_version``."""
-    info = {**provenance(device), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+    info = {**provenance(device), "cpu": cpu_name(), "cpu_count": cpu_count(),
             "torch_threads": threads if threads is not None else torch.get_num_threads(),
             "python": platform.python_version(), "platform": platform.platform(),
             "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0}

@@ -44,7 +44,7 @@ from typing import Callable
 import yaml
 
 from ..config import ConfigError
-from ..util import utc_now
+from ..util import cpu_count, utc_now
 from .plan import (Job, JobResult, Plan, build_jobs, check_jobs_data, data_lines, notebooks_dir,
                    robustness_job, write_experiment_file)
 from .status import (BATCH_DIR_ENV, BatchOutcome, epochs_done, is_done, leftover_processes,
@@ -70,14 +70,6 @@ def kernel_name(preferred: str = DEFAULT_KERNEL) -> str:
     except Exception:   # a broken jupyter install must not stop the batch from trying python3
         pass
     return "python3"
-
-
-def cpu_count() -> int:
-    """Cores this process may use (the affinity mask, not the machine's total)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:      # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def gpu_count(override: int | None = None) -> int:
