@@ -339,6 +339,15 @@ def compare_methods(per_example: Mapping[tuple, object] | pd.DataFrame,
     (``seed``, A, B, attack), so a row's numbers do not change when other rows are added (its
     ``p_holm`` does: the family grows).
     """
+    return _with_holm(_comparison_rows(per_example, pairs, attacks, n_boot=n_boot, seed=seed,
+                                       level=level, images=images, alpha=alpha,
+                                       plan_diff=plan_diff, full_images=full_images), alpha)[COLUMNS]
+
+
+def _comparison_rows(per_example, pairs, attacks, *, n_boot, seed, level, images, alpha,
+                     plan_diff, full_images) -> pd.DataFrame:
+    """:func:`compare_methods`' rows before the family's Holm adjustment and verdicts (the
+    caller decides what the family is)."""
     if isinstance(per_example, pd.DataFrame):
         per_example = per_example_from_frame(per_example)
     _check_plan(plan_diff, full_images)
@@ -379,7 +388,7 @@ def compare_methods(per_example: Mapping[tuple, object] | pd.DataFrame,
                          "seeds_needed_full": r.seeds_needed_full, "n_images": r.n_images,
                          "n_seeds": r.n_seeds, "b_only": r.b_only, "a_only": r.a_only,
                          "level": r.level, "images": r.images})
-    return _with_holm(pd.DataFrame(rows, columns=COLUMNS), alpha)
+    return pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_holm", "verdict")])
 
 
 def _ci(lo: float, hi: float) -> str:
@@ -536,8 +545,8 @@ def comparisons_for_runs(run_evaluations, pairs: Sequence[tuple[str, str]] | Non
                 continue
             seen_pairs.add((ma, mb))
             sub = {k: v for k, v in per.items() if k[0] in (ma, mb) and k[1] in common}
-            df = compare_methods(sub, [(ma, mb)], n_boot=n_boot, seed=seed, level=level, images=images,
-                                 alpha=alpha, plan_diff=plan_diff, full_images=full)
+            df = _comparison_rows(sub, [(ma, mb)], None, n_boot=n_boot, seed=seed, level=level,
+                                  images=images, alpha=alpha, plan_diff=plan_diff, full_images=full)
             for col, value in zip(GROUP_COLUMNS, group):
                 df[col] = value
             df["seeds"] = ", ".join(map(str, common))
@@ -549,7 +558,10 @@ def comparisons_for_runs(run_evaluations, pairs: Sequence[tuple[str, str]] | Non
             raise ValueError(f"pairs {unmatched}: no dataset, model and eps has runs of both methods; "
                              f"methods: {', '.join(methods)}")
     cols = [*GROUP_COLUMNS, "seeds", *COLUMNS]
-    return _with_holm(pd.concat(out, ignore_index=True)[cols], alpha) if out else pd.DataFrame(columns=cols)
+    if not out:
+        return pd.DataFrame(columns=cols)
+    # the whole table is the family: Holm and the verdicts once, over every row
+    return _with_holm(pd.concat(out, ignore_index=True), alpha)[cols]
 
 
 def _full_images(full_images, dataset: str, part: pd.DataFrame) -> int | None:
