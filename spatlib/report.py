@@ -45,11 +45,12 @@ from .runfolder import (BEST, LAST, eval_cache_path, load_history, load_metrics,
 
 EVAL_FORMAT = "spatlib-eval/2"   # 2: the key holds the code fingerprint (eval_code)
 # The code behind a cached evaluation (util.code_fingerprint follows what these use): the suite,
-# the attacks and what they import, the models, and evaluate_run's path from the run folder to
-# the numbers (the weights, the test images). config is not followed: its settings enter the
-# key as values (the eval settings, the checkpoint's resolved config), not as code.
+# the attacks and what they import, the models, and the path from the run folder to the numbers
+# (compute_evaluation: the weights, the test images). Not the cache's own machinery (its key,
+# reader, messages): editing those keeps the numbers. config is not followed: its settings enter
+# the key as values (the eval settings, the checkpoint's resolved config), not as code.
 EVAL_CODE = (("evaluate", None), ("attacks", None), ("semantics", None), ("models", None),
-             ("report", "evaluate_run"))
+             ("report", "compute_evaluation"))
 EVAL_CODE_SKIP = ("config",)
 ATTACKS = SUITE_ATTACKS      # the suite's order, defined once in config
 GROUP_KEYS = ["method", "dataset", "model"]
@@ -213,19 +214,29 @@ def evaluate_run(run_dir: str | Path, eval: EvalConfig | Mapping | None = None, 
             print(f"{run_dir.name}/{path.name}: recomputed: {reason}", flush=True)
 
     t0 = time.perf_counter()
+    numbers = compute_evaluation(run_dir, cfg, ev, which=which, device=device, progress=progress)
+    data = {"key": key, "run": cfg.name, "class_names": numbers["class_names"],
+            "seconds": time.perf_counter() - t0, "result": numbers["result"], "curve": numbers["curve"]}
+    atomic_write_text(path, json.dumps(data) + "\n", fsync=False)   # a cache: recomputable
+    return _evaluation_from_cache(data, run_dir, cfg, ev, path, cached=False)
+
+
+def compute_evaluation(run_dir: Path, cfg: RunConfig, ev: EvalConfig, *, which: str = "best",
+                       device: str | torch.device = "auto", progress: bool = False) -> dict:
+    """What a cache entry of :func:`evaluate_run` holds, computed (no cache read or written):
+    ``class_names``, ``result`` (:func:`spatlib.evaluate.result_to_json`) and ``curve``. The
+    root of :data:`EVAL_CODE`."""
     model, _, ds = load_run_model(run_dir, which=which, device=resolve_device(device))
     n = len(ds.y_test) if ev.n_examples is None else min(ev.n_examples, len(ds.y_test))
     x, y = ds.x_test[:n], ds.y_test[:n]
+    eps = cfg.eval_eps(ev)
     result = robustness(model, x, y, ev.suite, eps=eps, batch_size=ev.batch_size,
                         pgd100_restarts=ev.pgd100_restarts, cw_steps=ev.cw_steps, seed=cfg.seed,
                         num_classes=ds.num_classes, progress=progress)
     curve = (accuracy_vs_eps(model, x, y, list(ev.eps_curve), batch_size=ev.batch_size, seed=cfg.seed)
              if ev.eps_curve else pd.DataFrame(columns=["eps", "eps_str", "accuracy"]))
-    seconds = time.perf_counter() - t0
-    data = {"key": key, "run": cfg.name, "class_names": list(ds.class_names), "seconds": seconds,
-            "result": result_to_json(result), "curve": curve.to_dict("records")}
-    atomic_write_text(path, json.dumps(data) + "\n", fsync=False)   # a cache: recomputable
-    return _evaluation_from_cache(data, run_dir, cfg, ev, path, cached=False)
+    return {"class_names": list(ds.class_names), "result": result_to_json(result),
+            "curve": curve.to_dict("records")}
 
 
 # --------------------------------------------------------------------------------------------

@@ -336,8 +336,14 @@ def test_code_fingerprint_sees_code_not_docstrings_or_comments(tmp_path):
     assert edited("attacks", "L-inf projected gradient ascent (Madry et al.)",
                   "Projected gradient ascent in the L-inf ball") == base
     assert edited("evaluate", "SUITE_STEP = 0.25   #", "\nSUITE_STEP = 0.25   # (eps / 4) ") == base
-    # code the evaluation never runs: the same numbers (the trainer's loader)
+    # code the evaluation never runs: the same numbers (the trainer's loader; the cache's own
+    # reader and its messages)
     assert edited("data", "self.epoch = epoch", "self.epoch = int(epoch)") == base
+    assert edited("report", 'why.append("weights changed")', 'why.append("the weights changed")') == base
+    # the path from the run folder to the numbers is followed
+    changed = edited("report", "    eps = cfg.eval_eps(ev)\n    result = robustness(",
+                     "    eps = cfg.eval_eps(ev) * 1.0\n    result = robustness(")
+    assert {k for k in base if changed[k] != base[k]} == {"report.py"}
     # a changed constant, or a changed helper the suite calls: other numbers
     changed = edited("evaluate", "SUITE_STEP = 0.25", "SUITE_STEP = 0.3")
     assert {k for k in base if changed[k] != base[k]} == {"evaluate.py"}
