@@ -60,6 +60,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import stats
+from .data import DIGITS_SIZES, TORCHVISION_FILES
 from .evaluate import ATTACK_LABELS as SUITE_LABELS
 from .stats import IMAGE_MODES
 from .util import atomic_write_text, derive_seed, unknown_line
@@ -70,8 +71,9 @@ PLAN_DIFF = 0.02             # the planning difference of seeds_needed: 2 accura
 ALPHA = 0.05                 # verdicts: p_holm below this; the power lines are at this level
 # test-set sizes of the datasets (the "full test set" of seeds_needed_full); the digits split
 # holds out 25% of 1,797 (spatlib.data); npz and synthetic data: give full_images
-FULL_TEST_IMAGES = {"digits": 450, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000,
-                    "cifar100": 10_000}
+# the named datasets' full test sets, from the sizes data's pre-flight check knows
+FULL_TEST_IMAGES = {"digits": DIGITS_SIZES["n_test"],
+                    **{name: facts["n_test"] for name, facts in TORCHVISION_FILES.items()}}
 ONE_SEED = "1 seed: training randomness unmeasured; no method-level verdict"
 COLUMNS = ["comparison", "method_a", "method_b", "attack", "acc_a_pct", "acc_b_pct", "diff_pct",
            "ci_low_pct", "ci_high_pct", "p_value", "p_holm", "df", "se_pct", "seed_sd_pct",
