@@ -518,15 +518,6 @@ def holdout_indices(y: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Te
     return (~mask).nonzero().squeeze(1), mask.nonzero().squeeze(1)
 
 
-def split_validation(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int):
-    """Hold out ``val_size`` examples of (x, y), stratified by label (:func:`holdout_indices`).
-    Both parts keep the original order. Returns ``(x_train, y_train, x_val, y_val)``;
-    ``val_size=0`` gives empty val tensors."""
-    train_idx, val_idx = holdout_indices(y, val_size, seed)
-    train_idx, val_idx = train_idx.to(y.device), val_idx.to(y.device)
-    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
-
-
 # --------------------------------------------------------------------------------------------
 # model selection: which images the trainer validates on
 VAL_AUTO_EVERY = 10      # data.val_size None: one training image in ten is held out ...

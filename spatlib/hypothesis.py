@@ -498,13 +498,6 @@ def attack_comparisons(attacks: Sequence[str]) -> list[tuple[str, str, str | Non
     return [(v, "pgd", _control_of(v) if _control_of(v) in attacks else None) for v in variants]
 
 
-def comparison_names(attacks: Sequence[str]) -> tuple[str, str, str | None]:
-    """(attack, baseline, control) of SPAT's default rule (or the first SPAT variant given):
-    the :func:`attack_comparisons` triple of that one variant."""
-    triples = attack_comparisons(attacks)
-    return next((t for t in triples if t[0] == "spat_intersection"), triples[0])
-
-
 def semantic_summary(report: pd.DataFrame) -> pd.DataFrame:
     """attack x eps table of the measurements a reader compares (percent, one decimal): success,
     oracle flips with their interval, p(y) drop, and the manipulation check: the shared share of
@@ -523,7 +516,7 @@ def semantic_summary(report: pd.DataFrame) -> pd.DataFrame:
     return df[keep].rename(columns={**cols, "eps_str": "eps", "l2": "mean L2"}).round({"mean L2": 3})
 
 
-__all__ = ["AttackFactory", "scaled_attack", "standard_attacks", "attack_names", "comparison_names",
+__all__ = ["AttackFactory", "scaled_attack", "standard_attacks", "attack_names",
            "semantic_summary", "MADRY_ALPHA_SCALE", "wilson_interval", "McNemarResult",
            "mcnemar_test", "perturbation_mass_share", "AttackOutcome", "semantic_report",
            "compare_attacks", "attack_comparisons"]

@@ -8,7 +8,7 @@ import torch
 from spatlib.config import DataConfig
 from spatlib.data import (DIGITS_SIZES, DataError, DeviceLoader, augmentation_defaults, channel_stats,
                           check_data, dataset_from_config, load_dataset, pad_crop_flip,
-                          split_validation)
+                          holdout_indices)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -230,22 +230,26 @@ def test_augmentation_defaults():
     assert augmentation_defaults("npz") == {"pad": 2, "flip": False}
 
 
-def test_split_validation(digits):
+def test_holdout_indices(digits):
     x, y = digits.x_train, digits.y_train
-    x_tr, y_tr, x_val, y_val = split_validation(x, y, 100, seed=3)
+
+    def split(val_size, seed):
+        tr, val = holdout_indices(y, val_size, seed)
+        return x[tr], y[tr], x[val], y[val]
+    x_tr, y_tr, x_val, y_val = split(100, seed=3)
     assert len(y_val) == 100 and len(y_tr) == len(y) - 100
-    again = split_validation(x, y, 100, seed=3)
+    again = split(100, seed=3)
     assert torch.equal(again[3], y_val) and torch.equal(again[2], x_val)
-    assert not torch.equal(split_validation(x, y, 100, seed=4)[2], x_val)
+    assert not torch.equal(split(100, seed=4)[2], x_val)
     counts, val_counts = torch.bincount(y).double(), torch.bincount(y_val, minlength=10).double()
     assert ((val_counts - 100 * counts / len(y)).abs() < 1).all()       # stratified
     # a partition: train + val hold every image exactly once
     both = torch.cat([x_tr, x_val]).flatten(1)
     assert torch.equal(both.sum(0), x.flatten(1).sum(0)) and len(both) == len(x)
-    x_tr0, y_tr0, x_val0, y_val0 = split_validation(x, y, 0, seed=0)
+    x_tr0, y_tr0, x_val0, y_val0 = split(0, seed=0)
     assert torch.equal(x_tr0, x) and x_val0.shape == (0, 1, 8, 8) and y_val0.shape == (0,)
     with pytest.raises(DataError, match="val_size"):
-        split_validation(x, y, len(y), seed=0)
+        split(len(y), seed=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -279,14 +279,6 @@ def test_evaluate_run_computes_once_then_reads_the_cache(tmp_path, capsys):
                                        "n_examples": 12}) is None
 
 
-def test_comparison_names_pick_spat_against_pgd_with_the_random_control():
-    assert hypothesis.comparison_names(["pgd", "spat_equality", "spat_intersection", "spat_random"]) == (
-        "spat_intersection", "pgd", "spat_random")
-    assert hypothesis.comparison_names(["pgd", "spat_equality"]) == ("spat_equality", "pgd", None)
-    with pytest.raises(ValueError, match="pgd"):
-        hypothesis.comparison_names(["spat_intersection"])
-
-
 def test_results_table_says_where_checkpoints_were_selected_and_warns_on_test_images(tmp_path):
     runs = tmp_path / "runs"
     dirs = [_fake_run(runs, "pgd_at", 0, {"clean": 1.0, "pgd20": 0.5}),
