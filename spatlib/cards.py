@@ -36,9 +36,7 @@ import argparse
 import glob
 import importlib.util
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +50,8 @@ from .data import KNOWN_SHAPES, DataError, Dataset, parse_shape, select_validati
 from .evaluate import ATTACK_LABELS, RobustnessResult, result_from_json, robustness
 from .runfolder import WHICH, CheckpointError, eval_cache_path, load_metrics
 from .targets import Target, TargetError, load_target, run_target, target_data
-from .util import atomic_write_text, device_name, provenance, resolve_device, sha256_file
+from .util import (atomic_write_text, check_out_path, device_name, provenance, resolve_device,
+                   sha256_file)
 
 __all__ = ["CARD_FORMAT", "CARD_KEYS", "TargetError", "Target", "load_target", "run_target",
            "Evaluation", "prepare_evaluation", "run_evaluation", "evaluate_target",
@@ -576,42 +575,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_out_path(out: str | Path | None) -> None:
-    """``--out`` checked before any work: not a folder, and in a folder that exists or can be
-    created, where a file can be created (a temporary one, removed; folders created for the
-    check are removed too). None: the current folder (the default name is known later).
-    Raises :class:`TargetError`: ``--out PATH: why``, one line."""
-    path = Path(out) if out is not None else None
-    folder = path.parent if path is not None else Path(".")
-    if path is not None and path.is_dir():
-        raise TargetError(f"--out {out}: a folder, not a file (give FILE.json)")
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    if not folder.is_dir():
-        raise TargetError(f"--out {out}: {folder} is a file, not a folder")
-    created: list[Path] = []
-    try:
-        for f in reversed(missing):
-            try:
-                f.mkdir()
-            except OSError as e:
-                raise TargetError(f"--out {out}: cannot create the folder {f} ({e.strerror})") from None
-            created.append(f)
-        where = created[-1] if created else folder
-        try:
-            with tempfile.NamedTemporaryFile(dir=where, prefix=".spat-eval-"):
-                pass
-        except OSError as e:
-            raise TargetError(f"--out {out}: cannot create a file in {where} ({e.strerror})") from None
-        if path is not None and path.exists() and not os.access(path, os.W_OK):
-            raise TargetError(f"--out {out}: exists and is not writable")
-    finally:
-        for f in reversed(created):
-            f.rmdir()
-
-
 def _print_progress(name: str, accuracy: float, seconds: float) -> None:
     print(f"  {ATTACK_LABELS.get(name, name):<11} {100 * accuracy:6.2f}%  {seconds:6.1f} s", flush=True)
 
@@ -635,7 +598,7 @@ def cli_main(argv: list[str] | None = None) -> int:
 def _eval_command(args: argparse.Namespace, written: list[str]) -> int:
     """``spat eval`` after its arguments are parsed; appends to ``written`` each file written."""
     shape = parse_shape(args.shape, "--shape") if args.shape is not None else None
-    check_out_path(args.out)          # before any work: minutes of AutoAttack are not lost to it
+    check_out_path(args.out, error=TargetError)   # before any work: minutes of AutoAttack are not lost to it
     plan = prepare_evaluation(
         args.target, weights=args.weights, dataset=args.dataset, data_path=args.data_path,
         shape=shape, eps=args.eps, suite=args.suite, n_examples=args.n_examples,

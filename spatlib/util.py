@@ -29,6 +29,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,44 @@ def _sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_out_path(out: str | Path | None, *, error: type[Exception] = ValueError) -> None:
+    """``--out`` checked before any work: not a folder, and in a folder that exists or can be
+    created, where a file can be created (a temporary one, removed; folders created for the
+    check are removed too). None: the current folder (the default name is known later).
+    Raises ``error`` (``spat eval``: TargetError, ``spat doctor``: ConfigError): ``--out PATH:
+    why``, one line. The command-line tools call it before any work, so minutes of measuring
+    are not lost to an unwritable path."""
+    path = Path(out) if out is not None else None
+    folder = path.parent if path is not None else Path(".")
+    if path is not None and path.is_dir():
+        raise error(f"--out {out}: a folder, not a file (give FILE.json)")
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    if not folder.is_dir():
+        raise error(f"--out {out}: {folder} is a file, not a folder")
+    created: list[Path] = []
+    try:
+        for f in reversed(missing):
+            try:
+                f.mkdir()
+            except OSError as e:
+                raise error(f"--out {out}: cannot create the folder {f} ({e.strerror})") from None
+            created.append(f)
+        where = created[-1] if created else folder
+        try:
+            with tempfile.NamedTemporaryFile(dir=where, prefix=".spat-out-"):
+                pass
+        except OSError as e:
+            raise error(f"--out {out}: cannot create a file in {where} ({e.strerror})") from None
+        if path is not None and path.exists() and not os.access(path, os.W_OK):
+            raise error(f"--out {out}: exists and is not writable")
+    finally:
+        for f in reversed(created):
+            f.rmdir()
 
 
 # --------------------------------------------------------------------------------------------

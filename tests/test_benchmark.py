@@ -225,3 +225,16 @@ def test_spat_bench_reports_the_awp_overhead(tmp_path, capsys):
     assert "| small_cnn | pgd_at + AWP (gamma 0.01) | 10 | 4 |" in printed
     assert "| small_cnn | trades + AWP (gamma 0.005) | 10 | 4 |" in printed
     assert "| awp_overhead:trades | small_cnn | 10 |" in printed
+
+
+@pytest.mark.parametrize("out, why", [("/proc/x/cpu.json", "cannot create the folder /proc/x"),
+                                      ("{tmp}", "a folder, not a file")])
+def test_an_unwritable_out_is_refused_before_any_measurement(out, why, tmp_path, monkeypatch, capsys):
+    def never(*a, **k):
+        raise AssertionError("the benchmark ran before --out was checked")
+    monkeypatch.setattr(bench, "run_benchmark", never)
+    out = out.format(tmp=tmp_path)
+    assert bench.cli_main(["--device", "cpu", "--out", out]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert captured.out == "" and line.startswith(f"error: --out {out}: ") and why in line, captured

@@ -93,3 +93,16 @@ def test_doctor_every_method_and_compile_on_cpu(tmp_path, capsys):
     checks = {(r["check"], r["subject"]) for r in result["rows"]}
     assert ("torch.compile = eager", "small_cnn pgd_at") in checks
     assert {s.split()[1] for c, s in checks if c == "loss finite"} == set(doctor.METHODS)
+
+
+@pytest.mark.parametrize("out, why", [("/proc/x/doctor.json", "cannot create the folder /proc/x"),
+                                      ("{tmp}", "a folder, not a file")])
+def test_an_unwritable_out_is_refused_before_any_check(out, why, tmp_path, monkeypatch, capsys):
+    def never(*a, **k):
+        raise AssertionError("the checks ran before --out was checked")
+    monkeypatch.setattr(doctor, "run_doctor", never)
+    out = out.format(tmp=tmp_path)
+    assert doctor.cli_main(["--device", "cpu", "--out", out]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert captured.out == "" and line.startswith(f"error: --out {out}: ") and why in line, captured

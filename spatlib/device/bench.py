@@ -58,7 +58,7 @@ import torch
 
 from ..config import MODELS
 from ..train import backend_flags, resolve_precision
-from ..util import check_choices, comma_list, cpu_count, progress_log, resolve_device
+from ..util import check_choices, check_out_path, comma_list, cpu_count, progress_log, resolve_device
 from .machine import PeakMemory, machine_info, read_machine, timed
 from .slices import (ALPHA, AWP_GAMMA, BENCH_METHODS, EPS, FLOOR, IMAGE_SHAPE, REFERENCE, Case,
                      ReferenceProcess, build_runner, cpu_memory, write_data)
@@ -577,6 +577,7 @@ def cli_main(argv: list[str] | None = None, *, prog: str = "spat bench",
     parser.prog = prog
     args = parser.parse_args(argv)
     try:
+        check_out_path(args.out)      # before the minutes of measuring, not after
         result = run_benchmark(settings_from_args(args), progress_log(args.quiet))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

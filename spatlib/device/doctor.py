@@ -60,8 +60,8 @@ from ..config import MODELS, ConfigError, RunConfig, from_dict
 from ..methods import METHODS
 from ..semantics import class_evidence
 from ..train import AMP_DTYPES, Trainer, backend_flags
-from ..util import (atomic_write_text, check_choices, comma_list, eval_mode, progress_log,
-                    resolve_device)
+from ..util import (atomic_write_text, check_choices, check_out_path, comma_list, eval_mode,
+                    progress_log, resolve_device)
 from .machine import PeakMemory, machine_info, sync
 
 __all__ = ["DoctorSettings", "CheckRow", "DEFAULTS", "run_doctor", "resolve_settings", "doctor_config",
@@ -519,6 +519,7 @@ def cli_main(argv: list[str] | None = None) -> int:
                               attack_steps=args.attack_steps, compile=args.compile,
                               precision=args.precision)
     try:
+        check_out_path(args.out, error=ConfigError)   # before the checks' minutes, not after
         result = run_doctor(settings, log=progress_log(args.quiet))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
