@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from ..config import MODELS
-from ..train import backend_flags, resolve_precision
+from ..precision import backend_flags, resolve_precision
 from ..util import check_choices, check_out_path, comma_list, cpu_count, progress_log, resolve_device
 from .machine import PeakMemory, machine_info, read_machine, timed
 from .slices import (ALPHA, AWP_GAMMA, BENCH_METHODS, EPS, FLOOR, IMAGE_SHAPE, REFERENCE, Case,

@@ -59,7 +59,8 @@ from ..attacks import check_threat_model
 from ..config import MODELS, ConfigError, RunConfig, from_dict
 from ..methods import METHODS
 from ..semantics import class_evidence
-from ..train import AMP_DTYPES, Trainer, backend_flags
+from ..precision import AMP_DTYPES, backend_flags
+from ..train import Trainer
 from ..util import (atomic_write_text, check_choices, check_out_path, comma_list, eval_mode,
                     progress_log, resolve_device)
 from .machine import PeakMemory, machine_info, sync
