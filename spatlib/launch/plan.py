@@ -44,7 +44,7 @@ import yaml
 from ..config import (ConfigError, RunConfig, apply_overrides, check_section, deep_merge, from_dict,
                       read_yaml, to_dict)
 from ..experiment import Experiment, load_experiment
-from ..util import atomic_write_text, did_you_mean
+from ..util import did_you_mean
 
 if TYPE_CHECKING:
     from ..data import DataSummary
@@ -255,11 +255,10 @@ def experiment_document(plan: Plan) -> dict:
 
 
 def write_experiment_file(plan: Plan) -> Path:
-    """``<out>/<experiment>/experiment.yaml`` (creates the folder); atomic, since ``spat status``
-    may read it while a batch or notebook 03 rewrites it."""
+    """``<out>/<experiment>/experiment.yaml`` (creates the folder)."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     path = plan.out_dir / EXPERIMENT_FILE
-    atomic_write_text(path, yaml.safe_dump(experiment_document(plan), sort_keys=False), fsync=False)
+    path.write_text(yaml.safe_dump(experiment_document(plan), sort_keys=False))
     return path
 
 
